@@ -1,0 +1,102 @@
+//! VMM backends. A [`Backend`] turns a [`VmConfig`] into a running VM; the rest of Airlock
+//! never speaks to a VMM directly, so Firecracker or Apple's Virtualization.framework can slot
+//! in beside [`qemu::Qemu`].
+
+pub mod accel;
+pub mod qemu;
+
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+
+pub use accel::{detect as detect_accel, Accel, AccelChoice};
+
+/// One virtio block device.
+#[derive(Debug, Clone)]
+pub struct DiskConfig {
+    /// Raw image file.
+    pub path: PathBuf,
+    /// Attach read-only (the image base); the guest cannot write it.
+    pub read_only: bool,
+    /// virtio-blk serial the guest agent finds the disk by.
+    pub serial: String,
+}
+
+/// Everything a backend needs to start a sandbox VM.
+#[derive(Debug)]
+pub struct VmConfig {
+    /// Uncompressed kernel (PVH entry) or bzImage.
+    pub kernel: PathBuf,
+    /// Initramfs carrying the guest agent as /init.
+    pub initrd: PathBuf,
+    /// Extra kernel command-line words, appended to the backend's own.
+    pub cmdline_extra: String,
+    /// Virtual CPUs (≥ 1).
+    pub cpus: u32,
+    /// Guest RAM in MiB.
+    pub memory_mib: u32,
+    /// Block devices, in order.
+    pub disks: Vec<DiskConfig>,
+    /// The VM's end of the control channel (a connected stream socket). The backend exposes it
+    /// to the guest as the virtio-serial port named [`CONTROL_PORT_NAME`].
+    pub control: OwnedFd,
+    /// File the guest console is written to.
+    pub console_log: PathBuf,
+    /// Accelerator to use.
+    pub accel: Accel,
+}
+
+/// Name of the control port the guest agent looks for.
+pub const CONTROL_PORT_NAME: &str = "airlock.0";
+
+/// How a VM process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmExit {
+    /// Exit code of the VMM process, if it exited.
+    pub code: Option<i32>,
+    /// Signal that killed it, if any.
+    pub signal: Option<i32>,
+}
+
+impl std::fmt::Display for VmExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.code, self.signal) {
+            (Some(c), _) => write!(f, "exit code {c}"),
+            (_, Some(s)) => write!(f, "signal {s}"),
+            _ => write!(f, "unknown status"),
+        }
+    }
+}
+
+/// A running VM. Dropping it kills the VM.
+pub trait Vm: Send + Sync {
+    /// Host pid of the VMM process.
+    fn pid(&self) -> u32;
+    /// Kills the VM at once (idempotent).
+    fn kill(&self);
+    /// Watch that turns `Some` when the VMM process has ended.
+    fn exit_watch(&self) -> tokio::sync::watch::Receiver<Option<VmExit>>;
+}
+
+/// Errors starting a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The VMM binary is missing or failed to start.
+    #[error("cannot start {binary}: {source} (install it with: apt-get install qemu-system-x86)")]
+    Spawn {
+        /// Binary that was run.
+        binary: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Anything else about the host.
+    #[error("{0}")]
+    Host(String),
+}
+
+/// A way to run VMs.
+pub trait Backend: Send + Sync {
+    /// Short name ("qemu").
+    fn name(&self) -> &'static str;
+    /// Starts a VM.
+    fn launch(&self, cfg: VmConfig) -> Result<Box<dyn Vm>, BackendError>;
+}

@@ -1,0 +1,283 @@
+//! QEMU `-M microvm` backend.
+//!
+//! One QEMU process per sandbox, started with only the devices a sandbox needs, `-nodefaults`,
+//! `-no-user-config` and `-sandbox on` (seccomp). It never outlives Airlock: the thread that
+//! spawns it stays parked in `wait()` for its whole life, and the child has
+//! `PR_SET_PDEATHSIG(SIGKILL)`, so even `kill -9` of Airlock takes QEMU down. It runs in its
+//! own process group so a terminal's Ctrl-C reaches Airlock (which forwards it to the guest
+//! process), not the VM.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+use crate::{Accel, Backend, BackendError, Vm, VmConfig, VmExit, CONTROL_PORT_NAME};
+
+/// Kernel command line every sandbox gets: quiet, fast, and a reboot that ends QEMU.
+pub const BASE_CMDLINE: &str = "console=ttyS0 quiet reboot=t panic=-1 i8042.noaux i8042.nomux \
+i8042.nopnp i8042.dumbkbd tsc=reliable no_timer_check rdinit=/init";
+
+/// The QEMU backend.
+#[derive(Debug, Clone)]
+pub struct Qemu {
+    /// QEMU binary (`AIRLOCK_QEMU`, else `qemu-system-x86_64` from PATH).
+    pub binary: PathBuf,
+}
+
+impl Default for Qemu {
+    fn default() -> Self {
+        Qemu {
+            binary: std::env::var_os("AIRLOCK_QEMU")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64")),
+        }
+    }
+}
+
+impl Qemu {
+    /// The first line of `qemu --version`, or why it could not be run.
+    pub fn version(&self) -> Result<String, String> {
+        let out = Command::new(&self.binary)
+            .arg("--version")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("{}: {e}", self.binary.display()))?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string())
+    }
+
+    /// The argument vector for `cfg`, with the control channel at fd `control_fd`.
+    pub fn args(cfg: &VmConfig, control_fd: RawFd) -> Vec<String> {
+        let mut a: Vec<String> = Vec::new();
+        let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
+        push(&["-M", "microvm,acpi=off,x-option-roms=off,isa-serial=on,rtc=on"]);
+        push(&["-nodefaults", "-no-user-config", "-no-reboot", "-display", "none"]);
+        let cpus = cfg.cpus.max(1).to_string();
+        match cfg.accel {
+            Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
+            Accel::Tcg if cfg.cpus > 1 => push(&["-accel", "tcg,thread=multi", "-cpu", "max"]),
+            Accel::Tcg => push(&["-accel", "tcg", "-cpu", "max"]),
+        }
+        let mem = format!("{}M", cfg.memory_mib);
+        push(&["-smp", &cpus, "-m", &mem]);
+        let cmdline = format!("{BASE_CMDLINE} {}", cfg.cmdline_extra);
+        push(&["-kernel", &cfg.kernel.to_string_lossy(), "-initrd", &cfg.initrd.to_string_lossy()]);
+        push(&["-append", cmdline.trim()]);
+        let con = format!("file,id=con,path={}", qemu_escape(&cfg.console_log.to_string_lossy()));
+        push(&["-chardev", &con, "-serial", "chardev:con"]);
+        let ctl = format!("socket,id=ctl,fd={control_fd}");
+        let port = format!("virtserialport,chardev=ctl,name={CONTROL_PORT_NAME}");
+        push(&["-device", "virtio-serial-device", "-chardev", &ctl, "-device", &port]);
+        for (i, d) in cfg.disks.iter().enumerate() {
+            let ro = if d.read_only { "on" } else { "off" };
+            let drive = format!(
+                "id=d{i},file={},format=raw,if=none,readonly={ro},discard=unmap",
+                qemu_escape(&d.path.to_string_lossy())
+            );
+            let dev = format!("virtio-blk-device,drive=d{i},serial={}", d.serial);
+            push(&["-drive", &drive, "-device", &dev]);
+        }
+        push(&["-device", "virtio-rng-device"]);
+        push(&["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]);
+        a
+    }
+}
+
+/// QEMU's option syntax doubles commas inside values.
+fn qemu_escape(s: &str) -> String {
+    s.replace(',', ",,")
+}
+
+fn cvt(r: libc::c_int) -> std::io::Result<libc::c_int> {
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+struct QemuVm {
+    pid: u32,
+    pidfd: OwnedFd,
+    exit: tokio::sync::watch::Receiver<Option<VmExit>>,
+}
+
+impl Vm for QemuVm {
+    fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    fn kill(&self) {
+        if self.exit.borrow().is_none() {
+            // SAFETY: pidfd_send_signal on our own pidfd; immune to pid reuse.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    self.pidfd.as_raw_fd(),
+                    libc::SIGKILL,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                )
+            };
+        }
+    }
+
+    fn exit_watch(&self) -> tokio::sync::watch::Receiver<Option<VmExit>> {
+        self.exit.clone()
+    }
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl Backend for Qemu {
+    fn name(&self) -> &'static str {
+        "qemu"
+    }
+
+    fn launch(&self, cfg: VmConfig) -> Result<Box<dyn Vm>, BackendError> {
+        // Move the control socket to a high fd number so nothing std does between fork and
+        // exec (stdio, its error pipe) can collide with it; only the child clears CLOEXEC.
+        // SAFETY: F_DUPFD_CLOEXEC on a valid fd; the result is a fresh fd we own.
+        let high = unsafe {
+            OwnedFd::from_raw_fd(
+                cvt(libc::fcntl(cfg.control.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 100))
+                    .map_err(|e| BackendError::Host(format!("dup control fd: {e}")))?,
+            )
+        };
+        let args = Qemu::args(&cfg, high.as_raw_fd());
+        tracing::debug!(binary = %self.binary.display(), ?args, "launching qemu");
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let fd = high.as_raw_fd();
+        // SAFETY: only async-signal-safe calls (prctl, getppid, fcntl, setpgid) in the child.
+        let parent = unsafe { libc::getpid() };
+        unsafe {
+            cmd.pre_exec(move || {
+                cvt(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
+                if libc::getppid() != parent {
+                    // Airlock died before the death signal was armed.
+                    libc::_exit(1);
+                }
+                cvt(libc::setpgid(0, 0))?;
+                cvt(libc::fcntl(fd, libc::F_SETFD, 0))?;
+                Ok(())
+            });
+        }
+
+        let (tx, rx) = tokio::sync::watch::channel(None);
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let binary = self.binary.display().to_string();
+        let console_log = cfg.console_log.clone();
+        // The spawning thread is the child's "parent" for PR_SET_PDEATHSIG, so it lives
+        // exactly as long as the child: spawn, report, wait, publish the exit.
+        std::thread::Builder::new()
+            .name("qemu-wait".into())
+            .spawn(move || {
+                let mut child = match cmd.spawn() {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = started_tx.send(Err(e));
+                        return;
+                    }
+                };
+                drop(cmd);
+                let pid = child.id();
+                // SAFETY: pidfd_open on our own, not yet reaped, child.
+                let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) };
+                let pidfd = if pidfd < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    // SAFETY: a fresh fd returned by pidfd_open.
+                    Ok(unsafe { OwnedFd::from_raw_fd(pidfd as RawFd) })
+                };
+                let stderr = child.stderr.take();
+                let ok = pidfd.is_ok();
+                let _ = started_tx.send(pidfd.map(|p| (pid, p)));
+                if !ok {
+                    let _ = child.kill();
+                }
+                // QEMU's own complaints (bad option, locked image) go to the console log so
+                // failures can quote them.
+                if let Some(mut err) = stderr {
+                    let path = console_log.clone();
+                    std::thread::spawn(move || {
+                        let mut buf = Vec::new();
+                        let _ = std::io::Read::read_to_end(&mut err, &mut buf);
+                        if !buf.is_empty() {
+                            use std::io::Write;
+                            if let Ok(mut f) = std::fs::OpenOptions::new().append(true).create(true).open(&path) {
+                                let _ = f.write_all(b"\n[qemu] ");
+                                let _ = f.write_all(&buf);
+                            }
+                        }
+                    });
+                }
+                let status = child.wait();
+                let exit = match status {
+                    Ok(s) => VmExit {
+                        code: s.code(),
+                        signal: s.signal(),
+                    },
+                    Err(_) => VmExit {
+                        code: None,
+                        signal: None,
+                    },
+                };
+                let _ = tx.send(Some(exit));
+            })
+            .map_err(|e| BackendError::Host(format!("spawn qemu thread: {e}")))?;
+
+        let (pid, pidfd) = started_rx
+            .recv()
+            .map_err(|_| BackendError::Host("qemu thread vanished".into()))?
+            .map_err(|source| BackendError::Spawn { binary, source })?;
+        drop(high);
+        drop(cfg.control);
+        Ok(Box::new(QemuVm { pid, pidfd, exit: rx }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DiskConfig;
+
+    #[test]
+    fn command_line_shape() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let cfg = VmConfig {
+            kernel: "/k/vmlinux".into(),
+            initrd: "/k/initrd".into(),
+            cmdline_extra: "airlock.x=1".into(),
+            cpus: 2,
+            memory_mib: 512,
+            disks: vec![DiskConfig {
+                path: "/d/a,b.ext4".into(),
+                read_only: true,
+                serial: "airlock-root".into(),
+            }],
+            control: a.into(),
+            console_log: "/s/console.log".into(),
+            accel: Accel::Tcg,
+        };
+        let args = Qemu::args(&cfg, 101).join(" ");
+        assert!(args.contains("-accel tcg,thread=multi"));
+        assert!(args.contains("-nodefaults -no-user-config -no-reboot"));
+        assert!(args.contains("socket,id=ctl,fd=101"));
+        assert!(args.contains("file=/d/a,,b.ext4"), "{args}");
+        assert!(args.contains("readonly=on"));
+        assert!(args.contains("-sandbox on"));
+        assert!(args.contains("airlock.x=1"));
+    }
+}

@@ -1,0 +1,403 @@
+//! Processes started for the host: spawning, stdio pumping with flow control, reaping.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use airlock_proto::{
+    ExecError, ExecErrorKind, ExecRequest, ExitStatus, Frame, Kind, SignalRequest, Started, WinSize,
+    Window, MAX_CHUNK,
+};
+
+use crate::{log, user, Tx};
+
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+enum StdinMsg {
+    Data(Vec<u8>),
+    Eof,
+}
+
+struct Progress {
+    exit: Option<ExitStatus>,
+    readers_left: usize,
+    done: bool,
+}
+
+/// One running exec.
+struct Entry {
+    stream: u32,
+    pid: i32,
+    /// Our window towards the host (stdout + stderr share it).
+    out: Mutex<Window>,
+    out_cv: Condvar,
+    /// The host's window towards us, checked on arrival.
+    stdin_window: Mutex<Window>,
+    stdin: Mutex<Option<Sender<StdinMsg>>>,
+    pty: Option<Arc<OwnedFd>>,
+    progress: Mutex<Progress>,
+}
+
+/// All execs, by stream id and by pid.
+pub struct Registry {
+    tx: Tx,
+    by_stream: Mutex<HashMap<u32, Arc<Entry>>>,
+    /// Held across fork+register so the reaper never sees a child it cannot attribute.
+    by_pid: Mutex<HashMap<i32, Arc<Entry>>>,
+    have_children: Condvar,
+}
+
+impl Registry {
+    pub fn new(tx: Tx) -> Registry {
+        Registry {
+            tx,
+            by_stream: Mutex::new(HashMap::new()),
+            by_pid: Mutex::new(HashMap::new()),
+            have_children: Condvar::new(),
+        }
+    }
+
+    fn fail(&self, stream: u32, kind: ExecErrorKind, message: String) {
+        self.tx.send(Frame::json(Kind::ExecFailed, stream, &ExecError { kind, message }));
+    }
+
+    /// Handles an Exec frame: starts the process or answers ExecFailed.
+    pub fn start(self: &Arc<Self>, stream: u32, frame: &Frame, hostname: &str) {
+        if self.by_stream.lock().unwrap().contains_key(&stream) {
+            return self.fail(stream, ExecErrorKind::Invalid, format!("stream {stream} is already in use"));
+        }
+        let req: ExecRequest = match frame.parse() {
+            Ok(r) => r,
+            Err(e) => return self.fail(stream, ExecErrorKind::Invalid, e.to_string()),
+        };
+        if let Err((kind, msg)) = self.spawn(stream, req, hostname) {
+            self.fail(stream, kind, msg);
+        }
+    }
+
+    fn spawn(self: &Arc<Self>, stream: u32, req: ExecRequest, hostname: &str) -> Result<(), (ExecErrorKind, String)> {
+        let invalid = |m: String| (ExecErrorKind::Invalid, m);
+        if req.argv.is_empty() || req.argv[0].is_empty() {
+            return Err(invalid("no command given".into()));
+        }
+        if req.argv.iter().chain(req.env.iter().flat_map(|(k, v)| [k, v])).any(|s| s.contains('\0')) {
+            return Err(invalid("arguments and environment must not contain NUL bytes".into()));
+        }
+        if req.env.iter().any(|(k, _)| k.is_empty() || k.contains('=')) {
+            return Err(invalid("environment names must be non-empty and contain no '='".into()));
+        }
+        let id = user::resolve(req.user.as_deref().unwrap_or("")).map_err(invalid)?;
+
+        let cwd = req.cwd.clone().filter(|c| !c.is_empty()).unwrap_or_else(|| "/".into());
+        if !cwd.starts_with('/') {
+            return Err(invalid(format!("working directory {cwd} is not absolute")));
+        }
+        if std::fs::metadata(&cwd).is_err() {
+            std::fs::create_dir_all(&cwd).map_err(|e| invalid(format!("cannot create working directory {cwd}: {e}")))?;
+            let _ = std::os::unix::fs::chown(&cwd, Some(id.uid), Some(id.gid));
+        }
+
+        let mut cmd = Command::new(&req.argv[0]);
+        cmd.args(&req.argv[1..]).env_clear().current_dir(&cwd);
+        cmd.env("PATH", DEFAULT_PATH).env("HOSTNAME", hostname).env("HOME", &id.home);
+        if req.tty.is_some() {
+            cmd.env("TERM", "xterm");
+        }
+        for (k, v) in &req.env {
+            cmd.env(k, v);
+        }
+
+        let mut pty_master = None;
+        let mut pipes: Vec<(Kind, File)> = Vec::new();
+        let mut stdin_sink: Option<File> = None;
+        let tty = req.tty;
+        if let Some(ws) = tty {
+            let pty = nix::pty::openpty(Some(&winsize(ws)), None)
+                .map_err(|e| (ExecErrorKind::Other, format!("openpty: {e}")))?;
+            let slave = pty.slave;
+            let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| (ExecErrorKind::Other, format!("dup pty: {e}")));
+            cmd.stdin(Stdio::from(dup(&slave)?)).stdout(Stdio::from(dup(&slave)?)).stderr(Stdio::from(slave));
+            let master = Arc::new(pty.master);
+            pty_master = Some(master);
+        } else {
+            cmd.stdin(if req.stdin { Stdio::piped() } else { Stdio::null() });
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+        }
+
+        let (uid, gid, groups) = (id.uid, id.gid, id.groups.clone());
+        // SAFETY: only async-signal-safe syscalls run between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if tty.is_some() && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::setgroups(groups.len(), groups.as_ptr()) < 0
+                    || libc::setgid(gid) < 0
+                    || libc::setuid(uid) < 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+
+        let mut by_pid = self.by_pid.lock().unwrap();
+        let mut child = cmd.spawn().map_err(|e| {
+            let kind = match e.kind() {
+                std::io::ErrorKind::NotFound => ExecErrorKind::NotFound,
+                std::io::ErrorKind::PermissionDenied => ExecErrorKind::PermissionDenied,
+                _ => ExecErrorKind::Other,
+            };
+            let msg = match kind {
+                ExecErrorKind::NotFound => format!("exec: \"{}\": executable file not found in $PATH", req.argv[0]),
+                _ => format!("exec: \"{}\": {e}", req.argv[0]),
+            };
+            (kind, msg)
+        })?;
+        drop(cmd); // closes our copies of the pty slave
+        let pid = child.id() as i32;
+        if let Some(m) = &pty_master {
+            let fd = m.try_clone().map_err(|e| (ExecErrorKind::Other, format!("dup pty: {e}")))?;
+            pipes.push((Kind::Stdout, File::from(fd)));
+            if req.stdin {
+                let fd = m.try_clone().map_err(|e| (ExecErrorKind::Other, format!("dup pty: {e}")))?;
+                stdin_sink = Some(File::from(fd));
+            }
+        } else {
+            if let Some(o) = child.stdout.take() {
+                pipes.push((Kind::Stdout, File::from(OwnedFd::from(o))));
+            }
+            if let Some(e) = child.stderr.take() {
+                pipes.push((Kind::Stderr, File::from(OwnedFd::from(e))));
+            }
+            stdin_sink = child.stdin.take().map(|s| File::from(OwnedFd::from(s)));
+        }
+
+        let (stdin_tx, stdin_rx) = channel::<StdinMsg>();
+        let entry = Arc::new(Entry {
+            stream,
+            pid,
+            out: Mutex::new(Window::default()),
+            out_cv: Condvar::new(),
+            stdin_window: Mutex::new(Window::default()),
+            stdin: Mutex::new(stdin_sink.as_ref().map(|_| stdin_tx)),
+            pty: pty_master,
+            progress: Mutex::new(Progress {
+                exit: None,
+                readers_left: pipes.len(),
+                done: false,
+            }),
+        });
+        by_pid.insert(pid, entry.clone());
+        self.by_stream.lock().unwrap().insert(stream, entry.clone());
+        self.tx.send(Frame::json(Kind::Started, stream, &Started { pid: pid as u32 }));
+        drop(by_pid);
+        self.have_children.notify_all();
+
+        for (kind, file) in pipes {
+            let (reg, e) = (self.clone(), entry.clone());
+            std::thread::spawn(move || reg.pump_output(&e, kind, file));
+        }
+        if let Some(sink) = stdin_sink {
+            let (reg, e) = (self.clone(), entry.clone());
+            std::thread::spawn(move || reg.pump_stdin(&e, sink, stdin_rx));
+        }
+        Ok(())
+    }
+
+    /// Copies one output pipe to the host within the stream's window. After the process has
+    /// exited it drains what is buffered and stops, so a background child holding the pipe
+    /// cannot keep the exec open.
+    fn pump_output(&self, e: &Entry, kind: Kind, mut file: File) {
+        let fd = file.as_raw_fd();
+        let mut buf = vec![0u8; MAX_CHUNK];
+        loop {
+            let want = {
+                let mut w = e.out.lock().unwrap();
+                while w.available() == 0 {
+                    w = e.out_cv.wait(w).unwrap();
+                }
+                w.take(MAX_CHUNK)
+            };
+            let n = loop {
+                if !readable(fd, 100) {
+                    if e.progress.lock().unwrap().exit.is_some() && !readable(fd, 0) {
+                        break 0;
+                    }
+                    continue;
+                }
+                match file.read(&mut buf[..want]) {
+                    Ok(n) => break n,
+                    Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+                    // EIO: the terminal's last slave closed.
+                    Err(_) => break 0,
+                }
+            };
+            if n < want {
+                let _ = e.out.lock().unwrap().grant((want - n) as u32);
+            }
+            if n == 0 {
+                break;
+            }
+            if !self.tx.send(Frame::new(kind, e.stream, buf[..n].to_vec())) {
+                break;
+            }
+        }
+        let finish = {
+            let mut p = e.progress.lock().unwrap();
+            p.readers_left -= 1;
+            p.readers_left == 0 && p.exit.is_some() && !std::mem::replace(&mut p.done, true)
+        };
+        if finish {
+            self.finish(e);
+        }
+    }
+
+    fn pump_stdin(&self, e: &Entry, mut sink: File, rx: std::sync::mpsc::Receiver<StdinMsg>) {
+        let mut broken = false;
+        while let Ok(msg) = rx.recv() {
+            match msg {
+                StdinMsg::Data(d) => {
+                    if !broken && sink.write_all(&d).is_err() {
+                        // The process closed stdin; keep returning credit so the host never stalls.
+                        broken = true;
+                    }
+                    let _ = e.stdin_window.lock().unwrap().grant(d.len() as u32);
+                    self.tx.send(Frame::credit(e.stream, d.len() as u32));
+                }
+                StdinMsg::Eof => {
+                    if e.pty.is_some() && !broken {
+                        // A terminal has no half-close: send the EOF character instead.
+                        let _ = sink.write_all(&[4]);
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
+    fn finish(&self, e: &Entry) {
+        let status = e.progress.lock().unwrap().exit.unwrap_or_default();
+        self.by_stream.lock().unwrap().remove(&e.stream);
+        *e.stdin.lock().unwrap() = None;
+        self.tx.send(Frame::json(Kind::Exit, e.stream, &status));
+    }
+
+    /// Handles a host frame for an existing stream.
+    pub fn handle(&self, stream: u32, frame: Frame) {
+        let Some(e) = self.by_stream.lock().unwrap().get(&stream).cloned() else {
+            // Late frames for a finished exec (credit, stdin racing the exit) are normal.
+            return;
+        };
+        match frame.kind {
+            Kind::Stdin => {
+                if let Err(err) = e.stdin_window.lock().unwrap().receive(frame.payload.len()) {
+                    log(&format!("stream {stream}: {err}"));
+                    return;
+                }
+                if let Some(tx) = e.stdin.lock().unwrap().as_ref() {
+                    let _ = tx.send(StdinMsg::Data(frame.payload));
+                }
+            }
+            Kind::StdinEof => {
+                if let Some(tx) = e.stdin.lock().unwrap().take() {
+                    let _ = tx.send(StdinMsg::Eof);
+                }
+            }
+            Kind::Credit => {
+                if let Ok(n) = frame.parse_credit() {
+                    let mut w = e.out.lock().unwrap();
+                    if w.grant(n).is_ok() {
+                        e.out_cv.notify_all();
+                    }
+                }
+            }
+            Kind::Signal => {
+                if let Ok(s) = frame.parse::<SignalRequest>() {
+                    if (1..=64).contains(&s.signal) && e.progress.lock().unwrap().exit.is_none() {
+                        let target = if s.group { -e.pid } else { e.pid };
+                        // SAFETY: kill(2) with a validated signal number.
+                        unsafe { libc::kill(target, s.signal) };
+                    }
+                }
+            }
+            Kind::Resize => {
+                if let (Ok(ws), Some(m)) = (frame.parse::<WinSize>(), &e.pty) {
+                    let w = winsize(ws);
+                    // SAFETY: TIOCSWINSZ with a valid winsize on our pty master.
+                    unsafe { libc::ioctl(m.as_raw_fd(), libc::TIOCSWINSZ, &w) };
+                }
+            }
+            other => log(&format!("stream {stream}: unexpected {other:?} from host")),
+        }
+    }
+
+    /// Reaps every child (PID 1 adopts all orphans) and records the exits of ours.
+    pub fn reap_loop(&self) {
+        loop {
+            // Peek without reaping: std's spawn reaps a child whose exec failed itself, so the
+            // zombie is only collected under the lock that spawn holds.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: waitid with a valid siginfo pointer.
+            let r = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
+            if r < 0 {
+                let guard = self.by_pid.lock().unwrap();
+                let _ = self.have_children.wait_timeout(guard, Duration::from_millis(200)).unwrap();
+                continue;
+            }
+            // SAFETY: waitid filled a SIGCHLD siginfo.
+            let pid = unsafe { info.si_pid() };
+            let mut by_pid = self.by_pid.lock().unwrap();
+            let mut status = 0;
+            // SAFETY: waitpid on a specific pid with a valid status pointer.
+            let got = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+            if got != pid {
+                continue;
+            }
+            let Some(e) = by_pid.remove(&pid) else { continue };
+            drop(by_pid);
+            let exit = if libc::WIFEXITED(status) {
+                ExitStatus { code: Some(libc::WEXITSTATUS(status)), signal: None }
+            } else {
+                ExitStatus { code: None, signal: Some(libc::WTERMSIG(status)) }
+            };
+            let finish = {
+                let mut p = e.progress.lock().unwrap();
+                p.exit = Some(exit);
+                p.readers_left == 0 && !std::mem::replace(&mut p.done, true)
+            };
+            if finish {
+                self.finish(&e);
+            }
+        }
+    }
+}
+
+fn winsize(ws: WinSize) -> libc::winsize {
+    libc::winsize {
+        ws_row: ws.rows,
+        ws_col: ws.cols,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    }
+}
+
+fn readable(fd: RawFd, timeout_ms: i32) -> bool {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    let r = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+    r > 0
+}

@@ -1,0 +1,172 @@
+//! Boot-time duties of PID 1: filesystems, the root switch, the control port, power-off.
+
+use std::fs::{self, File, OpenOptions};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::mount::{mount, MsFlags};
+
+use airlock_proto::Init;
+
+/// virtio-serial port name the host gives the control channel.
+pub const CONTROL_PORT: &str = "airlock.0";
+/// virtio-blk serial of the read-only image disk.
+pub const ROOT_SERIAL: &str = "airlock-root";
+/// virtio-blk serial of the per-sandbox writable disk.
+pub const SCRATCH_SERIAL: &str = "airlock-scratch";
+
+fn do_mount(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<(), String> {
+    let _ = fs::create_dir_all(target);
+    mount(Some(src), target, Some(fstype), flags, data)
+        .map_err(|e| format!("mount {fstype} {src} on {target}: {e}"))
+}
+
+/// /dev, /proc and /sys of the initramfs, needed to find the disks.
+pub fn early_mounts() -> Result<(), String> {
+    do_mount("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, None)?;
+    do_mount("proc", "/proc", "proc", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None)?;
+    do_mount("sysfs", "/sys", "sysfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None)?;
+    Ok(())
+}
+
+/// Finds the block device whose virtio serial is `serial`.
+fn disk_by_serial(serial: &str) -> Option<String> {
+    let entries = fs::read_dir("/sys/block").ok()?;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if let Ok(s) = fs::read_to_string(e.path().join("serial")) {
+            if s.trim() == serial {
+                return Some(format!("/dev/{name}"));
+            }
+        }
+    }
+    None
+}
+
+/// Mounts the image read-only, the writable layer over it, and makes the overlay the root.
+pub fn mount_root() -> Result<(), String> {
+    let base = disk_by_serial(ROOT_SERIAL).ok_or("no root disk (virtio-blk serial airlock-root)")?;
+    do_mount(&base, "/mnt/base", "ext4", MsFlags::MS_RDONLY, Some("noload"))
+        .or_else(|_| do_mount(&base, "/mnt/base", "erofs", MsFlags::MS_RDONLY, None))?;
+
+    match disk_by_serial(SCRATCH_SERIAL) {
+        Some(dev) => do_mount(&dev, "/mnt/scratch", "ext4", MsFlags::MS_NOATIME, None)?,
+        None => do_mount("scratch", "/mnt/scratch", "tmpfs", MsFlags::empty(), Some("mode=0755"))?,
+    }
+    for d in ["/mnt/scratch/upper", "/mnt/scratch/work"] {
+        fs::create_dir_all(d).map_err(|e| format!("mkdir {d}: {e}"))?;
+    }
+    do_mount(
+        "overlay",
+        "/mnt/root",
+        "overlay",
+        MsFlags::empty(),
+        Some("lowerdir=/mnt/base,upperdir=/mnt/scratch/upper,workdir=/mnt/scratch/work"),
+    )?;
+
+    // switch_root: the overlay becomes "/"; the initramfs stays behind, unreachable.
+    std::env::set_current_dir("/mnt/root").map_err(|e| format!("chdir new root: {e}"))?;
+    mount(Some("."), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>)
+        .map_err(|e| format!("move root: {e}"))?;
+    nix::unistd::chroot(".").map_err(|e| format!("chroot: {e}"))?;
+    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+    Ok(())
+}
+
+/// The API filesystems of the new root.
+pub fn late_mounts() -> Result<(), String> {
+    let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    do_mount("proc", "/proc", "proc", nosuid_nodev_noexec, None)?;
+    do_mount("sysfs", "/sys", "sysfs", nosuid_nodev_noexec, None)?;
+    do_mount("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
+    do_mount("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=0620,gid=5"))?;
+    let _ = fs::remove_file("/dev/ptmx");
+    let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
+    do_mount("shm", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
+    do_mount("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
+    let _ = do_mount("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid_nodev_noexec, None);
+    for (target, link) in [("/proc/self/fd", "/dev/fd"), ("/proc/self/fd/0", "/dev/stdin"), ("/proc/self/fd/1", "/dev/stdout"), ("/proc/self/fd/2", "/dev/stderr")] {
+        let _ = std::os::unix::fs::symlink(target, link);
+    }
+    loopback_up();
+    Ok(())
+}
+
+fn loopback_up() {
+    // SAFETY: plain ioctls on a socket we own, with a zeroed ifreq naming "lo".
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return;
+        }
+        let mut ifr: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo\0".iter().enumerate() {
+            ifr.ifr_name[i] = *b as libc::c_char;
+        }
+        if libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr) == 0 {
+            ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
+            libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr);
+        }
+        libc::close(fd);
+    }
+}
+
+/// Opens the control port, waiting briefly for its device to appear.
+pub fn open_control_port() -> Result<File, String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Ok(entries) = fs::read_dir("/sys/class/virtio-ports") {
+            for e in entries.flatten() {
+                let name = fs::read_to_string(e.path().join("name")).unwrap_or_default();
+                if name.trim() == CONTROL_PORT {
+                    let dev = Path::new("/dev").join(e.file_name());
+                    return OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open(&dev)
+                        .map_err(|err| format!("open {}: {err}", dev.display()));
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            return Err(format!("no virtio-serial port named {CONTROL_PORT}"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Applies the host's per-sandbox settings.
+pub fn apply_init(init: &Init) {
+    if !init.hostname.is_empty() {
+        let _ = nix::unistd::sethostname(&init.hostname);
+        let _ = fs::write("/etc/hostname", format!("{}\n", init.hostname));
+    }
+    if init.time_unix_ns > 0 {
+        let ts = libc::timespec {
+            tv_sec: (init.time_unix_ns / 1_000_000_000) as libc::time_t,
+            tv_nsec: (init.time_unix_ns % 1_000_000_000) as libc::c_long,
+        };
+        // SAFETY: valid timespec pointer.
+        unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) };
+    }
+}
+
+/// `uname -r`.
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Flushes disks and ends the VM. QEMU runs with `-no-reboot` and the kernel with `reboot=t`,
+/// so a reboot request is how a microvm without ACPI powers off.
+pub fn power_off() -> ! {
+    // SAFETY: plain syscalls; PID 1 is the only caller and never returns from here.
+    unsafe {
+        libc::sync();
+        libc::reboot(libc::RB_AUTOBOOT);
+    }
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}

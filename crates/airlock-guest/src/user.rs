@@ -1,0 +1,131 @@
+//! Resolves `--user` the way Docker does, from the image's /etc/passwd and /etc/group.
+
+use std::fs;
+
+/// Who a process runs as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub home: String,
+    pub name: Option<String>,
+}
+
+struct PasswdEntry {
+    name: String,
+    uid: u32,
+    gid: u32,
+    home: String,
+}
+
+fn passwd(text: &str) -> Vec<PasswdEntry> {
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            if f.len() < 7 {
+                return None;
+            }
+            Some(PasswdEntry {
+                name: f[0].to_string(),
+                uid: f[2].parse().ok()?,
+                gid: f[3].parse().ok()?,
+                home: f[5].to_string(),
+            })
+        })
+        .collect()
+}
+
+/// (name, gid, members)
+fn groups(text: &str) -> Vec<(String, u32, Vec<String>)> {
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            if f.len() < 4 {
+                return None;
+            }
+            let members = f[3].split(',').filter(|m| !m.is_empty()).map(String::from).collect();
+            Some((f[0].to_string(), f[2].parse().ok()?, members))
+        })
+        .collect()
+}
+
+/// Resolves `spec` (`name`, `uid`, `name:group`, `uid:gid`; empty = root) against the files'
+/// contents.
+pub fn resolve_with(spec: &str, passwd_text: &str, group_text: &str) -> Result<Identity, String> {
+    let (user_part, group_part) = match spec.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (spec, None),
+    };
+    let user_part = if user_part.is_empty() { "0" } else { user_part };
+    let users = passwd(passwd_text);
+    let all_groups = groups(group_text);
+
+    let entry = users
+        .iter()
+        .find(|e| e.name == user_part)
+        .or_else(|| user_part.parse::<u32>().ok().and_then(|uid| users.iter().find(|e| e.uid == uid)));
+    let (uid, mut gid, home, name) = match entry {
+        Some(e) => (e.uid, e.gid, e.home.clone(), Some(e.name.clone())),
+        None => match user_part.parse::<u32>() {
+            Ok(uid) => (uid, 0, "/".to_string(), None),
+            Err(_) => return Err(format!("unable to find user {user_part}: no matching entries in passwd file")),
+        },
+    };
+    if let Some(g) = group_part {
+        gid = match all_groups.iter().find(|(n, _, _)| n == g) {
+            Some((_, id, _)) => *id,
+            None => g
+                .parse()
+                .map_err(|_| format!("unable to find group {g}: no matching entries in group file"))?,
+        };
+    }
+    let mut supplementary = vec![gid];
+    if let Some(n) = &name {
+        for (_, id, members) in &all_groups {
+            if members.iter().any(|m| m == n) && !supplementary.contains(id) {
+                supplementary.push(*id);
+            }
+        }
+    }
+    Ok(Identity {
+        uid,
+        gid,
+        groups: supplementary,
+        home: if home.is_empty() { "/".into() } else { home },
+        name,
+    })
+}
+
+/// Resolves `spec` against the root filesystem's /etc/passwd and /etc/group.
+pub fn resolve(spec: &str) -> Result<Identity, String> {
+    let p = fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let g = fs::read_to_string("/etc/group").unwrap_or_default();
+    resolve_with(spec, &p, &g)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: &str = "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/bin/false\nalice:x:1000:1000::/home/alice:/bin/sh\nbroken line\n";
+    const G: &str = "root:x:0:\nusers:x:100:alice,bob\nalice:x:1000:\nnogroup:x:65534:\n";
+
+    #[test]
+    fn docker_forms() {
+        let r = resolve_with("", P, G).unwrap();
+        assert_eq!((r.uid, r.gid, r.home.as_str()), (0, 0, "/root"));
+        let a = resolve_with("alice", P, G).unwrap();
+        assert_eq!((a.uid, a.gid), (1000, 1000));
+        assert_eq!(a.groups, vec![1000, 100]);
+        assert_eq!(a.home, "/home/alice");
+        assert_eq!(resolve_with("1000", P, G).unwrap().name.as_deref(), Some("alice"));
+        let n = resolve_with("4242", P, G).unwrap();
+        assert_eq!((n.uid, n.gid, n.home.as_str()), (4242, 0, "/"));
+        let ag = resolve_with("alice:users", P, G).unwrap();
+        assert_eq!(ag.gid, 100);
+        assert_eq!(resolve_with("5:7", P, G).unwrap().gid, 7);
+        assert!(resolve_with("mallory", P, G).unwrap_err().contains("unable to find user mallory"));
+        assert!(resolve_with("alice:nope", P, G).is_err());
+    }
+}
