@@ -1,0 +1,571 @@
+//! Airlock's embeddable API: describe a sandbox, start it, run commands in it, stop it.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), airlock_sandbox::Error> {
+//! use airlock_sandbox::{ExecSpec, RootfsSource, Sandbox, SandboxSpec};
+//! let sb = Sandbox::start(SandboxSpec::new(RootfsSource::from_path("/srv/rootfs")?)).await?;
+//! let out = sb.output(ExecSpec::new(["sh", "-c", "echo hello; uname -r"])).await?;
+//! print!("{}", String::from_utf8_lossy(&out.stdout));
+//! sb.stop().await?;
+//! # Ok(()) }
+//! ```
+//!
+//! Each sandbox is one VM (QEMU microvm by default) booted from the guest kernel and an
+//! initramfs holding the guest agent; the agent mounts the read-only root image with a
+//! per-sandbox writable disk on top and serves execs over one control channel.
+
+pub mod assets;
+mod conn;
+pub mod rootfs;
+mod state;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use airlock_backend::{Accel, AccelChoice, Backend, DiskConfig, Vm, VmConfig, VmExit};
+use airlock_proto::{
+    ExecErrorKind, ExecRequest, Frame, Init, Kind, SignalRequest, CONTROL_STREAM, MAX_CHUNK,
+    VERSION,
+};
+use tokio::sync::mpsc;
+
+pub use airlock_proto::{ExecError, ExitStatus, WinSize};
+pub use conn::ExecEvent;
+pub use rootfs::RootfsSource;
+
+/// Errors of the sandbox API. Each says what happened and, where it can, what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Something Airlock needs on the host is missing.
+    #[error("{0}")]
+    Setup(String),
+    /// The root filesystem could not be prepared.
+    #[error("rootfs: {0}")]
+    Rootfs(String),
+    /// The VMM could not be started.
+    #[error(transparent)]
+    Backend(#[from] airlock_backend::BackendError),
+    /// The guest kernel panicked.
+    #[error("guest kernel panicked: {message}\n--- last console lines ---\n{console}")]
+    GuestPanic {
+        /// The panic line.
+        message: String,
+        /// Tail of the guest console.
+        console: String,
+    },
+    /// The VM ended when it should not have.
+    #[error("sandbox VM stopped unexpectedly ({why})\n--- last console lines ---\n{console}")]
+    VmStopped {
+        /// What was observed.
+        why: String,
+        /// Tail of the guest console.
+        console: String,
+    },
+    /// The guest did not become ready in time.
+    #[error("guest agent not ready after {secs} s\n--- last console lines ---\n{console}")]
+    NotReady {
+        /// How long Airlock waited.
+        secs: u64,
+        /// Tail of the guest console.
+        console: String,
+    },
+    /// The guest broke the protocol.
+    #[error("{0}")]
+    Protocol(String),
+    /// The command could not be started in the guest.
+    #[error("{}", .0.message)]
+    Exec(ExecError),
+    /// Host I/O.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// For a failed exec, the exit code a shell would give (127 not found, 126 not
+    /// executable); `None` for other errors.
+    pub fn exec_exit_code(&self) -> Option<i32> {
+        match self {
+            Error::Exec(e) => Some(match e.kind {
+                ExecErrorKind::NotFound => 127,
+                ExecErrorKind::PermissionDenied => 126,
+                _ => 125,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// Default virtual CPUs.
+pub const DEFAULT_CPUS: u32 = 1;
+/// Default guest RAM, MiB.
+pub const DEFAULT_MEMORY_MIB: u32 = 512;
+/// Default size of the writable layer, MiB (sparse: costs only what is written).
+pub const DEFAULT_DISK_MIB: u64 = 5 * 1024;
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    /// Root filesystem.
+    pub rootfs: RootfsSource,
+    /// Virtual CPUs.
+    pub cpus: u32,
+    /// Guest RAM, MiB.
+    pub memory_mib: u32,
+    /// Writable layer size, MiB.
+    pub disk_mib: u64,
+    /// Hostname inside (default: the sandbox id).
+    pub hostname: Option<String>,
+    /// Force an accelerator (default: [`airlock_backend::detect_accel`], or `AIRLOCK_ACCEL`).
+    pub accel: Option<Accel>,
+    /// How long to wait for the guest to become ready.
+    pub ready_timeout: Duration,
+    /// Extra kernel command-line words (diagnostics and tests).
+    pub kernel_args: Vec<String>,
+}
+
+impl SandboxSpec {
+    /// Defaults for everything but the root filesystem.
+    pub fn new(rootfs: RootfsSource) -> SandboxSpec {
+        SandboxSpec {
+            rootfs,
+            cpus: DEFAULT_CPUS,
+            memory_mib: DEFAULT_MEMORY_MIB,
+            disk_mib: DEFAULT_DISK_MIB,
+            hostname: None,
+            accel: None,
+            ready_timeout: Duration::from_secs(60),
+            kernel_args: Vec::new(),
+        }
+    }
+}
+
+/// A command to run in a sandbox.
+#[derive(Debug, Clone, Default)]
+pub struct ExecSpec {
+    /// Program and arguments.
+    pub argv: Vec<String>,
+    /// Extra environment.
+    pub env: Vec<(String, String)>,
+    /// Working directory (default `/`).
+    pub cwd: Option<String>,
+    /// User (`name`, `uid`, `name:group`, `uid:gid`; default root).
+    pub user: Option<String>,
+    /// Terminal of this size; stdout and stderr then arrive together as stdout.
+    pub tty: Option<WinSize>,
+    /// Attach stdin ([`ExecInput::write`]); otherwise the command reads /dev/null.
+    pub stdin: bool,
+}
+
+impl ExecSpec {
+    /// A command with default settings.
+    pub fn new<I, S>(argv: I) -> ExecSpec
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        ExecSpec {
+            argv: argv.into_iter().map(Into::into).collect(),
+            ..Default::default()
+        }
+    }
+}
+
+/// Collected result of a command.
+#[derive(Debug, Clone, Default)]
+pub struct Output {
+    /// Exit status.
+    pub status: ExitStatus,
+    /// All of stdout.
+    pub stdout: Vec<u8>,
+    /// All of stderr.
+    pub stderr: Vec<u8>,
+}
+
+/// A running sandbox. Dropping it kills the VM and removes its state; [`Sandbox::stop`] shuts
+/// it down cleanly.
+pub struct Sandbox {
+    id: String,
+    accel: AccelChoice,
+    conn: Arc<conn::Conn>,
+    vm: Box<dyn Vm>,
+    state: state::StateDir,
+    next_stream: AtomicU32,
+    kernel_release: String,
+}
+
+impl std::fmt::Debug for Sandbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sandbox").field("id", &self.id).field("accel", &self.accel.accel).finish()
+    }
+}
+
+/// Accelerator forced through the environment (`AIRLOCK_ACCEL=kvm|tcg`).
+pub fn accel_from_env() -> Result<Option<Accel>, Error> {
+    match std::env::var("AIRLOCK_ACCEL") {
+        Ok(v) if !v.is_empty() => v.parse().map(Some).map_err(Error::Setup),
+        _ => Ok(None),
+    }
+}
+
+fn new_id() -> String {
+    let mut b = [0u8; 6];
+    // SAFETY: getrandom into a valid buffer.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n != b.len() as isize {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        b.copy_from_slice(&(t.as_nanos() as u64 ^ std::process::id() as u64).to_le_bytes()[..6]);
+    }
+    hex::encode(b)
+}
+
+impl Sandbox {
+    /// Boots a sandbox with the default backend (QEMU) and waits until it can run commands.
+    pub async fn start(spec: SandboxSpec) -> Result<Sandbox, Error> {
+        Sandbox::start_with(spec, &airlock_backend::qemu::Qemu::default()).await
+    }
+
+    /// Boots a sandbox with `backend`.
+    pub async fn start_with(spec: SandboxSpec, backend: &dyn Backend) -> Result<Sandbox, Error> {
+        if spec.cpus == 0 || spec.cpus > 64 {
+            return Err(Error::Setup(format!("--cpus {} is out of range (1-64)", spec.cpus)));
+        }
+        if spec.memory_mib < 64 {
+            return Err(Error::Setup(format!("--memory {} MiB is too small (at least 64)", spec.memory_mib)));
+        }
+        let kernel = assets::kernel()?;
+        let initrd = assets::initramfs(&assets::agent()?)?;
+        let forced = match spec.accel {
+            Some(a) => Some(a),
+            None => accel_from_env()?,
+        };
+        let accel = airlock_backend::detect_accel(forced);
+        let base = {
+            let src = spec.rootfs.clone();
+            tokio::task::spawn_blocking(move || src.prepare()).await.map_err(|e| Error::Setup(e.to_string()))??
+        };
+
+        let id = new_id();
+        let state = state::StateDir::create(&id)?;
+        let scratch = state.path().join("scratch.ext4");
+        {
+            let (s, mib) = (scratch.clone(), spec.disk_mib);
+            tokio::task::spawn_blocking(move || rootfs::create_scratch(&s, mib))
+                .await
+                .map_err(|e| Error::Setup(e.to_string()))??;
+        }
+
+        let (host_end, vm_end) = std::os::unix::net::UnixStream::pair()?;
+        host_end.set_nonblocking(true)?;
+        let host_end = tokio::net::UnixStream::from_std(host_end)?;
+        let cfg = VmConfig {
+            kernel,
+            initrd,
+            cmdline_extra: spec.kernel_args.join(" "),
+            cpus: spec.cpus,
+            memory_mib: spec.memory_mib,
+            disks: vec![
+                DiskConfig { path: base, read_only: true, serial: "airlock-root".into() },
+                DiskConfig { path: scratch, read_only: false, serial: "airlock-scratch".into() },
+            ],
+            control: vm_end.into(),
+            console_log: state.console_log(),
+            accel: accel.accel,
+        };
+        tracing::debug!(%id, accel = %accel.accel, "starting sandbox");
+        let vm = backend.launch(cfg)?;
+        let (conn, mut ctl) = conn::Conn::start(host_end);
+        let mut sb = Sandbox {
+            id: id.clone(),
+            accel,
+            conn: conn.clone(),
+            vm,
+            state,
+            next_stream: AtomicU32::new(1),
+            kernel_release: String::new(),
+        };
+        sb.watch_vm();
+
+        let hostname = spec.hostname.clone().unwrap_or_else(|| id.clone());
+        let handshake = async {
+            loop {
+                match ctl.recv().await {
+                    Some(conn::ControlEvent::Hello(h)) => {
+                        if h.version != VERSION {
+                            return Err(Error::Setup(format!(
+                                "guest agent {} speaks protocol {}, this airlock speaks {VERSION}: rebuild the agent (scripts/build-agent)",
+                                h.agent, h.version
+                            )));
+                        }
+                        let now = std::time::SystemTime::now()
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .unwrap_or_default();
+                        let init = Init { hostname: hostname.clone(), time_unix_ns: now.as_nanos() as u64 };
+                        conn.send(Frame::json(Kind::Init, CONTROL_STREAM, &init)).await.map_err(Error::Protocol)?;
+                    }
+                    Some(conn::ControlEvent::Ready(r)) => return Ok(r.kernel),
+                    None => return Err(Error::Protocol("control channel closed".into())),
+                }
+            }
+        };
+        let mut closed = conn.closed_watch();
+        let res = tokio::select! {
+            r = handshake => r,
+            _ = closed.wait_for(|c| c.is_some()) => Err(Error::Protocol(String::new())),
+            _ = tokio::time::sleep(spec.ready_timeout) => Err(Error::NotReady {
+                secs: spec.ready_timeout.as_secs(),
+                console: String::new(),
+            }),
+        };
+        match res {
+            Ok(kernel) => {
+                sb.kernel_release = kernel;
+                Ok(sb)
+            }
+            Err(Error::NotReady { secs, .. }) => {
+                sb.vm.kill();
+                Err(Error::NotReady { secs, console: sb.state.console_tail(30) })
+            }
+            Err(Error::Protocol(_)) | Err(Error::Setup(_)) if sb.conn.closed_reason().is_some() => {
+                Err(sb.death_error().await)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Ends the connection when the VM process ends, so every waiter wakes up.
+    fn watch_vm(&self) {
+        let mut w = self.vm.exit_watch();
+        let conn = self.conn.clone();
+        tokio::spawn(async move {
+            if let Ok(exit) = w.wait_for(|e| e.is_some()).await {
+                let exit: VmExit = (*exit).unwrap_or(VmExit { code: None, signal: None });
+                conn.fail(format!("VM exited ({exit})"));
+            }
+        });
+    }
+
+    /// Classifies why the sandbox died, from the console and the VM's status.
+    async fn death_error(&self) -> Error {
+        // Give QEMU a moment to finish writing the console and exit.
+        let mut w = self.vm.exit_watch();
+        let _ = tokio::time::timeout(Duration::from_secs(2), w.wait_for(|e| e.is_some())).await;
+        let console = self.state.console_tail(30);
+        if let Some(line) = console.lines().find(|l| l.contains("Kernel panic")) {
+            return Error::GuestPanic { message: line.trim().to_string(), console };
+        }
+        let why = self.conn.closed_reason().unwrap_or_else(|| "unknown".into());
+        if why.starts_with("guest violated") {
+            self.vm.kill();
+            return Error::Protocol(why);
+        }
+        Error::VmStopped { why, console }
+    }
+
+    /// The sandbox id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The accelerator in use and why it was chosen.
+    pub fn accel(&self) -> &AccelChoice {
+        &self.accel
+    }
+
+    /// Kernel release the guest runs.
+    pub fn kernel_release(&self) -> &str {
+        &self.kernel_release
+    }
+
+    /// Host pid of the VMM process.
+    pub fn vm_pid(&self) -> u32 {
+        self.vm.pid()
+    }
+
+    /// Starts a command; events arrive through [`Exec::next`].
+    pub async fn exec(&self, spec: ExecSpec) -> Result<Exec, Error> {
+        let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
+        let (events, send) = self.conn.open_stream(id);
+        let req = ExecRequest {
+            argv: spec.argv,
+            env: spec.env,
+            cwd: spec.cwd,
+            user: spec.user,
+            tty: spec.tty,
+            stdin: spec.stdin,
+        };
+        let frame = Frame::json(Kind::Exec, id, &req);
+        if frame.payload.len() > airlock_proto::MAX_PAYLOAD {
+            self.conn.close_stream(id);
+            return Err(Error::Setup("command line and environment exceed 1 MiB".into()));
+        }
+        if self.conn.send(frame).await.is_err() {
+            self.conn.close_stream(id);
+            return Err(self.death_error().await);
+        }
+        Ok(Exec {
+            input: ExecInput { id, conn: self.conn.clone(), send },
+            events,
+            done: false,
+        })
+    }
+
+    /// Runs a command to completion and collects its output. A command that cannot start is
+    /// an [`Error::Exec`].
+    pub async fn output(&self, spec: ExecSpec) -> Result<Output, Error> {
+        let mut e = self.exec(spec).await?;
+        let mut out = Output::default();
+        loop {
+            match e.next().await {
+                Ok(Some(ExecEvent::Stdout(b))) => out.stdout.extend_from_slice(&b),
+                Ok(Some(ExecEvent::Stderr(b))) => out.stderr.extend_from_slice(&b),
+                Ok(Some(ExecEvent::Exit(s))) => {
+                    out.status = s;
+                    return Ok(out);
+                }
+                Ok(Some(ExecEvent::Failed(err))) => return Err(Error::Exec(err)),
+                Ok(Some(ExecEvent::Started(_))) => {}
+                Ok(None) => return Err(Error::Protocol("exec ended without a status".into())),
+                Err(_) => return Err(self.death_error().await),
+            }
+        }
+    }
+
+    /// Why the sandbox can no longer run commands, if it cannot.
+    pub async fn failure(&self) -> Option<Error> {
+        if self.conn.closed_reason().is_some() {
+            Some(self.death_error().await)
+        } else {
+            None
+        }
+    }
+
+    /// Shuts the guest down (disks synced) and removes the sandbox's state. Waits at most a few
+    /// seconds for a clean power-off before killing the VM.
+    pub async fn stop(self) -> Result<(), Error> {
+        let mut w = self.vm.exit_watch();
+        if self.conn.send(Frame::new(Kind::Shutdown, CONTROL_STREAM, vec![])).await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), w.wait_for(|e| e.is_some())).await;
+        }
+        self.vm.kill();
+        let _ = tokio::time::timeout(Duration::from_secs(5), w.wait_for(|e| e.is_some())).await;
+        drop(self);
+        Ok(())
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.vm.kill();
+        self.conn.fail("sandbox stopped".into());
+        // state::StateDir removes the directory when dropped, after this.
+    }
+}
+
+/// The input side of an exec: stdin, signals, terminal size. Cloneable.
+#[derive(Clone)]
+pub struct ExecInput {
+    id: u32,
+    conn: Arc<conn::Conn>,
+    send: Arc<conn::SendWindow>,
+}
+
+impl ExecInput {
+    /// Writes to the command's stdin, waiting for the guest's flow-control credit.
+    pub async fn write(&self, mut data: &[u8]) -> Result<(), Error> {
+        while !data.is_empty() {
+            let n = self.send.window.lock().unwrap().take(data.len().min(MAX_CHUNK));
+            if n == 0 {
+                let mut closed = self.conn.closed_watch();
+                tokio::select! {
+                    _ = self.send.notify.notified() => {}
+                    _ = closed.wait_for(|c| c.is_some()) => {}
+                }
+                if let Some(why) = self.conn.closed_reason() {
+                    return Err(Error::Protocol(why));
+                }
+                continue;
+            }
+            self.conn.send(Frame::new(Kind::Stdin, self.id, data[..n].to_vec())).await.map_err(Error::Protocol)?;
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    /// Closes stdin (the command sees end of file).
+    pub async fn close(&self) -> Result<(), Error> {
+        self.conn.send(Frame::new(Kind::StdinEof, self.id, vec![])).await.map_err(Error::Protocol)
+    }
+
+    /// Sends a signal to the process (`group`: to its whole process group).
+    pub async fn signal(&self, signal: i32, group: bool) -> Result<(), Error> {
+        self.conn
+            .send(Frame::json(Kind::Signal, self.id, &SignalRequest { signal, group }))
+            .await
+            .map_err(Error::Protocol)
+    }
+
+    /// Resizes the command's terminal.
+    pub async fn resize(&self, size: WinSize) -> Result<(), Error> {
+        self.conn.send(Frame::json(Kind::Resize, self.id, &size)).await.map_err(Error::Protocol)
+    }
+}
+
+/// A running command.
+pub struct Exec {
+    input: ExecInput,
+    events: mpsc::UnboundedReceiver<ExecEvent>,
+    done: bool,
+}
+
+impl Exec {
+    /// Stdin, signals and resize for this command.
+    pub fn input(&self) -> ExecInput {
+        self.input.clone()
+    }
+
+    /// The next event; `Ok(None)` after the last one. Consuming output returns flow-control
+    /// credit to the guest, so a slow reader slows the command instead of buffering.
+    /// `Err` means the sandbox died; [`Sandbox::failure`] says why.
+    pub async fn next(&mut self) -> Result<Option<ExecEvent>, Error> {
+        if self.done {
+            return Ok(None);
+        }
+        match self.events.recv().await {
+            Some(ev) => {
+                match &ev {
+                    ExecEvent::Stdout(b) | ExecEvent::Stderr(b) => self.input.conn.grant(self.input.id, b.len() as u32),
+                    ExecEvent::Exit(_) | ExecEvent::Failed(_) => self.done = true,
+                    ExecEvent::Started(_) => {}
+                }
+                Ok(Some(ev))
+            }
+            None => {
+                self.done = true;
+                Err(Error::Protocol(self.input.conn.closed_reason().unwrap_or_else(|| "sandbox stopped".into())))
+            }
+        }
+    }
+}
+
+impl Drop for Exec {
+    fn drop(&mut self) {
+        if !self.done {
+            // Nobody reads its output any more: kill the process group rather than leave it
+            // blocked on flow control forever.
+            let kill = SignalRequest { signal: libc::SIGKILL, group: true };
+            self.input.conn.try_send(Frame::json(Kind::Signal, self.input.id, &kill));
+            self.input.conn.close_stream(self.input.id);
+        }
+    }
+}
+
+/// Paths Airlock uses on this host, for diagnostics.
+pub fn paths() -> Vec<(&'static str, PathBuf)> {
+    vec![
+        ("cache", assets::cache_dir()),
+        ("kernel", assets::default_kernel_path()),
+        ("state", state::runtime_dir()),
+    ]
+}

@@ -1,1 +1,293 @@
-fn main(){}
+//! The `airlock` command: parses, calls `airlock-sandbox`, prints. Nothing else lives here.
+//!
+//! Exit codes of `airlock run` follow docker's: the command's own code; 128+N when signal N
+//! killed it; 124 when `--timeout` expired; 125 when the sandbox itself failed; 126 when the
+//! command cannot be executed; 127 when it was not found.
+
+mod doctor;
+mod term;
+
+use std::io::Write;
+use std::time::Duration;
+
+use airlock_sandbox::{Error, ExecEvent, ExecSpec, RootfsSource, Sandbox, SandboxSpec, WinSize};
+use clap::{Args, Parser, Subcommand};
+
+/// Exit code when the sandbox failed (as docker's 125).
+pub const EXIT_SANDBOX_FAILED: i32 = 125;
+/// Exit code when `--timeout` expired (as coreutils' timeout).
+pub const EXIT_TIMEOUT: i32 = 124;
+
+#[derive(Parser)]
+#[command(name = "airlock", version, about = "Run untrusted code in disposable microVM sandboxes")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot a fresh sandbox, run a command in it, and remove it.
+    Run(RunArgs),
+    /// Say which accelerator would run, where the guest kernel and agent are, and what is missing.
+    Doctor,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Root filesystem: a directory or an ext4 image file.
+    #[arg(long, value_name = "PATH")]
+    rootfs: std::path::PathBuf,
+    /// Set an environment variable (K=V), or pass K from this environment.
+    #[arg(short = 'e', long = "env", value_name = "K=V")]
+    env: Vec<String>,
+    /// Working directory inside the sandbox (created if missing).
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    workdir: Option<String>,
+    /// User inside the sandbox: name, uid, name:group or uid:gid.
+    #[arg(short = 'u', long = "user", value_name = "USER")]
+    user: Option<String>,
+    /// Keep stdin open and forward it to the command.
+    #[arg(short = 'i', long = "interactive")]
+    interactive: bool,
+    /// Allocate a terminal for the command.
+    #[arg(short = 't', long = "tty")]
+    tty: bool,
+    /// Virtual CPUs.
+    #[arg(long, default_value_t = airlock_sandbox::DEFAULT_CPUS, value_parser = clap::value_parser!(u32).range(1..=64))]
+    cpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MB", default_value_t = airlock_sandbox::DEFAULT_MEMORY_MIB, value_parser = clap::value_parser!(u32).range(64..=1048576))]
+    memory: u32,
+    /// Kill the command after this many seconds (exit code 124).
+    #[arg(long, value_name = "SECS")]
+    timeout: Option<f64>,
+    /// Force an accelerator: kvm or tcg (default: detect; also AIRLOCK_ACCEL).
+    #[arg(long)]
+    accel: Option<airlock_backend::Accel>,
+    /// Hostname inside the sandbox (default: the sandbox id).
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Command and arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    cmd: Vec<String>,
+}
+
+fn main() {
+    let filter = std::env::var("AIRLOCK_LOG").unwrap_or_else(|_| "warn".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let code = match cli.cmd {
+        Cmd::Doctor => doctor::run(),
+        Cmd::Run(a) => {
+            let rt = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("airlock: cannot start runtime: {e}");
+                    std::process::exit(EXIT_SANDBOX_FAILED);
+                }
+            };
+            rt.block_on(run(a))
+        }
+    };
+    std::process::exit(code);
+}
+
+fn parse_env(items: &[String]) -> Result<Vec<(String, String)>, String> {
+    items
+        .iter()
+        .map(|kv| match kv.split_once('=') {
+            Some((k, _)) if k.is_empty() => Err(format!("-e {kv:?}: empty variable name")),
+            Some((k, v)) => Ok((k.to_string(), v.to_string())),
+            None => Ok((kv.clone(), std::env::var(kv).unwrap_or_default())),
+        })
+        .collect()
+}
+
+async fn run(a: RunArgs) -> i32 {
+    let env = match parse_env(&a.env) {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("airlock: {e}");
+            return EXIT_SANDBOX_FAILED;
+        }
+    };
+    if let Some(t) = a.timeout {
+        if !(t > 0.0 && t.is_finite()) {
+            eprintln!("airlock: --timeout must be a positive number of seconds");
+            return EXIT_SANDBOX_FAILED;
+        }
+    }
+    let rootfs = match RootfsSource::from_path(&a.rootfs) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("airlock: {e}");
+            return EXIT_SANDBOX_FAILED;
+        }
+    };
+    let mut spec = SandboxSpec::new(rootfs);
+    spec.cpus = a.cpus;
+    spec.memory_mib = a.memory;
+    spec.accel = a.accel;
+    spec.hostname = a.hostname.clone();
+
+    // Signals that arrive while booting must not kill airlock before it can clean up.
+    let mut signals = match term::Signals::new() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("airlock: {e}");
+            return EXIT_SANDBOX_FAILED;
+        }
+    };
+    let sb = tokio::select! {
+        r = Sandbox::start(spec) => match r {
+            Ok(sb) => sb,
+            Err(e) => {
+                eprintln!("airlock: {e}");
+                return EXIT_SANDBOX_FAILED;
+            }
+        },
+        s = signals.next_terminating() => return 128 + s,
+    };
+
+    let tty = a.tty.then(term::local_size).map(|s| s.unwrap_or(WinSize { rows: 24, cols: 80 }));
+    let spec = ExecSpec {
+        argv: a.cmd.clone(),
+        env,
+        cwd: a.workdir.clone(),
+        user: a.user.clone(),
+        tty,
+        stdin: a.interactive,
+    };
+    let code = run_command(&sb, spec, a.interactive, a.timeout, &mut signals).await;
+    if let Err(e) = sb.stop().await {
+        eprintln!("airlock: stopping sandbox: {e}");
+    }
+    code
+}
+
+async fn run_command(sb: &Sandbox, spec: ExecSpec, interactive: bool, timeout: Option<f64>, signals: &mut term::Signals) -> i32 {
+    let tty = spec.tty.is_some();
+    let mut exec = match sb.exec(spec).await {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("airlock: {e}");
+            return EXIT_SANDBOX_FAILED;
+        }
+    };
+    let input = exec.input();
+    // Raw mode only when we forward a real terminal; restored on drop.
+    let _raw = if tty && interactive { term::RawMode::enable() } else { None };
+    if interactive {
+        let input = input.clone();
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut stdin = tokio::io::stdin();
+            let mut buf = vec![0u8; 32 * 1024];
+            loop {
+                match stdin.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if input.write(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            let _ = input.close().await;
+        });
+    }
+
+    let deadline = timeout.map(|t| tokio::time::Instant::now() + Duration::from_secs_f64(t));
+    let mut timed_out = false;
+    let mut stdout = std::io::stdout().lock();
+    let mut stderr = std::io::stderr();
+    loop {
+        let sleep = async {
+            match deadline {
+                Some(d) if !timed_out => tokio::time::sleep_until(d).await,
+                _ => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            ev = exec.next() => match ev {
+                Ok(Some(ExecEvent::Stdout(b))) => {
+                    if stdout.write_all(&b).and_then(|_| stdout.flush()).is_err() {
+                        // Our stdout is gone (closed pipe): stop the command like SIGPIPE would.
+                        let _ = input.signal(libc::SIGPIPE, false).await;
+                    }
+                }
+                Ok(Some(ExecEvent::Stderr(b))) => {
+                    let _ = stderr.write_all(&b);
+                }
+                Ok(Some(ExecEvent::Started(_))) => {}
+                Ok(Some(ExecEvent::Exit(s))) => {
+                    if timed_out {
+                        eprintln!("airlock: command timed out");
+                        return EXIT_TIMEOUT;
+                    }
+                    return match (s.code, s.signal) {
+                        (Some(c), _) => c,
+                        (_, Some(sig)) => 128 + sig,
+                        _ => EXIT_SANDBOX_FAILED,
+                    };
+                }
+                Ok(Some(ExecEvent::Failed(e))) => {
+                    let err = Error::Exec(e);
+                    eprintln!("airlock: {err}");
+                    return err.exec_exit_code().unwrap_or(EXIT_SANDBOX_FAILED);
+                }
+                Ok(None) => return EXIT_SANDBOX_FAILED,
+                Err(_) => {
+                    drop(_raw);
+                    let err = sb.failure().await.map(|e| e.to_string()).unwrap_or_else(|| "sandbox stopped".into());
+                    eprintln!("airlock: {err}");
+                    return EXIT_SANDBOX_FAILED;
+                }
+            },
+            _ = sleep => {
+                timed_out = true;
+                let _ = input.signal(libc::SIGKILL, true).await;
+            }
+            ev = signals.next() => match ev {
+                term::SignalEvent::Resize => {
+                    if let Some(ws) = term::local_size() {
+                        let _ = input.resize(ws).await;
+                    }
+                }
+                term::SignalEvent::Forward(sig) => {
+                    let _ = input.signal(sig, false).await;
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_parses() {
+        Cli::command_for_test();
+        let c = Cli::try_parse_from(["airlock", "run", "--rootfs", "/r", "-e", "A=1", "-it", "--", "sh", "-c", "x"]).unwrap();
+        let Cmd::Run(r) = c.cmd else { panic!() };
+        assert!(r.interactive && r.tty);
+        assert_eq!(r.cmd, vec!["sh", "-c", "x"]);
+        assert!(Cli::try_parse_from(["airlock", "run", "--rootfs", "/r", "--cpus", "0", "--", "true"]).is_err());
+        assert!(Cli::try_parse_from(["airlock", "run", "--rootfs", "/r"]).is_err());
+        assert!(Cli::try_parse_from(["airlock", "run", "--rootfs", "/r", "--accel", "hvf", "--", "true"]).is_err());
+        assert_eq!(parse_env(&["A=b=c".into()]).unwrap(), vec![("A".into(), "b=c".into())]);
+        assert!(parse_env(&["=x".into()]).is_err());
+    }
+
+    impl Cli {
+        fn command_for_test() {
+            use clap::CommandFactory;
+            Cli::command().debug_assert();
+        }
+    }
+}

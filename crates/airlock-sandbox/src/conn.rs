@@ -1,0 +1,258 @@
+//! Host end of the control channel: one reader task demultiplexing guest frames to streams,
+//! one writer task, per-stream flow control.
+//!
+//! # Threat notes
+//! Every frame read here comes from the guest. The decoder bounds frame size; each stream's
+//! output may only use the window the host granted ([`Window::receive`]), so a guest that
+//! floods output stalls itself instead of growing host memory; frames of kinds the guest may
+//! not send, or that violate the window, end the sandbox with [`Conn::fail`]. Frames for
+//! streams the host does not know (already finished or never opened) are dropped.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use airlock_proto::{
+    Decoder, ExecError, ExitStatus, Frame, Hello, Kind, Ready, Started, Window, CONTROL_STREAM,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, watch, Notify};
+
+/// What an exec stream delivers to its owner, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExecEvent {
+    /// The process runs with this guest pid.
+    Started(u32),
+    /// Bytes from stdout (or the terminal).
+    Stdout(Vec<u8>),
+    /// Bytes from stderr.
+    Stderr(Vec<u8>),
+    /// The process ended; nothing follows.
+    Exit(ExitStatus),
+    /// The process could not be started; nothing follows.
+    Failed(ExecError),
+}
+
+/// Control-stream messages the start-up sequence waits for.
+#[derive(Debug)]
+pub enum ControlEvent {
+    Hello(Hello),
+    Ready(Ready),
+}
+
+pub(crate) struct StreamState {
+    events: mpsc::UnboundedSender<ExecEvent>,
+    /// Guest → host data still allowed.
+    recv: Window,
+    /// Host → guest stdin still allowed, shared with the stdin writer.
+    pub(crate) send: Arc<SendWindow>,
+}
+
+/// Stdin credit for one stream.
+#[derive(Default)]
+pub(crate) struct SendWindow {
+    pub(crate) window: Mutex<Window>,
+    pub(crate) notify: Notify,
+}
+
+/// The connection to one guest agent.
+pub struct Conn {
+    out: mpsc::Sender<Frame>,
+    streams: Mutex<HashMap<u32, StreamState>>,
+    /// Why the connection ended; `None` while it is alive.
+    closed: watch::Sender<Option<String>>,
+}
+
+impl Conn {
+    /// Starts the reader and writer tasks on `stream`; control messages go to the returned
+    /// receiver.
+    pub fn start(stream: tokio::net::UnixStream) -> (Arc<Conn>, mpsc::UnboundedReceiver<ControlEvent>) {
+        let (rd, wr) = stream.into_split();
+        let (out_tx, out_rx) = mpsc::channel(1024);
+        let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
+        let conn = Arc::new(Conn {
+            out: out_tx,
+            streams: Mutex::new(HashMap::new()),
+            closed: watch::channel(None).0,
+        });
+        tokio::spawn(write_loop(wr, out_rx, conn.clone()));
+        tokio::spawn(read_loop(rd, conn.clone(), ctl_tx));
+        (conn, ctl_rx)
+    }
+
+    /// Queues a frame for the guest.
+    pub async fn send(&self, f: Frame) -> Result<(), String> {
+        if let Some(why) = self.closed_reason() {
+            return Err(why);
+        }
+        self.out.send(f).await.map_err(|_| self.closed_reason().unwrap_or_else(|| "connection closed".into()))
+    }
+
+    /// Queues a frame without waiting (dropped if the queue is full or the connection closed).
+    pub fn try_send(&self, f: Frame) {
+        let _ = self.out.try_send(f);
+    }
+
+    /// Why the connection ended, if it has.
+    pub fn closed_reason(&self) -> Option<String> {
+        self.closed.borrow().clone()
+    }
+
+    /// A watch on [`Conn::closed_reason`].
+    pub fn closed_watch(&self) -> watch::Receiver<Option<String>> {
+        self.closed.subscribe()
+    }
+
+    /// Ends the connection (first reason wins) and every stream with it.
+    pub fn fail(&self, why: String) {
+        self.closed.send_if_modified(|c| {
+            if c.is_none() {
+                *c = Some(why);
+                true
+            } else {
+                false
+            }
+        });
+        // Dropping the senders ends every exec's event stream; owners then read the reason.
+        self.streams.lock().unwrap().clear();
+    }
+
+    /// Registers a new stream before its Exec frame is sent.
+    pub(crate) fn open_stream(&self, id: u32) -> (mpsc::UnboundedReceiver<ExecEvent>, Arc<SendWindow>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let send = Arc::new(SendWindow::default());
+        self.streams.lock().unwrap().insert(
+            id,
+            StreamState {
+                events: tx,
+                recv: Window::default(),
+                send: send.clone(),
+            },
+        );
+        (rx, send)
+    }
+
+    /// Forgets a stream whose owner went away.
+    pub(crate) fn close_stream(&self, id: u32) {
+        self.streams.lock().unwrap().remove(&id);
+    }
+
+    /// Returns `n` bytes of output window to the guest once the owner consumed them.
+    pub(crate) fn grant(&self, id: u32, n: u32) {
+        let known = match self.streams.lock().unwrap().get_mut(&id) {
+            Some(s) => s.recv.grant(n).is_ok(),
+            None => false,
+        };
+        if known {
+            // try_send: credit must never block the consumer; a full queue means the writer
+            // is far behind and the guest will get credit with the next chunk.
+            let _ = self.out.try_send(Frame::credit(id, n));
+        }
+    }
+
+    fn dispatch(&self, f: Frame, ctl: &mpsc::UnboundedSender<ControlEvent>) -> Result<(), String> {
+        if f.stream == CONTROL_STREAM {
+            return match f.kind {
+                Kind::Hello => {
+                    let _ = ctl.send(ControlEvent::Hello(f.parse().map_err(|e| e.to_string())?));
+                    Ok(())
+                }
+                Kind::Ready => {
+                    let _ = ctl.send(ControlEvent::Ready(f.parse().map_err(|e| e.to_string())?));
+                    Ok(())
+                }
+                Kind::Error => Err(format!("guest reported: {}", String::from_utf8_lossy(&f.payload))),
+                k => Err(format!("unexpected {k:?} on the control stream")),
+            };
+        }
+        let mut streams = self.streams.lock().unwrap();
+        let Some(s) = streams.get_mut(&f.stream) else {
+            return Ok(());
+        };
+        let ev = match f.kind {
+            Kind::Stdout | Kind::Stderr => {
+                s.recv.receive(f.payload.len()).map_err(|e| format!("stream {}: {e}", f.stream))?;
+                if f.kind == Kind::Stdout {
+                    ExecEvent::Stdout(f.payload)
+                } else {
+                    ExecEvent::Stderr(f.payload)
+                }
+            }
+            Kind::Started => ExecEvent::Started(f.parse::<Started>().map_err(|e| e.to_string())?.pid),
+            Kind::Credit => {
+                let n = f.parse_credit().map_err(|e| e.to_string())?;
+                s.send.window.lock().unwrap().grant(n).map_err(|e| format!("stream {}: {e}", f.stream))?;
+                s.send.notify.notify_one();
+                return Ok(());
+            }
+            Kind::Exit => ExecEvent::Exit(f.parse().map_err(|e| e.to_string())?),
+            Kind::ExecFailed => ExecEvent::Failed(f.parse().map_err(|e| e.to_string())?),
+            Kind::Error => {
+                tracing::warn!(stream = f.stream, "guest protocol error: {}", String::from_utf8_lossy(&f.payload));
+                return Ok(());
+            }
+            k => return Err(format!("guest sent {k:?}, which only the host may send")),
+        };
+        let last = matches!(ev, ExecEvent::Exit(_) | ExecEvent::Failed(_));
+        let _ = s.events.send(ev);
+        if last {
+            streams.remove(&f.stream);
+        }
+        Ok(())
+    }
+}
+
+async fn read_loop(mut rd: OwnedReadHalf, conn: Arc<Conn>, ctl: mpsc::UnboundedSender<ControlEvent>) {
+    let mut dec = Decoder::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    let why = loop {
+        match rd.read(&mut buf).await {
+            Ok(0) => break "guest closed the control channel".to_string(),
+            Ok(n) => dec.push(&buf[..n]),
+            Err(e) => break format!("control channel read: {e}"),
+        }
+        let mut err = None;
+        loop {
+            match dec.next_frame() {
+                Ok(Some(f)) => {
+                    if let Err(e) = conn.dispatch(f, &ctl) {
+                        err = Some(format!("guest violated the protocol: {e}"));
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    err = Some(format!("guest violated the protocol: {e}"));
+                    break;
+                }
+            }
+        }
+        if let Some(e) = err {
+            break e;
+        }
+    };
+    conn.fail(why);
+}
+
+async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Frame>, conn: Arc<Conn>) {
+    let mut buf = Vec::with_capacity(64 * 1024);
+    let mut closed = conn.closed_watch();
+    loop {
+        let f = tokio::select! {
+            f = rx.recv() => match f { Some(f) => f, None => return },
+            _ = closed.wait_for(|c| c.is_some()) => return,
+        };
+        buf.clear();
+        f.encode_into(&mut buf);
+        while buf.len() < 256 * 1024 {
+            match rx.try_recv() {
+                Ok(f) => f.encode_into(&mut buf),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = wr.write_all(&buf).await {
+            conn.fail(format!("control channel write: {e}"));
+            return;
+        }
+    }
+}
