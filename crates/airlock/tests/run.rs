@@ -1,0 +1,185 @@
+//! End-to-end tests of `airlock run`: real guests under the detected accelerator (TCG on
+//! machines without hardware virtualization). They need the guest kernel, the static agent and
+//! the demo rootfs, which `scripts/setup` builds; missing pieces fail loudly, never skip.
+
+use std::io::{Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+
+fn rootfs() -> String {
+    if let Ok(r) = std::env::var("AIRLOCK_TEST_ROOTFS") {
+        return r;
+    }
+    let cache = std::env::var("AIRLOCK_CACHE_DIR").map(std::path::PathBuf::from).unwrap_or_else(|_| {
+        std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/airlock")
+    });
+    let p = cache.join("demo-rootfs");
+    assert!(p.join("bin/busybox").exists(), "no test rootfs at {}: run scripts/setup", p.display());
+    p.display().to_string()
+}
+
+/// `airlock run --rootfs R ARGS...` with a private runtime dir, returning (cmd, runtime dir).
+fn airlock(args: &[&str]) -> (Command, tempfile::TempDir) {
+    let rt = tempfile::tempdir().unwrap();
+    let mut c = Command::new(env!("CARGO_BIN_EXE_airlock"));
+    c.arg("run").arg("--rootfs").arg(rootfs()).args(args).env("AIRLOCK_RUNTIME_DIR", rt.path());
+    (c, rt)
+}
+
+fn run(args: &[&str]) -> std::process::Output {
+    let (mut c, rt) = airlock(args);
+    let out = c.stdin(Stdio::null()).output().unwrap();
+    let left: Vec<_> = std::fs::read_dir(rt.path()).unwrap().collect();
+    assert!(left.is_empty(), "state left behind after run: {left:?}");
+    out
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn echo_stdout_stderr_apart_and_exit_code() {
+    let out = run(&["--", "sh", "-c", "echo out; echo err >&2; exit 7"]);
+    assert_eq!(text(&out.stdout), "out\n");
+    assert_eq!(text(&out.stderr), "err\n");
+    assert_eq!(out.status.code(), Some(7));
+}
+
+#[test]
+fn signal_exit_codes_and_missing_commands() {
+    let out = run(&["--", "sh", "-c", "kill -TERM $$"]);
+    assert_eq!(out.status.code(), Some(128 + 15));
+    let out = run(&["--", "no-such-command"]);
+    assert_eq!(out.status.code(), Some(127));
+    assert!(text(&out.stderr).contains("executable file not found"), "{}", text(&out.stderr));
+    let out = run(&["--", "/etc/passwd"]);
+    assert_eq!(out.status.code(), Some(126), "{}", text(&out.stderr));
+}
+
+#[test]
+fn env_workdir_user_hostname() {
+    let out = run(&[
+        "-e", "FOO=bar baz", "-w", "/tmp/work", "-u", "alice", "--hostname", "box1", "--",
+        "sh", "-c", "echo \"$FOO|$(pwd)|$(id -u):$(id -g)|$HOME|$(hostname)\"",
+    ]);
+    assert_eq!(text(&out.stdout), "bar baz|/tmp/work|1000:1000|/home/alice|box1\n", "{}", text(&out.stderr));
+    let out = run(&["-u", "mallory", "--", "true"]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(text(&out.stderr).contains("unable to find user mallory"));
+}
+
+#[test]
+fn hundred_megabytes_of_output_intact() {
+    // The guest writes 100 MB of random bytes and prints their sha256 on stderr; the bytes
+    // that reach our stdout must hash the same.
+    let out = run(&[
+        "--memory", "512", "--", "sh", "-c",
+        "head -c 100000000 /dev/urandom > /tmp/blob && sha256sum /tmp/blob >&2 && cat /tmp/blob",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(out.stdout.len(), 100_000_000);
+    let want = text(&out.stderr).split_whitespace().next().unwrap_or("").to_string();
+    let got = hex::encode(Sha256::digest(&out.stdout));
+    assert_eq!(got, want);
+}
+
+#[test]
+fn stdin_round_trip() {
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let (mut c, _rt) = airlock(&["-i", "--", "sha256sum"]);
+    let mut child = c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let d = data.clone();
+    let w = std::thread::spawn(move || stdin.write_all(&d));
+    let out = child.wait_with_output().unwrap();
+    w.join().unwrap().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with(&hex::encode(Sha256::digest(&data))), "{}", text(&out.stdout));
+}
+
+#[test]
+fn timeout_kills_the_command() {
+    let t = Instant::now();
+    let out = run(&["--timeout", "2", "--", "sh", "-c", "echo started; sleep 60"]);
+    assert_eq!(out.status.code(), Some(124));
+    assert_eq!(text(&out.stdout), "started\n");
+    assert!(t.elapsed() < Duration::from_secs(50), "timeout did not cut the command short");
+}
+
+#[test]
+fn tty_has_a_terminal() {
+    let out = run(&["-t", "--", "sh", "-c", "tty; stty size"]);
+    let s = text(&out.stdout);
+    assert!(s.starts_with("/dev/pts/"), "{s}");
+    assert!(s.contains("24 80"), "{s}");
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let out = run(&["--", "true"]);
+    assert_eq!(out.status.code(), Some(0));
+    let out = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["run", "--rootfs", "/nonexistent", "--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains("/nonexistent"));
+    let f = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(f.path(), vec![0u8; 8192]).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["run", "--rootfs"])
+        .arg(f.path())
+        .args(["--", "true"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125));
+    assert!(text(&out.stderr).contains("not an ext4"), "{}", text(&out.stderr));
+}
+
+fn children(pid: u32) -> Vec<u32> {
+    let mut v = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+        let c = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+        v.extend(c.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
+    }
+    v
+}
+
+fn alive(pid: u32) -> bool {
+    // A zombie is dead for our purpose.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+#[test]
+fn kill_9_of_airlock_leaves_no_qemu() {
+    let (mut c, _rt) = airlock(&["--", "sh", "-c", "echo up; sleep 300"]);
+    let mut child = c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut b = [0u8; 3];
+    stdout.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"up\n");
+    let qemu: Vec<u32> = children(child.id());
+    assert!(!qemu.is_empty(), "no VM process found under airlock");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let t = Instant::now();
+    while qemu.iter().any(|p| alive(*p)) {
+        assert!(t.elapsed() < Duration::from_secs(2), "QEMU outlived airlock by 2 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn doctor_reports_accelerator() {
+    let out = Command::new(env!("CARGO_BIN_EXE_airlock")).arg("doctor").output().unwrap();
+    let s = text(&out.stdout);
+    assert!(s.contains("accelerator"), "{s}");
+    assert!(s.contains("QEMU emulator version"), "{s}");
+    assert_eq!(out.status.code(), Some(0), "{s}");
+}
