@@ -1,0 +1,472 @@
+//! `airlock-bench`: the project's one benchmark (run it through `scripts/bench`).
+//!
+//! Every figure is measured against a baseline taken in the same run on the same machine, so the
+//! ratios mean something even where absolute times do not (TCG vs KVM, a busy CI host):
+//!
+//! 1. boot: bare `qemu-system-x86_64` booting the same kernel with the same machine options and an
+//!    initramfs whose /init reboots at once, against `airlock run --rootfs <demo> -- true`;
+//! 2. exec: `true` run N times in one sandbox, against spawning `/bin/true` on the host.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use airlock_backend::qemu::{Qemu, BASE_CMDLINE};
+use airlock_backend::{Accel, AccelChoice};
+use airlock_sandbox::{ExecSpec, RootfsSource, Sandbox, SandboxSpec};
+use anyhow::{bail, Context, Result};
+
+/// Goal: `airlock run -- true` within 10 % of what bare QEMU needs to boot the same kernel.
+const BOOT_RATIO_GOAL: f64 = 1.10;
+/// Goal: median exec round trip, ms.
+const EXEC_P50_GOAL_MS: f64 = 5.0;
+/// A single boot that takes longer than this is stuck, not slow.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+/// The command that regenerates docs/benchmarks.md, quoted there.
+const DOCS_COMMAND: &str = "scripts/bench --write-docs";
+
+const USAGE: &str =
+    "usage: airlock-bench [--iterations N] [--execs N] [--rootfs DIR] [--write-docs]
+  --iterations N  boots of each kind (default 7)
+  --execs N       exec round trips (default 200)
+  --rootfs DIR    root filesystem for airlock (default: the one scripts/mkrootfs-busybox builds)
+  --write-docs    also rewrite docs/benchmarks.md";
+
+struct Opts {
+    iterations: usize,
+    execs: usize,
+    rootfs: Option<PathBuf>,
+    write_docs: bool,
+}
+
+fn parse_args() -> Result<Option<Opts>> {
+    let mut o = Opts {
+        iterations: 7,
+        execs: 200,
+        rootfs: None,
+        write_docs: false,
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = |name: &str| {
+            args.next()
+                .with_context(|| format!("{name} needs a value\n{USAGE}"))
+        };
+        match a.as_str() {
+            "--iterations" => {
+                o.iterations = value("--iterations")?.parse().context("--iterations")?
+            }
+            "--execs" => o.execs = value("--execs")?.parse().context("--execs")?,
+            "--rootfs" => o.rootfs = Some(value("--rootfs")?.into()),
+            "--write-docs" => o.write_docs = true,
+            "-h" | "--help" => return Ok(None),
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    if o.iterations == 0 || o.execs == 0 {
+        bail!("--iterations and --execs must be at least 1");
+    }
+    Ok(Some(o))
+}
+
+/// The workspace root: docs/ and scripts/ are found from here (this is a dev tool run from a
+/// checkout, never installed).
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Nearest-rank percentile (`q` in 0..=1) of samples; no interpolation, so every figure
+/// reported is a time that was actually observed.
+fn pct(samples: &[Duration], q: f64) -> Duration {
+    let mut s = samples.to_vec();
+    s.sort();
+    let rank = ((q * s.len() as f64).ceil() as usize).clamp(1, s.len().max(1));
+    s.get(rank - 1).copied().unwrap_or_default()
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Runs `cmd` to completion and returns its wall time, spawn to exit. Fails on a non-zero exit
+/// (with its stderr) or after [`BOOT_TIMEOUT`] (the child is killed then).
+async fn timed(cmd: &mut tokio::process::Command) -> Result<Duration> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let t = Instant::now();
+    let out = tokio::time::timeout(BOOT_TIMEOUT, cmd.output())
+        .await
+        .with_context(|| format!("{cmd:?}: no exit after {BOOT_TIMEOUT:?}"))?
+        .with_context(|| format!("spawn {cmd:?}"))?;
+    let took = t.elapsed();
+    if !out.status.success() {
+        bail!(
+            "{cmd:?}: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim_end()
+        );
+    }
+    Ok(took)
+}
+
+/// Builds the baseline initramfs in `dir`: busybox-static plus an /init script that reboots at
+/// once (with `reboot=t` and `-no-reboot` that ends QEMU). No tiny static program is at hand, so
+/// busybox's shell start-up (a few ms under TCG) is part of the baseline; that only makes the
+/// baseline slower, never flatters airlock.
+fn baseline_initramfs(dir: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let root = dir.join("root");
+    std::fs::create_dir_all(root.join("bin"))?;
+    std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+        .context("copy /bin/busybox (install busybox-static)")?;
+    let init = root.join("init");
+    std::fs::write(&init, "#!/bin/busybox sh\n/bin/busybox reboot -f\n")?;
+    std::fs::set_permissions(&init, std::fs::Permissions::from_mode(0o755))?;
+    let cpio = dir.join("baseline.cpio");
+    let out = std::fs::File::create(&cpio)?;
+    let st = std::process::Command::new("sh")
+        .args(["-c", "find . | cpio -o -H newc --quiet"])
+        .current_dir(&root)
+        .stdout(out)
+        .status()
+        .context("run cpio (install cpio)")?;
+    if !st.success() {
+        bail!("building the baseline initramfs with cpio failed: {st}");
+    }
+    Ok(cpio)
+}
+
+/// The same machine, accelerator, CPU, memory and kernel command line as `Qemu::args`, minus
+/// the devices only a sandbox needs (disks, control channel, rng).
+fn baseline_args(accel: Accel, kernel: &Path, initrd: &Path, serial: &str) -> Vec<String> {
+    let accel: &[&str] = match accel {
+        Accel::Kvm => &["-accel", "kvm", "-cpu", "host"],
+        Accel::Tcg => &["-accel", "tcg", "-cpu", "max"],
+    };
+    let mut a = vec![
+        "-M",
+        "microvm,acpi=off,x-option-roms=off,isa-serial=on,rtc=on",
+    ];
+    a.extend([
+        "-nodefaults",
+        "-no-user-config",
+        "-no-reboot",
+        "-display",
+        "none",
+    ]);
+    a.extend(accel);
+    a.extend(["-smp", "1", "-m", "512M"]);
+    let (k, i) = (kernel.to_string_lossy(), initrd.to_string_lossy());
+    a.extend([
+        "-kernel",
+        &k,
+        "-initrd",
+        &i,
+        "-append",
+        BASE_CMDLINE,
+        "-serial",
+        serial,
+    ]);
+    a.into_iter().map(String::from).collect()
+}
+
+/// Boot figures, in seconds.
+struct Boot {
+    bare: Vec<Duration>,
+    airlock: Vec<Duration>,
+}
+
+async fn bench_boot(o: &Opts, accel: Accel, rootfs: &Path) -> Result<Boot> {
+    let tmp = tempfile::tempdir()?;
+    let kernel = airlock_sandbox::assets::kernel()?;
+    let initrd = baseline_initramfs(tmp.path())?;
+    let qemu = Qemu::default().binary;
+    let bin_dir = std::env::current_exe()?
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let airlock = bin_dir.join("airlock");
+    if !airlock.is_file() {
+        bail!(
+            "{} missing: build it with cargo build --release -p airlock",
+            airlock.display()
+        );
+    }
+    let airlock_cmd = || {
+        let mut c = tokio::process::Command::new(&airlock);
+        c.arg("run")
+            .arg("--rootfs")
+            .arg(rootfs)
+            .args(["--", "true"]);
+        c
+    };
+
+    // Warm-up, not counted: airlock builds its initramfs and rootfs image caches on first use,
+    // and both paths want the kernel in the page cache. The bare boot logs its console once so
+    // we can check /init really ran: a kernel panic also ends QEMU quickly (panic=-1), and would
+    // otherwise pass for a fast boot. Both messages are KERN_EMERG, printed despite `quiet`.
+    let log = tmp.path().join("console.log");
+    let serial = format!("file:{}", log.display());
+    timed(
+        tokio::process::Command::new(&qemu).args(baseline_args(accel, &kernel, &initrd, &serial)),
+    )
+    .await?;
+    let console = std::fs::read_to_string(&log).unwrap_or_default();
+    if console.contains("Kernel panic") || !console.contains("Restarting system") {
+        bail!("baseline guest did not reboot from /init; console:\n{console}");
+    }
+    timed(&mut airlock_cmd())
+        .await
+        .context("airlock run (warm-up)")?;
+
+    // Interleaved, so drift on the host (thermal, other load) hits both sides alike.
+    let mut b = Boot {
+        bare: Vec::new(),
+        airlock: Vec::new(),
+    };
+    for i in 0..o.iterations {
+        eprint!("\rboot {}/{}", i + 1, o.iterations);
+        let args = baseline_args(accel, &kernel, &initrd, "null");
+        b.bare
+            .push(timed(tokio::process::Command::new(&qemu).args(args)).await?);
+        b.airlock.push(timed(&mut airlock_cmd()).await?);
+    }
+    eprintln!();
+    Ok(b)
+}
+
+/// Exec round trips: sandbox and host, and the guest kernel release.
+struct Execs {
+    sandbox: Vec<Duration>,
+    host: Vec<Duration>,
+    guest_kernel: String,
+}
+
+async fn bench_exec(o: &Opts, rootfs: &Path) -> Result<Execs> {
+    let sb = Sandbox::start(SandboxSpec::new(RootfsSource::from_path(rootfs)?)).await?;
+    let r = async {
+        // A few uncounted runs first: the first exec pages `true` and the agent's exec path in.
+        for _ in 0..5 {
+            sb.output(ExecSpec::new(["true"])).await?;
+        }
+        let mut sandbox = Vec::with_capacity(o.execs);
+        for _ in 0..o.execs {
+            let t = Instant::now();
+            let out = sb.output(ExecSpec::new(["true"])).await?;
+            sandbox.push(t.elapsed());
+            if !out.status.success() {
+                bail!("`true` in the sandbox exited with {:?}", out.status);
+            }
+        }
+        Ok(sandbox)
+    }
+    .await;
+    let guest_kernel = sb.kernel_release().to_string();
+    sb.stop().await?;
+    let sandbox = r?;
+
+    // Host baseline: the plain fork+exec+wait a process spawn costs here.
+    let mut host = Vec::with_capacity(o.execs);
+    for _ in 0..o.execs {
+        let t = Instant::now();
+        let st = std::process::Command::new("/bin/true")
+            .status()
+            .context("spawn /bin/true")?;
+        host.push(t.elapsed());
+        if !st.success() {
+            bail!("/bin/true exited with {st}");
+        }
+    }
+    Ok(Execs {
+        sandbox,
+        host,
+        guest_kernel,
+    })
+}
+
+/// The figures as markdown tables (readable as plain text too, so stdout and the docs agree).
+fn tables(o: &Opts, b: &Boot, e: &Execs) -> String {
+    let mut s = String::new();
+    let boot_ratio = pct(&b.airlock, 0.5).as_secs_f64() / pct(&b.bare, 0.5).as_secs_f64();
+    let exec_ratio = ms(pct(&e.sandbox, 0.5)) / ms(pct(&e.host, 0.5));
+    let verdict = |ok: bool| if ok { "met" } else { "**missed**" };
+    let _ = writeln!(
+        s,
+        "Boot to exit, {} runs each (wall time, spawn to process exit):\n",
+        o.iterations
+    );
+    let _ = writeln!(s, "| | median | p90 |\n|---|---:|---:|");
+    for (name, v) in [
+        ("bare QEMU, same kernel, /init reboots", &b.bare),
+        ("`airlock run -- true`", &b.airlock),
+    ] {
+        let _ = writeln!(
+            s,
+            "| {name} | {:.0} ms | {:.0} ms |",
+            ms(pct(v, 0.5)),
+            ms(pct(v, 0.9))
+        );
+    }
+    let _ = writeln!(
+        s,
+        "\nRatio airlock / bare (medians): **{boot_ratio:.2}** (goal ≤ {BOOT_RATIO_GOAL:.2}: {})\n",
+        verdict(boot_ratio <= BOOT_RATIO_GOAL)
+    );
+    let _ = writeln!(
+        s,
+        "Exec round trip, {} sequential runs of `true`:\n",
+        o.execs
+    );
+    let _ = writeln!(s, "| | p50 | p99 |\n|---|---:|---:|");
+    for (name, v) in [
+        ("`true` in one running sandbox", &e.sandbox),
+        ("host: spawn `/bin/true`", &e.host),
+    ] {
+        let _ = writeln!(
+            s,
+            "| {name} | {:.2} ms | {:.2} ms |",
+            ms(pct(v, 0.5)),
+            ms(pct(v, 0.99))
+        );
+    }
+    let p50 = ms(pct(&e.sandbox, 0.5));
+    let _ = writeln!(
+        s,
+        "\nSandbox p50: {p50:.2} ms (goal ≤ {EXEC_P50_GOAL_MS:.0} ms: {}); ratio sandbox / host (p50): **{exec_ratio:.1}**",
+        verdict(p50 <= EXEC_P50_GOAL_MS)
+    );
+    s
+}
+
+/// One line of `cmd args` output, or `unknown`.
+fn cmd_line(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .current_dir(repo_root())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The machine the figures came from; without it the figures mean little.
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .and_then(|r| r.split_once(':'))
+                .map(|(_, m)| m.trim())
+        })
+        .unwrap_or("unknown");
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_gib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|r| r.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|kib| format!("{:.1} GiB", kib / 1024.0 / 1024.0))
+        .unwrap_or_else(|| "unknown".into());
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!(
+        "{cpus} CPUs ({model}), {mem_gib} RAM, host kernel {}",
+        host_kernel.trim()
+    )
+}
+
+fn docs(o: &Opts, accel: &AccelChoice, qemu: &str, e: &Execs, tables: &str) -> String {
+    let date = cmd_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+    let commit = cmd_line("git", &["describe", "--always", "--dirty"]);
+    format!(
+        "# Benchmarks\n\n\
+         Generated by `{DOCS_COMMAND}`; rerun it to refresh this page. Every figure is compared \
+         with a baseline measured in the same run on the same machine.\n\n\
+         - Date: {date} (commit {commit})\n\
+         - Machine: {}\n\
+         - Accelerator: {} ({})\n\
+         - QEMU: {qemu}\n\
+         - Guest kernel: {}\n\
+         - Iterations: {} boots of each kind, {} execs\n\n\
+         ## Figures\n\n{tables}\n\
+         ## Goals\n\n\
+         - `airlock run -- true` takes at most {BOOT_RATIO_GOAL:.2}× the time bare QEMU needs to boot \
+         the same kernel to a trivial /init and exit (median against median).\n\
+         - One exec round trip in a running sandbox takes at most {EXEC_P50_GOAL_MS:.0} ms at the median.\n\n\
+         ## Method\n\n\
+         - Bare baseline: `qemu-system-x86_64` with the machine, accelerator, CPU, memory and kernel \
+         command line airlock uses (`-M microvm,acpi=off,x-option-roms=off,isa-serial=on,rtc=on \
+         -nodefaults -no-user-config -no-reboot`, 1 vCPU, 512 MiB), booting the same kernel with an \
+         initramfs of busybox-static whose `/init` runs `reboot -f`; `-serial null`, no disks. \
+         Timed from spawn to process exit.\n\
+         - airlock: `target/release/airlock run --rootfs <demo rootfs> -- true`, from spawn to exit; \
+         the demo rootfs is the one `scripts/mkrootfs-busybox` builds. One uncounted warm-up run of \
+         each first (it fills airlock's caches and checks the bare guest really reached /init); \
+         then the two alternate, so host drift hits both alike.\n\
+         - Exec: one sandbox started through the Rust API, 5 uncounted runs, then `true` run \
+         sequentially, each timed from request to exit status. Host baseline: `/bin/true` spawned \
+         and waited for with `std::process::Command`.\n\
+         - Percentiles are nearest-rank (each is a time actually observed).\n",
+        machine(),
+        accel.accel,
+        accel.reason,
+        e.guest_kernel,
+        o.iterations,
+        o.execs,
+    )
+}
+
+/// The demo rootfs: built (or found) by scripts/mkrootfs-busybox, which prints its path.
+fn demo_rootfs() -> Result<PathBuf> {
+    let script = repo_root().join("scripts/mkrootfs-busybox");
+    let out = std::process::Command::new(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("run {}", script.display()))?;
+    if !out.status.success() {
+        bail!("{} failed: {}", script.display(), out.status);
+    }
+    Ok(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let Some(o) = parse_args()? else {
+        println!("{USAGE}");
+        return Ok(());
+    };
+    let rootfs = match &o.rootfs {
+        Some(r) => r.clone(),
+        None => demo_rootfs()?,
+    };
+    let accel = airlock_backend::detect_accel(airlock_sandbox::accel_from_env()?);
+    let qemu = Qemu::default().version().map_err(anyhow::Error::msg)?;
+    eprintln!("accelerator: {} ({}); {qemu}", accel.accel, accel.reason);
+
+    let boot = bench_boot(&o, accel.accel, &rootfs).await?;
+    eprintln!("exec round trips: {}", o.execs);
+    let execs = bench_exec(&o, &rootfs).await?;
+
+    let t = tables(&o, &boot, &execs);
+    println!("\n{t}");
+    if o.write_docs {
+        let dir = repo_root().join("docs");
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        let path = dir.join("benchmarks.md");
+        std::fs::write(&path, docs(&o, &accel, &qemu, &execs, &t))
+            .with_context(|| format!("write {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}

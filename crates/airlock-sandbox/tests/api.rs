@@ -1,0 +1,169 @@
+//! Tests of the Rust API against real guests (TCG where there is no hardware virtualization).
+//! Needs the kernel, agent and demo rootfs from `scripts/setup`; fails loudly without them.
+
+use std::time::{Duration, Instant};
+
+use airlock_sandbox::{Error, ExecEvent, ExecSpec, RootfsSource, Sandbox, SandboxSpec, WinSize};
+
+fn spec() -> SandboxSpec {
+    let root = std::env::var("AIRLOCK_TEST_ROOTFS").unwrap_or_else(|_| {
+        airlock_sandbox::assets::cache_dir().join("demo-rootfs").display().to_string()
+    });
+    SandboxSpec::new(RootfsSource::from_path(&root).expect("demo rootfs missing: run scripts/setup"))
+}
+
+async fn start() -> Sandbox {
+    Sandbox::start(spec()).await.expect("sandbox start")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_concurrent_execs() {
+    let sb = start().await;
+    let mut tasks = Vec::new();
+    let sb = std::sync::Arc::new(sb);
+    for i in 0..16 {
+        let sb = sb.clone();
+        tasks.push(tokio::spawn(async move {
+            let cmd = format!("i={i}; n=0; while [ $n -lt 200 ]; do echo $i-$n; n=$((n+1)); done; echo done-$i >&2; exit $i");
+            sb.output(ExecSpec::new(["sh", "-c", &cmd])).await
+        }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        let out = t.await.unwrap().unwrap();
+        assert_eq!(out.status.code, Some(i as i32));
+        let lines: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(String::from).collect();
+        let want: Vec<String> = (0..200).map(|n| format!("{i}-{n}")).collect();
+        assert_eq!(lines, want, "exec {i} output mixed up");
+        assert_eq!(String::from_utf8(out.stderr).unwrap(), format!("done-{i}\n"));
+    }
+    std::sync::Arc::try_unwrap(sb).unwrap().stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tty_window_size_and_resize() {
+    let sb = start().await;
+    let mut e = sb
+        .exec(ExecSpec {
+            argv: vec!["sh".into(), "-c".into(), "stty size; read x; stty size".into()],
+            tty: Some(WinSize { rows: 33, cols: 111 }),
+            stdin: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let input = e.input();
+    let mut seen = String::new();
+    let mut resized = false;
+    loop {
+        match e.next().await.unwrap() {
+            Some(ExecEvent::Stdout(b)) => seen.push_str(&String::from_utf8_lossy(&b)),
+            Some(ExecEvent::Exit(s)) => {
+                assert_eq!(s.code, Some(0));
+                break;
+            }
+            Some(ExecEvent::Stderr(_)) => panic!("a terminal has no separate stderr"),
+            Some(_) => {}
+            None => break,
+        }
+        if !resized && seen.contains("33 111") {
+            resized = true;
+            input.resize(WinSize { rows: 50, cols: 132 }).await.unwrap();
+            input.write(b"go\r").await.unwrap();
+        }
+    }
+    assert!(seen.contains("33 111") && seen.contains("50 132"), "{seen:?}");
+    sb.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_reader_slows_the_guest_instead_of_buffering() {
+    let sb = start().await;
+    // The guest can write far more than the window; while nobody reads, it must stall with at
+    // most one window (256 KiB) in flight towards us.
+    let mut e = sb.exec(ExecSpec::new(["sh", "-c", "yes 0123456789abcdef | head -c 20000000; echo; echo end"])).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut total = 0usize;
+    let mut first_burst = None;
+    let t = Instant::now();
+    loop {
+        match e.next().await.unwrap() {
+            Some(ExecEvent::Stdout(b)) => {
+                total += b.len();
+                if first_burst.is_none() && t.elapsed() > Duration::from_millis(1) {
+                    first_burst = Some(total);
+                }
+            }
+            Some(ExecEvent::Exit(s)) => {
+                assert_eq!(s.code, Some(0));
+                break;
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(total, 20_000_000 + 5);
+    sb.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exec_errors_and_sandbox_keeps_working() {
+    let sb = start().await;
+    let err = sb.output(ExecSpec::new(["/nope"])).await.unwrap_err();
+    assert_eq!(err.exec_exit_code(), Some(127), "{err}");
+    let err = sb.output(ExecSpec::new(Vec::<String>::new())).await.unwrap_err();
+    assert!(err.to_string().contains("no command"), "{err}");
+    let mut s = ExecSpec::new(["true"]);
+    s.cwd = Some("relative".into());
+    assert!(sb.output(s).await.is_err());
+    let out = sb.output(ExecSpec::new(["echo", "still here"])).await.unwrap();
+    assert_eq!(out.stdout, b"still here\n");
+    // Abandoning an exec kills it rather than leaving it blocked.
+    let e = sb.exec(ExecSpec::new(["yes"])).await.unwrap();
+    drop(e);
+    let out = sb.output(ExecSpec::new(["echo", "ok"])).await.unwrap();
+    assert_eq!(out.stdout, b"ok\n");
+    sb.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_panic_is_a_clear_error() {
+    let sb = start().await;
+    let err = sb
+        .output(ExecSpec::new(["sh", "-c", "echo c > /proc/sysrq-trigger"]))
+        .await
+        .unwrap_err();
+    match &err {
+        Error::GuestPanic { message, console } => {
+            assert!(message.contains("Kernel panic"), "{message}");
+            assert!(!console.is_empty());
+        }
+        other => panic!("expected a guest panic, got: {other}"),
+    }
+    // Later calls fail fast with the same story.
+    assert!(sb.output(ExecSpec::new(["true"])).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boot_failure_is_a_clear_error() {
+    let mut s = spec();
+    s.kernel_args.push("rdinit=/does-not-exist".into());
+    s.ready_timeout = Duration::from_secs(60);
+    let t = Instant::now();
+    let err = Sandbox::start(s).await.unwrap_err();
+    assert!(matches!(err, Error::GuestPanic { .. }), "{err}");
+    assert!(err.to_string().contains("Kernel panic"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(30));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writable_layer_is_per_sandbox() {
+    let a = start().await;
+    let b = start().await;
+    a.output(ExecSpec::new(["sh", "-c", "echo a > /etc/marker"])).await.unwrap();
+    let out = b.output(ExecSpec::new(["sh", "-c", "cat /etc/marker 2>/dev/null || echo absent"])).await.unwrap();
+    assert_eq!(out.stdout, b"absent\n" as &[u8], "{}", String::from_utf8_lossy(&out.stdout));
+    let out = a.output(ExecSpec::new(["cat", "/etc/marker"])).await.unwrap();
+    assert_eq!(out.stdout, b"a\n");
+    assert_ne!(a.id(), b.id());
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
