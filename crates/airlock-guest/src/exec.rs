@@ -221,6 +221,18 @@ impl Registry {
         let fd = file.as_raw_fd();
         let mut buf = vec![0u8; MAX_CHUNK];
         loop {
+            // Wait for data before reserving window, so an idle pipe (often stderr) never
+            // holds credit its busy sibling could use.
+            let mut eof = false;
+            while !readable(fd, 100) {
+                if e.progress.lock().unwrap().exit.is_some() && !readable(fd, 0) {
+                    eof = true;
+                    break;
+                }
+            }
+            if eof {
+                break;
+            }
             let want = {
                 let mut w = e.out.lock().unwrap();
                 while w.available() == 0 {
@@ -229,12 +241,6 @@ impl Registry {
                 w.take(MAX_CHUNK)
             };
             let n = loop {
-                if !readable(fd, 100) {
-                    if e.progress.lock().unwrap().exit.is_some() && !readable(fd, 0) {
-                        break 0;
-                    }
-                    continue;
-                }
                 match file.read(&mut buf[..want]) {
                     Ok(n) => break n,
                     Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -244,6 +250,7 @@ impl Registry {
             };
             if n < want {
                 let _ = e.out.lock().unwrap().grant((want - n) as u32);
+                e.out_cv.notify_all();
             }
             if n == 0 {
                 break;

@@ -132,6 +132,11 @@ impl Conn {
         (rx, send)
     }
 
+    /// Output bytes of a stream received from the guest and not yet consumed by its owner.
+    pub(crate) fn unconsumed(&self, id: u32) -> u32 {
+        self.streams.lock().unwrap().get(&id).map_or(0, |s| airlock_proto::INITIAL_WINDOW - s.recv.available())
+    }
+
     /// Forgets a stream whose owner went away.
     pub(crate) fn close_stream(&self, id: u32) {
         self.streams.lock().unwrap().remove(&id);

@@ -525,6 +525,12 @@ impl Exec {
         self.input.clone()
     }
 
+    /// Output bytes the host holds for this command that [`Exec::next`] has not yet returned.
+    /// Flow control keeps it at most [`airlock_proto::INITIAL_WINDOW`].
+    pub fn buffered_bytes(&self) -> u32 {
+        self.input.conn.unconsumed(self.input.id)
+    }
+
     /// The next event; `Ok(None)` after the last one. Consuming output returns flow-control
     /// credit to the guest, so a slow reader slows the command instead of buffering.
     /// `Err` means the sandbox died; [`Sandbox::failure`] says why.
