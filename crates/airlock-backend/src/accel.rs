@@ -111,7 +111,9 @@ pub fn decide(facts: &HostFacts, forced: Option<Accel>) -> AccelChoice {
         return tcg(what);
     }
     if let Err(e) = &facts.kvm_open {
-        return tcg(format!("/dev/kvm does not open read-write ({e}); add your user to the kvm group"));
+        return tcg(format!(
+            "/dev/kvm does not open read-write ({e}); add your user to the kvm group"
+        ));
     }
     AccelChoice {
         accel: Accel::Kvm,

@@ -54,8 +54,17 @@ impl Qemu {
     pub fn args(cfg: &VmConfig, control_fd: RawFd) -> Vec<String> {
         let mut a: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
-        push(&["-M", "microvm,acpi=off,x-option-roms=off,isa-serial=on,rtc=on"]);
-        push(&["-nodefaults", "-no-user-config", "-no-reboot", "-display", "none"]);
+        push(&[
+            "-M",
+            "microvm,acpi=off,x-option-roms=off,isa-serial=on,rtc=on",
+        ]);
+        push(&[
+            "-nodefaults",
+            "-no-user-config",
+            "-no-reboot",
+            "-display",
+            "none",
+        ]);
         let cpus = cfg.cpus.max(1).to_string();
         match cfg.accel {
             Accel::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
@@ -65,13 +74,28 @@ impl Qemu {
         let mem = format!("{}M", cfg.memory_mib);
         push(&["-smp", &cpus, "-m", &mem]);
         let cmdline = format!("{BASE_CMDLINE} {}", cfg.cmdline_extra);
-        push(&["-kernel", &cfg.kernel.to_string_lossy(), "-initrd", &cfg.initrd.to_string_lossy()]);
+        push(&[
+            "-kernel",
+            &cfg.kernel.to_string_lossy(),
+            "-initrd",
+            &cfg.initrd.to_string_lossy(),
+        ]);
         push(&["-append", cmdline.trim()]);
-        let con = format!("file,id=con,path={}", qemu_escape(&cfg.console_log.to_string_lossy()));
+        let con = format!(
+            "file,id=con,path={}",
+            qemu_escape(&cfg.console_log.to_string_lossy())
+        );
         push(&["-chardev", &con, "-serial", "chardev:con"]);
         let ctl = format!("socket,id=ctl,fd={control_fd}");
         let port = format!("virtserialport,chardev=ctl,name={CONTROL_PORT_NAME}");
-        push(&["-device", "virtio-serial-device", "-chardev", &ctl, "-device", &port]);
+        push(&[
+            "-device",
+            "virtio-serial-device",
+            "-chardev",
+            &ctl,
+            "-device",
+            &port,
+        ]);
         for (i, d) in cfg.disks.iter().enumerate() {
             let ro = if d.read_only { "on" } else { "off" };
             let drive = format!(
@@ -82,7 +106,10 @@ impl Qemu {
             push(&["-drive", &drive, "-device", &dev]);
         }
         push(&["-device", "virtio-rng-device"]);
-        push(&["-sandbox", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"]);
+        push(&[
+            "-sandbox",
+            "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+        ]);
         a
     }
 }
@@ -148,8 +175,12 @@ impl Backend for Qemu {
         // SAFETY: F_DUPFD_CLOEXEC on a valid fd; the result is a fresh fd we own.
         let high = unsafe {
             OwnedFd::from_raw_fd(
-                cvt(libc::fcntl(cfg.control.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 100))
-                    .map_err(|e| BackendError::Host(format!("dup control fd: {e}")))?,
+                cvt(libc::fcntl(
+                    cfg.control.as_raw_fd(),
+                    libc::F_DUPFD_CLOEXEC,
+                    100,
+                ))
+                .map_err(|e| BackendError::Host(format!("dup control fd: {e}")))?,
             )
         };
         let args = Qemu::args(&cfg, high.as_raw_fd());
@@ -216,7 +247,11 @@ impl Backend for Qemu {
                         let _ = std::io::Read::read_to_end(&mut err, &mut buf);
                         if !buf.is_empty() {
                             use std::io::Write;
-                            if let Ok(mut f) = std::fs::OpenOptions::new().append(true).create(true).open(&path) {
+                            if let Ok(mut f) = std::fs::OpenOptions::new()
+                                .append(true)
+                                .create(true)
+                                .open(&path)
+                            {
                                 let _ = f.write_all(b"\n[qemu] ");
                                 let _ = f.write_all(&buf);
                             }
@@ -244,7 +279,11 @@ impl Backend for Qemu {
             .map_err(|source| BackendError::Spawn { binary, source })?;
         drop(high);
         drop(cfg.control);
-        Ok(Box::new(QemuVm { pid, pidfd, exit: rx }))
+        Ok(Box::new(QemuVm {
+            pid,
+            pidfd,
+            exit: rx,
+        }))
     }
 }
 

@@ -73,7 +73,8 @@ fn parse_args() -> Result<Option<Opts>> {
 /// The workspace root: docs/ and scripts/ are found from here (this is a dev tool run from a
 /// checkout, never installed).
 fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    root.canonicalize().unwrap_or(root)
 }
 
 /// Nearest-rank percentile (`q` in 0..=1) of samples; no interpolation, so every figure
@@ -234,7 +235,18 @@ async fn bench_boot(o: &Opts, accel: Accel, rootfs: &Path) -> Result<Boot> {
             .push(timed(tokio::process::Command::new(&qemu).args(args)).await?);
         b.airlock.push(timed(&mut airlock_cmd()).await?);
     }
-    eprintln!();
+    // The raw samples, so an outlier behind a p90 can be told from a trend.
+    let list = |v: &[Duration]| {
+        v.iter()
+            .map(|d| format!("{:.0}", ms(*d)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    eprintln!(
+        "\nbare ms: {}\nairlock ms: {}",
+        list(&b.bare),
+        list(&b.airlock)
+    );
     Ok(b)
 }
 
@@ -257,7 +269,7 @@ async fn bench_exec(o: &Opts, rootfs: &Path) -> Result<Execs> {
             let t = Instant::now();
             let out = sb.output(ExecSpec::new(["true"])).await?;
             sandbox.push(t.elapsed());
-            if !out.status.success() {
+            if out.status.code != Some(0) {
                 bail!("`true` in the sandbox exited with {:?}", out.status);
             }
         }

@@ -11,8 +11,8 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use airlock_proto::{
-    ExecError, ExecErrorKind, ExecRequest, ExitStatus, Frame, Kind, SignalRequest, Started, WinSize,
-    Window, MAX_CHUNK,
+    ExecError, ExecErrorKind, ExecRequest, ExitStatus, Frame, Kind, SignalRequest, Started,
+    WinSize, Window, MAX_CHUNK,
 };
 
 use crate::{log, user, Tx};
@@ -64,13 +64,21 @@ impl Registry {
     }
 
     fn fail(&self, stream: u32, kind: ExecErrorKind, message: String) {
-        self.tx.send(Frame::json(Kind::ExecFailed, stream, &ExecError { kind, message }));
+        self.tx.send(Frame::json(
+            Kind::ExecFailed,
+            stream,
+            &ExecError { kind, message },
+        ));
     }
 
     /// Handles an Exec frame: starts the process or answers ExecFailed.
     pub fn start(self: &Arc<Self>, stream: u32, frame: &Frame, hostname: &str) {
         if self.by_stream.lock().unwrap().contains_key(&stream) {
-            return self.fail(stream, ExecErrorKind::Invalid, format!("stream {stream} is already in use"));
+            return self.fail(
+                stream,
+                ExecErrorKind::Invalid,
+                format!("stream {stream} is already in use"),
+            );
         }
         let req: ExecRequest = match frame.parse() {
             Ok(r) => r,
@@ -81,31 +89,52 @@ impl Registry {
         }
     }
 
-    fn spawn(self: &Arc<Self>, stream: u32, req: ExecRequest, hostname: &str) -> Result<(), (ExecErrorKind, String)> {
+    fn spawn(
+        self: &Arc<Self>,
+        stream: u32,
+        req: ExecRequest,
+        hostname: &str,
+    ) -> Result<(), (ExecErrorKind, String)> {
         let invalid = |m: String| (ExecErrorKind::Invalid, m);
         if req.argv.is_empty() || req.argv[0].is_empty() {
             return Err(invalid("no command given".into()));
         }
-        if req.argv.iter().chain(req.env.iter().flat_map(|(k, v)| [k, v])).any(|s| s.contains('\0')) {
-            return Err(invalid("arguments and environment must not contain NUL bytes".into()));
+        if req
+            .argv
+            .iter()
+            .chain(req.env.iter().flat_map(|(k, v)| [k, v]))
+            .any(|s| s.contains('\0'))
+        {
+            return Err(invalid(
+                "arguments and environment must not contain NUL bytes".into(),
+            ));
         }
         if req.env.iter().any(|(k, _)| k.is_empty() || k.contains('=')) {
-            return Err(invalid("environment names must be non-empty and contain no '='".into()));
+            return Err(invalid(
+                "environment names must be non-empty and contain no '='".into(),
+            ));
         }
         let id = user::resolve(req.user.as_deref().unwrap_or("")).map_err(invalid)?;
 
-        let cwd = req.cwd.clone().filter(|c| !c.is_empty()).unwrap_or_else(|| "/".into());
+        let cwd = req
+            .cwd
+            .clone()
+            .filter(|c| !c.is_empty())
+            .unwrap_or_else(|| "/".into());
         if !cwd.starts_with('/') {
             return Err(invalid(format!("working directory {cwd} is not absolute")));
         }
         if std::fs::metadata(&cwd).is_err() {
-            std::fs::create_dir_all(&cwd).map_err(|e| invalid(format!("cannot create working directory {cwd}: {e}")))?;
+            std::fs::create_dir_all(&cwd)
+                .map_err(|e| invalid(format!("cannot create working directory {cwd}: {e}")))?;
             let _ = std::os::unix::fs::chown(&cwd, Some(id.uid), Some(id.gid));
         }
 
         let mut cmd = Command::new(&req.argv[0]);
         cmd.args(&req.argv[1..]).env_clear().current_dir(&cwd);
-        cmd.env("PATH", DEFAULT_PATH).env("HOSTNAME", hostname).env("HOME", &id.home);
+        cmd.env("PATH", DEFAULT_PATH)
+            .env("HOSTNAME", hostname)
+            .env("HOME", &id.home);
         if req.tty.is_some() {
             cmd.env("TERM", "xterm");
         }
@@ -121,12 +150,21 @@ impl Registry {
             let pty = nix::pty::openpty(Some(&winsize(ws)), None)
                 .map_err(|e| (ExecErrorKind::Other, format!("openpty: {e}")))?;
             let slave = pty.slave;
-            let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| (ExecErrorKind::Other, format!("dup pty: {e}")));
-            cmd.stdin(Stdio::from(dup(&slave)?)).stdout(Stdio::from(dup(&slave)?)).stderr(Stdio::from(slave));
+            let dup = |fd: &OwnedFd| {
+                fd.try_clone()
+                    .map_err(|e| (ExecErrorKind::Other, format!("dup pty: {e}")))
+            };
+            cmd.stdin(Stdio::from(dup(&slave)?))
+                .stdout(Stdio::from(dup(&slave)?))
+                .stderr(Stdio::from(slave));
             let master = Arc::new(pty.master);
             pty_master = Some(master);
         } else {
-            cmd.stdin(if req.stdin { Stdio::piped() } else { Stdio::null() });
+            cmd.stdin(if req.stdin {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            });
             cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
         }
 
@@ -158,7 +196,10 @@ impl Registry {
                 _ => ExecErrorKind::Other,
             };
             let msg = match kind {
-                ExecErrorKind::NotFound => format!("exec: \"{}\": executable file not found in $PATH", req.argv[0]),
+                ExecErrorKind::NotFound => format!(
+                    "exec: \"{}\": executable file not found in $PATH",
+                    req.argv[0]
+                ),
                 _ => format!("exec: \"{}\": {e}", req.argv[0]),
             };
             (kind, msg)
@@ -166,10 +207,14 @@ impl Registry {
         drop(cmd); // closes our copies of the pty slave
         let pid = child.id() as i32;
         if let Some(m) = &pty_master {
-            let fd = m.try_clone().map_err(|e| (ExecErrorKind::Other, format!("dup pty: {e}")))?;
+            let fd = m
+                .try_clone()
+                .map_err(|e| (ExecErrorKind::Other, format!("dup pty: {e}")))?;
             pipes.push((Kind::Stdout, File::from(fd)));
             if req.stdin {
-                let fd = m.try_clone().map_err(|e| (ExecErrorKind::Other, format!("dup pty: {e}")))?;
+                let fd = m
+                    .try_clone()
+                    .map_err(|e| (ExecErrorKind::Other, format!("dup pty: {e}")))?;
                 stdin_sink = Some(File::from(fd));
             }
         } else {
@@ -199,7 +244,11 @@ impl Registry {
         });
         by_pid.insert(pid, entry.clone());
         self.by_stream.lock().unwrap().insert(stream, entry.clone());
-        self.tx.send(Frame::json(Kind::Started, stream, &Started { pid: pid as u32 }));
+        self.tx.send(Frame::json(
+            Kind::Started,
+            stream,
+            &Started { pid: pid as u32 },
+        ));
         drop(by_pid);
         self.have_children.notify_all();
 
@@ -355,10 +404,14 @@ impl Registry {
             // zombie is only collected under the lock that spawn holds.
             let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
             // SAFETY: waitid with a valid siginfo pointer.
-            let r = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
+            let r =
+                unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
             if r < 0 {
                 let guard = self.by_pid.lock().unwrap();
-                let _ = self.have_children.wait_timeout(guard, Duration::from_millis(200)).unwrap();
+                let _ = self
+                    .have_children
+                    .wait_timeout(guard, Duration::from_millis(200))
+                    .unwrap();
                 continue;
             }
             // SAFETY: waitid filled a SIGCHLD siginfo.
@@ -370,12 +423,20 @@ impl Registry {
             if got != pid {
                 continue;
             }
-            let Some(e) = by_pid.remove(&pid) else { continue };
+            let Some(e) = by_pid.remove(&pid) else {
+                continue;
+            };
             drop(by_pid);
             let exit = if libc::WIFEXITED(status) {
-                ExitStatus { code: Some(libc::WEXITSTATUS(status)), signal: None }
+                ExitStatus {
+                    code: Some(libc::WEXITSTATUS(status)),
+                    signal: None,
+                }
             } else {
-                ExitStatus { code: None, signal: Some(libc::WTERMSIG(status)) }
+                ExitStatus {
+                    code: None,
+                    signal: Some(libc::WTERMSIG(status)),
+                }
             };
             let finish = {
                 let mut p = e.progress.lock().unwrap();

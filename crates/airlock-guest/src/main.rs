@@ -49,7 +49,9 @@ fn run() -> Result<(), String> {
     setup::mount_root()?;
     setup::late_mounts()?;
     let port = setup::open_control_port()?;
-    let writer = port.try_clone().map_err(|e| format!("dup control port: {e}"))?;
+    let writer = port
+        .try_clone()
+        .map_err(|e| format!("dup control port: {e}"))?;
 
     // Bounded: a host that stops reading stalls the senders rather than growing guest memory.
     let (tx, rx) = sync_channel::<Frame>(256);

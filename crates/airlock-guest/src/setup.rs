@@ -15,7 +15,13 @@ pub const ROOT_SERIAL: &str = "airlock-root";
 /// virtio-blk serial of the per-sandbox writable disk.
 pub const SCRATCH_SERIAL: &str = "airlock-scratch";
 
-fn do_mount(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<&str>) -> Result<(), String> {
+fn do_mount(
+    src: &str,
+    target: &str,
+    fstype: &str,
+    flags: MsFlags,
+    data: Option<&str>,
+) -> Result<(), String> {
     let _ = fs::create_dir_all(target);
     mount(Some(src), target, Some(fstype), flags, data)
         .map_err(|e| format!("mount {fstype} {src} on {target}: {e}"))
@@ -24,8 +30,20 @@ fn do_mount(src: &str, target: &str, fstype: &str, flags: MsFlags, data: Option<
 /// /dev, /proc and /sys of the initramfs, needed to find the disks.
 pub fn early_mounts() -> Result<(), String> {
     do_mount("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, None)?;
-    do_mount("proc", "/proc", "proc", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None)?;
-    do_mount("sysfs", "/sys", "sysfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None)?;
+    do_mount(
+        "proc",
+        "/proc",
+        "proc",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None,
+    )?;
+    do_mount(
+        "sysfs",
+        "/sys",
+        "sysfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
+        None,
+    )?;
     Ok(())
 }
 
@@ -45,13 +63,26 @@ fn disk_by_serial(serial: &str) -> Option<String> {
 
 /// Mounts the image read-only, the writable layer over it, and makes the overlay the root.
 pub fn mount_root() -> Result<(), String> {
-    let base = disk_by_serial(ROOT_SERIAL).ok_or("no root disk (virtio-blk serial airlock-root)")?;
-    do_mount(&base, "/mnt/base", "ext4", MsFlags::MS_RDONLY, Some("noload"))
-        .or_else(|_| do_mount(&base, "/mnt/base", "erofs", MsFlags::MS_RDONLY, None))?;
+    let base =
+        disk_by_serial(ROOT_SERIAL).ok_or("no root disk (virtio-blk serial airlock-root)")?;
+    do_mount(
+        &base,
+        "/mnt/base",
+        "ext4",
+        MsFlags::MS_RDONLY,
+        Some("noload"),
+    )
+    .or_else(|_| do_mount(&base, "/mnt/base", "erofs", MsFlags::MS_RDONLY, None))?;
 
     match disk_by_serial(SCRATCH_SERIAL) {
         Some(dev) => do_mount(&dev, "/mnt/scratch", "ext4", MsFlags::MS_NOATIME, None)?,
-        None => do_mount("scratch", "/mnt/scratch", "tmpfs", MsFlags::empty(), Some("mode=0755"))?,
+        None => do_mount(
+            "scratch",
+            "/mnt/scratch",
+            "tmpfs",
+            MsFlags::empty(),
+            Some("mode=0755"),
+        )?,
     }
     for d in ["/mnt/scratch/upper", "/mnt/scratch/work"] {
         fs::create_dir_all(d).map_err(|e| format!("mkdir {d}: {e}"))?;
@@ -78,14 +109,49 @@ pub fn late_mounts() -> Result<(), String> {
     let nosuid_nodev_noexec = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
     do_mount("proc", "/proc", "proc", nosuid_nodev_noexec, None)?;
     do_mount("sysfs", "/sys", "sysfs", nosuid_nodev_noexec, None)?;
-    do_mount("devtmpfs", "/dev", "devtmpfs", MsFlags::MS_NOSUID, Some("mode=0755"))?;
-    do_mount("devpts", "/dev/pts", "devpts", MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=0620,gid=5"))?;
+    do_mount(
+        "devtmpfs",
+        "/dev",
+        "devtmpfs",
+        MsFlags::MS_NOSUID,
+        Some("mode=0755"),
+    )?;
+    do_mount(
+        "devpts",
+        "/dev/pts",
+        "devpts",
+        MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620,gid=5"),
+    )?;
     let _ = fs::remove_file("/dev/ptmx");
     let _ = std::os::unix::fs::symlink("pts/ptmx", "/dev/ptmx");
-    do_mount("shm", "/dev/shm", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777"))?;
-    do_mount("tmpfs", "/run", "tmpfs", MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=0755"))?;
-    let _ = do_mount("cgroup2", "/sys/fs/cgroup", "cgroup2", nosuid_nodev_noexec, None);
-    for (target, link) in [("/proc/self/fd", "/dev/fd"), ("/proc/self/fd/0", "/dev/stdin"), ("/proc/self/fd/1", "/dev/stdout"), ("/proc/self/fd/2", "/dev/stderr")] {
+    do_mount(
+        "shm",
+        "/dev/shm",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+    do_mount(
+        "tmpfs",
+        "/run",
+        "tmpfs",
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some("mode=0755"),
+    )?;
+    let _ = do_mount(
+        "cgroup2",
+        "/sys/fs/cgroup",
+        "cgroup2",
+        nosuid_nodev_noexec,
+        None,
+    );
+    for (target, link) in [
+        ("/proc/self/fd", "/dev/fd"),
+        ("/proc/self/fd/0", "/dev/stdin"),
+        ("/proc/self/fd/1", "/dev/stdout"),
+        ("/proc/self/fd/2", "/dev/stderr"),
+    ] {
         let _ = std::os::unix::fs::symlink(target, link);
     }
     loopback_up();

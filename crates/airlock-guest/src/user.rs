@@ -44,7 +44,11 @@ fn groups(text: &str) -> Vec<(String, u32, Vec<String>)> {
             if f.len() < 4 {
                 return None;
             }
-            let members = f[3].split(',').filter(|m| !m.is_empty()).map(String::from).collect();
+            let members = f[3]
+                .split(',')
+                .filter(|m| !m.is_empty())
+                .map(String::from)
+                .collect();
             Some((f[0].to_string(), f[2].parse().ok()?, members))
         })
         .collect()
@@ -61,23 +65,29 @@ pub fn resolve_with(spec: &str, passwd_text: &str, group_text: &str) -> Result<I
     let users = passwd(passwd_text);
     let all_groups = groups(group_text);
 
-    let entry = users
-        .iter()
-        .find(|e| e.name == user_part)
-        .or_else(|| user_part.parse::<u32>().ok().and_then(|uid| users.iter().find(|e| e.uid == uid)));
+    let entry = users.iter().find(|e| e.name == user_part).or_else(|| {
+        user_part
+            .parse::<u32>()
+            .ok()
+            .and_then(|uid| users.iter().find(|e| e.uid == uid))
+    });
     let (uid, mut gid, home, name) = match entry {
         Some(e) => (e.uid, e.gid, e.home.clone(), Some(e.name.clone())),
         None => match user_part.parse::<u32>() {
             Ok(uid) => (uid, 0, "/".to_string(), None),
-            Err(_) => return Err(format!("unable to find user {user_part}: no matching entries in passwd file")),
+            Err(_) => {
+                return Err(format!(
+                    "unable to find user {user_part}: no matching entries in passwd file"
+                ))
+            }
         },
     };
     if let Some(g) = group_part {
         gid = match all_groups.iter().find(|(n, _, _)| n == g) {
             Some((_, id, _)) => *id,
-            None => g
-                .parse()
-                .map_err(|_| format!("unable to find group {g}: no matching entries in group file"))?,
+            None => g.parse().map_err(|_| {
+                format!("unable to find group {g}: no matching entries in group file")
+            })?,
         };
     }
     let mut supplementary = vec![gid];
@@ -119,13 +129,18 @@ mod tests {
         assert_eq!((a.uid, a.gid), (1000, 1000));
         assert_eq!(a.groups, vec![1000, 100]);
         assert_eq!(a.home, "/home/alice");
-        assert_eq!(resolve_with("1000", P, G).unwrap().name.as_deref(), Some("alice"));
+        assert_eq!(
+            resolve_with("1000", P, G).unwrap().name.as_deref(),
+            Some("alice")
+        );
         let n = resolve_with("4242", P, G).unwrap();
         assert_eq!((n.uid, n.gid, n.home.as_str()), (4242, 0, "/"));
         let ag = resolve_with("alice:users", P, G).unwrap();
         assert_eq!(ag.gid, 100);
         assert_eq!(resolve_with("5:7", P, G).unwrap().gid, 7);
-        assert!(resolve_with("mallory", P, G).unwrap_err().contains("unable to find user mallory"));
+        assert!(resolve_with("mallory", P, G)
+            .unwrap_err()
+            .contains("unable to find user mallory"));
         assert!(resolve_with("alice:nope", P, G).is_err());
     }
 }

@@ -139,14 +139,14 @@ impl Frame {
 
     /// Parses a credit payload.
     pub fn parse_credit(&self) -> Result<u32, ProtoError> {
-        let b: [u8; 4] = self
-            .payload
-            .as_slice()
-            .try_into()
-            .map_err(|_| ProtoError::BadPayload {
-                kind: self.kind,
-                reason: format!("credit needs 4 bytes, got {}", self.payload.len()),
-            })?;
+        let b: [u8; 4] =
+            self.payload
+                .as_slice()
+                .try_into()
+                .map_err(|_| ProtoError::BadPayload {
+                    kind: self.kind,
+                    reason: format!("credit needs 4 bytes, got {}", self.payload.len()),
+                })?;
         Ok(u32::from_le_bytes(b))
     }
 
@@ -568,7 +568,10 @@ mod tests {
     #[test]
     fn window_accounting() {
         let mut w = Window::default();
-        assert_eq!(w.take(INITIAL_WINDOW as usize + 10), INITIAL_WINDOW as usize);
+        assert_eq!(
+            w.take(INITIAL_WINDOW as usize + 10),
+            INITIAL_WINDOW as usize
+        );
         assert_eq!(w.take(1), 0);
         w.grant(100).unwrap();
         assert_eq!(w.take(1000), 100);

@@ -46,7 +46,10 @@ pub fn kernel() -> Result<PathBuf, Error> {
         return if k.is_file() {
             Ok(k)
         } else {
-            Err(Error::Setup(format!("AIRLOCK_KERNEL={} is not a file", k.display())))
+            Err(Error::Setup(format!(
+                "AIRLOCK_KERNEL={} is not a file",
+                k.display()
+            )))
         };
     }
     let k = default_kernel_path();
@@ -76,7 +79,11 @@ pub fn agent_candidates() -> Vec<PathBuf> {
             let Some(d) = dir else { break };
             c.push(d.join("airlock-guest"));
             for profile in ["release", "debug"] {
-                c.push(d.join("x86_64-unknown-linux-gnu").join(profile).join("airlock-guest"));
+                c.push(
+                    d.join("x86_64-unknown-linux-gnu")
+                        .join(profile)
+                        .join("airlock-guest"),
+                );
             }
             dir = d.parent().map(Path::to_path_buf);
         }
@@ -105,7 +112,9 @@ pub fn agent() -> Result<PathBuf, Error> {
 
 /// An ELF file without a PT_INTERP program header (a static binary the initramfs can run).
 fn is_static_elf(p: &Path) -> bool {
-    let Ok(b) = std::fs::read(p) else { return false };
+    let Ok(b) = std::fs::read(p) else {
+        return false;
+    };
     if b.len() < 64 || &b[..4] != b"\x7fELF" || b[4] != 2 {
         return false;
     }

@@ -66,7 +66,9 @@ pub struct Conn {
 impl Conn {
     /// Starts the reader and writer tasks on `stream`; control messages go to the returned
     /// receiver.
-    pub fn start(stream: tokio::net::UnixStream) -> (Arc<Conn>, mpsc::UnboundedReceiver<ControlEvent>) {
+    pub fn start(
+        stream: tokio::net::UnixStream,
+    ) -> (Arc<Conn>, mpsc::UnboundedReceiver<ControlEvent>) {
         let (rd, wr) = stream.into_split();
         let (out_tx, out_rx) = mpsc::channel(1024);
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
@@ -85,7 +87,10 @@ impl Conn {
         if let Some(why) = self.closed_reason() {
             return Err(why);
         }
-        self.out.send(f).await.map_err(|_| self.closed_reason().unwrap_or_else(|| "connection closed".into()))
+        self.out.send(f).await.map_err(|_| {
+            self.closed_reason()
+                .unwrap_or_else(|| "connection closed".into())
+        })
     }
 
     /// Queues a frame without waiting (dropped if the queue is full or the connection closed).
@@ -118,7 +123,10 @@ impl Conn {
     }
 
     /// Registers a new stream before its Exec frame is sent.
-    pub(crate) fn open_stream(&self, id: u32) -> (mpsc::UnboundedReceiver<ExecEvent>, Arc<SendWindow>) {
+    pub(crate) fn open_stream(
+        &self,
+        id: u32,
+    ) -> (mpsc::UnboundedReceiver<ExecEvent>, Arc<SendWindow>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let send = Arc::new(SendWindow::default());
         self.streams.lock().unwrap().insert(
@@ -134,7 +142,11 @@ impl Conn {
 
     /// Output bytes of a stream received from the guest and not yet consumed by its owner.
     pub(crate) fn unconsumed(&self, id: u32) -> u32 {
-        self.streams.lock().unwrap().get(&id).map_or(0, |s| airlock_proto::INITIAL_WINDOW - s.recv.available())
+        self.streams
+            .lock()
+            .unwrap()
+            .get(&id)
+            .map_or(0, |s| airlock_proto::INITIAL_WINDOW - s.recv.available())
     }
 
     /// Forgets a stream whose owner went away.
@@ -166,7 +178,10 @@ impl Conn {
                     let _ = ctl.send(ControlEvent::Ready(f.parse().map_err(|e| e.to_string())?));
                     Ok(())
                 }
-                Kind::Error => Err(format!("guest reported: {}", String::from_utf8_lossy(&f.payload))),
+                Kind::Error => Err(format!(
+                    "guest reported: {}",
+                    String::from_utf8_lossy(&f.payload)
+                )),
                 k => Err(format!("unexpected {k:?} on the control stream")),
             };
         }
@@ -176,24 +191,37 @@ impl Conn {
         };
         let ev = match f.kind {
             Kind::Stdout | Kind::Stderr => {
-                s.recv.receive(f.payload.len()).map_err(|e| format!("stream {}: {e}", f.stream))?;
+                s.recv
+                    .receive(f.payload.len())
+                    .map_err(|e| format!("stream {}: {e}", f.stream))?;
                 if f.kind == Kind::Stdout {
                     ExecEvent::Stdout(f.payload)
                 } else {
                     ExecEvent::Stderr(f.payload)
                 }
             }
-            Kind::Started => ExecEvent::Started(f.parse::<Started>().map_err(|e| e.to_string())?.pid),
+            Kind::Started => {
+                ExecEvent::Started(f.parse::<Started>().map_err(|e| e.to_string())?.pid)
+            }
             Kind::Credit => {
                 let n = f.parse_credit().map_err(|e| e.to_string())?;
-                s.send.window.lock().unwrap().grant(n).map_err(|e| format!("stream {}: {e}", f.stream))?;
+                s.send
+                    .window
+                    .lock()
+                    .unwrap()
+                    .grant(n)
+                    .map_err(|e| format!("stream {}: {e}", f.stream))?;
                 s.send.notify.notify_one();
                 return Ok(());
             }
             Kind::Exit => ExecEvent::Exit(f.parse().map_err(|e| e.to_string())?),
             Kind::ExecFailed => ExecEvent::Failed(f.parse().map_err(|e| e.to_string())?),
             Kind::Error => {
-                tracing::warn!(stream = f.stream, "guest protocol error: {}", String::from_utf8_lossy(&f.payload));
+                tracing::warn!(
+                    stream = f.stream,
+                    "guest protocol error: {}",
+                    String::from_utf8_lossy(&f.payload)
+                );
                 return Ok(());
             }
             k => return Err(format!("guest sent {k:?}, which only the host may send")),
@@ -207,7 +235,11 @@ impl Conn {
     }
 }
 
-async fn read_loop(mut rd: OwnedReadHalf, conn: Arc<Conn>, ctl: mpsc::UnboundedSender<ControlEvent>) {
+async fn read_loop(
+    mut rd: OwnedReadHalf,
+    conn: Arc<Conn>,
+    ctl: mpsc::UnboundedSender<ControlEvent>,
+) {
     let mut dec = Decoder::new();
     let mut buf = vec![0u8; 256 * 1024];
     let why = loop {

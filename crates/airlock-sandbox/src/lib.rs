@@ -197,7 +197,10 @@ pub struct Sandbox {
 
 impl std::fmt::Debug for Sandbox {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sandbox").field("id", &self.id).field("accel", &self.accel.accel).finish()
+        f.debug_struct("Sandbox")
+            .field("id", &self.id)
+            .field("accel", &self.accel.accel)
+            .finish()
     }
 }
 
@@ -214,7 +217,9 @@ fn new_id() -> String {
     // SAFETY: getrandom into a valid buffer.
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
     if n != b.len() as isize {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
         b.copy_from_slice(&(t.as_nanos() as u64 ^ std::process::id() as u64).to_le_bytes()[..6]);
     }
     hex::encode(b)
@@ -229,10 +234,16 @@ impl Sandbox {
     /// Boots a sandbox with `backend`.
     pub async fn start_with(spec: SandboxSpec, backend: &dyn Backend) -> Result<Sandbox, Error> {
         if spec.cpus == 0 || spec.cpus > 64 {
-            return Err(Error::Setup(format!("--cpus {} is out of range (1-64)", spec.cpus)));
+            return Err(Error::Setup(format!(
+                "--cpus {} is out of range (1-64)",
+                spec.cpus
+            )));
         }
         if spec.memory_mib < 64 {
-            return Err(Error::Setup(format!("--memory {} MiB is too small (at least 64)", spec.memory_mib)));
+            return Err(Error::Setup(format!(
+                "--memory {} MiB is too small (at least 64)",
+                spec.memory_mib
+            )));
         }
         let kernel = assets::kernel()?;
         let initrd = assets::initramfs(&assets::agent()?)?;
@@ -243,7 +254,9 @@ impl Sandbox {
         let accel = airlock_backend::detect_accel(forced);
         let base = {
             let src = spec.rootfs.clone();
-            tokio::task::spawn_blocking(move || src.prepare()).await.map_err(|e| Error::Setup(e.to_string()))??
+            tokio::task::spawn_blocking(move || src.prepare())
+                .await
+                .map_err(|e| Error::Setup(e.to_string()))??
         };
 
         let id = new_id();
@@ -266,8 +279,16 @@ impl Sandbox {
             cpus: spec.cpus,
             memory_mib: spec.memory_mib,
             disks: vec![
-                DiskConfig { path: base, read_only: true, serial: "airlock-root".into() },
-                DiskConfig { path: scratch, read_only: false, serial: "airlock-scratch".into() },
+                DiskConfig {
+                    path: base,
+                    read_only: true,
+                    serial: "airlock-root".into(),
+                },
+                DiskConfig {
+                    path: scratch,
+                    read_only: false,
+                    serial: "airlock-scratch".into(),
+                },
             ],
             control: vm_end.into(),
             console_log: state.console_log(),
@@ -301,8 +322,13 @@ impl Sandbox {
                         let now = std::time::SystemTime::now()
                             .duration_since(std::time::UNIX_EPOCH)
                             .unwrap_or_default();
-                        let init = Init { hostname: hostname.clone(), time_unix_ns: now.as_nanos() as u64 };
-                        conn.send(Frame::json(Kind::Init, CONTROL_STREAM, &init)).await.map_err(Error::Protocol)?;
+                        let init = Init {
+                            hostname: hostname.clone(),
+                            time_unix_ns: now.as_nanos() as u64,
+                        };
+                        conn.send(Frame::json(Kind::Init, CONTROL_STREAM, &init))
+                            .await
+                            .map_err(Error::Protocol)?;
                     }
                     Some(conn::ControlEvent::Ready(r)) => return Ok(r.kernel),
                     None => return Err(Error::Protocol("control channel closed".into())),
@@ -325,7 +351,10 @@ impl Sandbox {
             }
             Err(Error::NotReady { secs, .. }) => {
                 sb.vm.kill();
-                Err(Error::NotReady { secs, console: sb.state.console_tail(30) })
+                Err(Error::NotReady {
+                    secs,
+                    console: sb.state.console_tail(30),
+                })
             }
             Err(Error::Protocol(_)) | Err(Error::Setup(_)) if sb.conn.closed_reason().is_some() => {
                 Err(sb.death_error().await)
@@ -340,7 +369,10 @@ impl Sandbox {
         let conn = self.conn.clone();
         tokio::spawn(async move {
             if let Ok(exit) = w.wait_for(|e| e.is_some()).await {
-                let exit: VmExit = (*exit).unwrap_or(VmExit { code: None, signal: None });
+                let exit: VmExit = (*exit).unwrap_or(VmExit {
+                    code: None,
+                    signal: None,
+                });
                 conn.fail(format!("VM exited ({exit})"));
             }
         });
@@ -353,9 +385,15 @@ impl Sandbox {
         let _ = tokio::time::timeout(Duration::from_secs(2), w.wait_for(|e| e.is_some())).await;
         let console = self.state.console_tail(30);
         if let Some(line) = console.lines().find(|l| l.contains("Kernel panic")) {
-            return Error::GuestPanic { message: line.trim().to_string(), console };
+            return Error::GuestPanic {
+                message: line.trim().to_string(),
+                console,
+            };
         }
-        let why = self.conn.closed_reason().unwrap_or_else(|| "unknown".into());
+        let why = self
+            .conn
+            .closed_reason()
+            .unwrap_or_else(|| "unknown".into());
         if why.starts_with("guest violated") {
             self.vm.kill();
             return Error::Protocol(why);
@@ -398,14 +436,20 @@ impl Sandbox {
         let frame = Frame::json(Kind::Exec, id, &req);
         if frame.payload.len() > airlock_proto::MAX_PAYLOAD {
             self.conn.close_stream(id);
-            return Err(Error::Setup("command line and environment exceed 1 MiB".into()));
+            return Err(Error::Setup(
+                "command line and environment exceed 1 MiB".into(),
+            ));
         }
         if self.conn.send(frame).await.is_err() {
             self.conn.close_stream(id);
             return Err(self.death_error().await);
         }
         Ok(Exec {
-            input: ExecInput { id, conn: self.conn.clone(), send },
+            input: ExecInput {
+                id,
+                conn: self.conn.clone(),
+                send,
+            },
             events,
             done: false,
         })
@@ -445,7 +489,12 @@ impl Sandbox {
     /// seconds for a clean power-off before killing the VM.
     pub async fn stop(self) -> Result<(), Error> {
         let mut w = self.vm.exit_watch();
-        if self.conn.send(Frame::new(Kind::Shutdown, CONTROL_STREAM, vec![])).await.is_ok() {
+        if self
+            .conn
+            .send(Frame::new(Kind::Shutdown, CONTROL_STREAM, vec![]))
+            .await
+            .is_ok()
+        {
             let _ = tokio::time::timeout(Duration::from_secs(5), w.wait_for(|e| e.is_some())).await;
         }
         self.vm.kill();
@@ -475,7 +524,12 @@ impl ExecInput {
     /// Writes to the command's stdin, waiting for the guest's flow-control credit.
     pub async fn write(&self, mut data: &[u8]) -> Result<(), Error> {
         while !data.is_empty() {
-            let n = self.send.window.lock().unwrap().take(data.len().min(MAX_CHUNK));
+            let n = self
+                .send
+                .window
+                .lock()
+                .unwrap()
+                .take(data.len().min(MAX_CHUNK));
             if n == 0 {
                 let mut closed = self.conn.closed_watch();
                 tokio::select! {
@@ -487,7 +541,10 @@ impl ExecInput {
                 }
                 continue;
             }
-            self.conn.send(Frame::new(Kind::Stdin, self.id, data[..n].to_vec())).await.map_err(Error::Protocol)?;
+            self.conn
+                .send(Frame::new(Kind::Stdin, self.id, data[..n].to_vec()))
+                .await
+                .map_err(Error::Protocol)?;
             data = &data[n..];
         }
         Ok(())
@@ -495,20 +552,30 @@ impl ExecInput {
 
     /// Closes stdin (the command sees end of file).
     pub async fn close(&self) -> Result<(), Error> {
-        self.conn.send(Frame::new(Kind::StdinEof, self.id, vec![])).await.map_err(Error::Protocol)
+        self.conn
+            .send(Frame::new(Kind::StdinEof, self.id, vec![]))
+            .await
+            .map_err(Error::Protocol)
     }
 
     /// Sends a signal to the process (`group`: to its whole process group).
     pub async fn signal(&self, signal: i32, group: bool) -> Result<(), Error> {
         self.conn
-            .send(Frame::json(Kind::Signal, self.id, &SignalRequest { signal, group }))
+            .send(Frame::json(
+                Kind::Signal,
+                self.id,
+                &SignalRequest { signal, group },
+            ))
             .await
             .map_err(Error::Protocol)
     }
 
     /// Resizes the command's terminal.
     pub async fn resize(&self, size: WinSize) -> Result<(), Error> {
-        self.conn.send(Frame::json(Kind::Resize, self.id, &size)).await.map_err(Error::Protocol)
+        self.conn
+            .send(Frame::json(Kind::Resize, self.id, &size))
+            .await
+            .map_err(Error::Protocol)
     }
 }
 
@@ -541,7 +608,9 @@ impl Exec {
         match self.events.recv().await {
             Some(ev) => {
                 match &ev {
-                    ExecEvent::Stdout(b) | ExecEvent::Stderr(b) => self.input.conn.grant(self.input.id, b.len() as u32),
+                    ExecEvent::Stdout(b) | ExecEvent::Stderr(b) => {
+                        self.input.conn.grant(self.input.id, b.len() as u32)
+                    }
                     ExecEvent::Exit(_) | ExecEvent::Failed(_) => self.done = true,
                     ExecEvent::Started(_) => {}
                 }
@@ -549,7 +618,12 @@ impl Exec {
             }
             None => {
                 self.done = true;
-                Err(Error::Protocol(self.input.conn.closed_reason().unwrap_or_else(|| "sandbox stopped".into())))
+                Err(Error::Protocol(
+                    self.input
+                        .conn
+                        .closed_reason()
+                        .unwrap_or_else(|| "sandbox stopped".into()),
+                ))
             }
         }
     }
@@ -560,8 +634,13 @@ impl Drop for Exec {
         if !self.done {
             // Nobody reads its output any more: kill the process group rather than leave it
             // blocked on flow control forever.
-            let kill = SignalRequest { signal: libc::SIGKILL, group: true };
-            self.input.conn.try_send(Frame::json(Kind::Signal, self.input.id, &kill));
+            let kill = SignalRequest {
+                signal: libc::SIGKILL,
+                group: true,
+            };
+            self.input
+                .conn
+                .try_send(Frame::json(Kind::Signal, self.input.id, &kill));
             self.input.conn.close_stream(self.input.id);
         }
     }

@@ -31,7 +31,10 @@ impl RootfsSource {
         match std::fs::metadata(&p) {
             Ok(m) if m.is_dir() => Ok(RootfsSource::Dir(p)),
             Ok(m) if m.is_file() => Ok(RootfsSource::Image(p)),
-            Ok(_) => Err(Error::Rootfs(format!("{}: not a directory or a filesystem image file", p.display()))),
+            Ok(_) => Err(Error::Rootfs(format!(
+                "{}: not a directory or a filesystem image file",
+                p.display()
+            ))),
             Err(e) => Err(Error::Rootfs(format!("{}: {e}", p.display()))),
         }
     }
@@ -51,7 +54,8 @@ impl RootfsSource {
 /// Accepts ext2/3/4 (magic at 1080) and erofs (magic at 1024), with a clear error otherwise.
 fn check_fs_image(p: &Path) -> Result<(), Error> {
     use std::io::Read;
-    let mut f = std::fs::File::open(p).map_err(|e| Error::Rootfs(format!("{}: {e}", p.display())))?;
+    let mut f =
+        std::fs::File::open(p).map_err(|e| Error::Rootfs(format!("{}: {e}", p.display())))?;
     let mut sb = [0u8; 1088];
     let ok = f.read_exact(&mut sb).is_ok();
     let ext4 = ok && sb[1080..1082] == [0x53, 0xEF];
@@ -85,8 +89,16 @@ fn tree_fingerprint(root: &Path) -> Result<(String, u64, u64), Error> {
             let rel = p.strip_prefix(root).unwrap_or(&p);
             h.update(rel.as_os_str().as_encoded_bytes());
             h.update(
-                format!("\0{}:{}:{}:{}:{}:{}\n", m.mode(), m.uid(), m.gid(), m.size(), m.mtime(), m.mtime_nsec())
-                    .as_bytes(),
+                format!(
+                    "\0{}:{}:{}:{}:{}:{}\n",
+                    m.mode(),
+                    m.uid(),
+                    m.gid(),
+                    m.size(),
+                    m.mtime(),
+                    m.mtime_nsec()
+                )
+                .as_bytes(),
             );
             if m.file_type().is_symlink() {
                 if let Ok(t) = std::fs::read_link(&p) {
@@ -112,20 +124,35 @@ fn dir_image(dir: &Path) -> Result<PathBuf, Error> {
     if out.is_file() {
         return Ok(out);
     }
-    std::fs::create_dir_all(&cache).map_err(|e| Error::Rootfs(format!("create {}: {e}", cache.display())))?;
+    std::fs::create_dir_all(&cache)
+        .map_err(|e| Error::Rootfs(format!("create {}: {e}", cache.display())))?;
     let inodes = files + files / 4 + 1024;
     let size = bytes + bytes / 4 + inodes * 256 + 32 * 1024 * 1024;
     let tmp = cache.join(format!("dir-{fp}.ext4.tmp{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let st = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-O", "^has_journal", "-m", "0", "-E", "root_owner=0:0", "-N"])
+        .args([
+            "-q",
+            "-F",
+            "-O",
+            "^has_journal",
+            "-m",
+            "0",
+            "-E",
+            "root_owner=0:0",
+            "-N",
+        ])
         .arg(inodes.to_string())
         .arg("-d")
         .arg(dir)
         .arg(&tmp)
         .arg(format!("{}k", size.div_ceil(1024)))
         .output()
-        .map_err(|e| Error::Rootfs(format!("run mkfs.ext4: {e} (install it with: apt-get install e2fsprogs)")))?;
+        .map_err(|e| {
+            Error::Rootfs(format!(
+                "run mkfs.ext4: {e} (install it with: apt-get install e2fsprogs)"
+            ))
+        })?;
     if !st.status.success() {
         let _ = std::fs::remove_file(&tmp);
         return Err(Error::Rootfs(format!(
@@ -134,37 +161,62 @@ fn dir_image(dir: &Path) -> Result<PathBuf, Error> {
             String::from_utf8_lossy(&st.stderr).trim()
         )));
     }
-    std::fs::rename(&tmp, &out).map_err(|e| Error::Rootfs(format!("rename {}: {e}", out.display())))?;
+    std::fs::rename(&tmp, &out)
+        .map_err(|e| Error::Rootfs(format!("rename {}: {e}", out.display())))?;
     Ok(out)
 }
 
 /// A pristine, empty, sparse ext4 of `size_mib`, made once and cached.
 fn scratch_template(size_mib: u64) -> Result<PathBuf, Error> {
     let dir = cache_dir().join("scratch");
-    let path = dir.join(format!("empty-{size_mib}M-{}.ext4", short_hash(b"v1 ^has_journal")));
+    let path = dir.join(format!(
+        "empty-{size_mib}M-{}.ext4",
+        short_hash(b"v1 ^has_journal")
+    ));
     if path.is_file() {
         return Ok(path);
     }
-    std::fs::create_dir_all(&dir).map_err(|e| Error::Rootfs(format!("create {}: {e}", dir.display())))?;
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Error::Rootfs(format!("create {}: {e}", dir.display())))?;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let st = Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-O", "^has_journal", "-m", "0", "-E", "lazy_itable_init=1,nodiscard", "-L", "airlock-scratch"])
+        .args([
+            "-q",
+            "-F",
+            "-O",
+            "^has_journal",
+            "-m",
+            "0",
+            "-E",
+            "lazy_itable_init=1,nodiscard",
+            "-L",
+            "airlock-scratch",
+        ])
         .arg(&tmp)
         .arg(format!("{size_mib}M"))
         .output()
-        .map_err(|e| Error::Rootfs(format!("run mkfs.ext4: {e} (install it with: apt-get install e2fsprogs)")))?;
+        .map_err(|e| {
+            Error::Rootfs(format!(
+                "run mkfs.ext4: {e} (install it with: apt-get install e2fsprogs)"
+            ))
+        })?;
     if !st.status.success() {
         let _ = std::fs::remove_file(&tmp);
-        return Err(Error::Rootfs(format!("mkfs.ext4 scratch: {}", String::from_utf8_lossy(&st.stderr).trim())));
+        return Err(Error::Rootfs(format!(
+            "mkfs.ext4 scratch: {}",
+            String::from_utf8_lossy(&st.stderr).trim()
+        )));
     }
-    std::fs::rename(&tmp, &path).map_err(|e| Error::Rootfs(format!("rename {}: {e}", path.display())))?;
+    std::fs::rename(&tmp, &path)
+        .map_err(|e| Error::Rootfs(format!("rename {}: {e}", path.display())))?;
     Ok(path)
 }
 
 /// Creates the sandbox's writable disk at `dest`: a sparse copy of the cached empty template.
 pub fn create_scratch(dest: &Path, size_mib: u64) -> Result<(), Error> {
     let template = scratch_template(size_mib)?;
-    sparse_copy(&template, dest).map_err(|e| Error::Rootfs(format!("create scratch disk {}: {e}", dest.display())))
+    sparse_copy(&template, dest)
+        .map_err(|e| Error::Rootfs(format!("create scratch disk {}: {e}", dest.display())))
 }
 
 /// Copies only the data extents (SEEK_DATA/SEEK_HOLE). std::fs::copy would fill the holes of
@@ -173,7 +225,10 @@ fn sparse_copy(src: &Path, dst: &Path) -> std::io::Result<()> {
     use std::io::{Read, Seek, SeekFrom, Write};
     let mut s = std::fs::File::open(src)?;
     let len = s.metadata()?.len();
-    let mut d = std::fs::OpenOptions::new().write(true).create_new(true).open(dst)?;
+    let mut d = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(dst)?;
     d.set_len(len)?;
     let fd = s.as_raw_fd();
     let mut pos: i64 = 0;
@@ -250,7 +305,10 @@ mod tests {
         assert!(m.blocks() * 512 < 1 << 20, "copy is not sparse");
         use std::os::unix::fs::FileExt;
         let mut b = [0u8; 5];
-        std::fs::File::open(&dst).unwrap().read_exact_at(&mut b, 10 << 20).unwrap();
+        std::fs::File::open(&dst)
+            .unwrap()
+            .read_exact_at(&mut b, 10 << 20)
+            .unwrap();
         assert_eq!(&b, b"hello");
     }
 }

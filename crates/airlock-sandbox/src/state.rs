@@ -35,15 +35,20 @@ impl StateDir {
     /// Creates `<runtime dir>/<id>` (mode 0700) and locks it; sweeps directories of dead owners.
     pub fn create(id: &str) -> Result<StateDir, Error> {
         let root = runtime_dir();
-        std::fs::create_dir_all(&root).map_err(|e| Error::Setup(format!("create {}: {e}", root.display())))?;
+        std::fs::create_dir_all(&root)
+            .map_err(|e| Error::Setup(format!("create {}: {e}", root.display())))?;
         use std::os::unix::fs::PermissionsExt;
         let _ = std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700));
         sweep(&root);
         let path = root.join(id);
-        std::fs::create_dir(&path).map_err(|e| Error::Setup(format!("create {}: {e}", path.display())))?;
+        std::fs::create_dir(&path)
+            .map_err(|e| Error::Setup(format!("create {}: {e}", path.display())))?;
         let lock = File::create(path.join("lock"))?;
         if !try_lock(&lock) {
-            return Err(Error::Setup(format!("{} is locked by another process", path.display())));
+            return Err(Error::Setup(format!(
+                "{} is locked by another process",
+                path.display()
+            )));
         }
         Ok(StateDir { path, _lock: lock })
     }
@@ -75,10 +80,14 @@ impl Drop for StateDir {
 
 /// Removes state directories whose owner is gone.
 fn sweep(root: &Path) {
-    let Ok(entries) = std::fs::read_dir(root) else { return };
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
     for e in entries.flatten() {
         let p = e.path();
-        let Ok(f) = File::open(p.join("lock")) else { continue };
+        let Ok(f) = File::open(p.join("lock")) else {
+            continue;
+        };
         if try_lock(&f) {
             let _ = std::fs::remove_dir_all(&p);
         }

@@ -3,14 +3,18 @@
 
 use std::time::{Duration, Instant};
 
-
 use airlock_sandbox::{Error, ExecEvent, ExecSpec, RootfsSource, Sandbox, SandboxSpec, WinSize};
 
 fn spec() -> SandboxSpec {
     let root = std::env::var("AIRLOCK_TEST_ROOTFS").unwrap_or_else(|_| {
-        airlock_sandbox::assets::cache_dir().join("demo-rootfs").display().to_string()
+        airlock_sandbox::assets::cache_dir()
+            .join("demo-rootfs")
+            .display()
+            .to_string()
     });
-    SandboxSpec::new(RootfsSource::from_path(&root).expect("demo rootfs missing: run scripts/setup"))
+    SandboxSpec::new(
+        RootfsSource::from_path(&root).expect("demo rootfs missing: run scripts/setup"),
+    )
 }
 
 async fn start() -> Sandbox {
@@ -32,12 +36,23 @@ async fn sixteen_concurrent_execs() {
     for (i, t) in tasks.into_iter().enumerate() {
         let out = t.await.unwrap().unwrap();
         assert_eq!(out.status.code, Some(i as i32));
-        let lines: Vec<String> = String::from_utf8(out.stdout).unwrap().lines().map(String::from).collect();
+        let lines: Vec<String> = String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect();
         let want: Vec<String> = (0..200).map(|n| format!("{i}-{n}")).collect();
         assert_eq!(lines, want, "exec {i} output mixed up");
-        assert_eq!(String::from_utf8(out.stderr).unwrap(), format!("done-{i}\n"));
+        assert_eq!(
+            String::from_utf8(out.stderr).unwrap(),
+            format!("done-{i}\n")
+        );
     }
-    std::sync::Arc::try_unwrap(sb).unwrap().stop().await.unwrap();
+    std::sync::Arc::try_unwrap(sb)
+        .unwrap()
+        .stop()
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -45,8 +60,15 @@ async fn tty_window_size_and_resize() {
     let sb = start().await;
     let mut e = sb
         .exec(ExecSpec {
-            argv: vec!["sh".into(), "-c".into(), "stty size; read x; stty size".into()],
-            tty: Some(WinSize { rows: 33, cols: 111 }),
+            argv: vec![
+                "sh".into(),
+                "-c".into(),
+                "stty size; read x; stty size".into(),
+            ],
+            tty: Some(WinSize {
+                rows: 33,
+                cols: 111,
+            }),
             stdin: true,
             ..Default::default()
         })
@@ -68,11 +90,20 @@ async fn tty_window_size_and_resize() {
         }
         if !resized && seen.contains("33 111") {
             resized = true;
-            input.resize(WinSize { rows: 50, cols: 132 }).await.unwrap();
+            input
+                .resize(WinSize {
+                    rows: 50,
+                    cols: 132,
+                })
+                .await
+                .unwrap();
             input.write(b"go\r").await.unwrap();
         }
     }
-    assert!(seen.contains("33 111") && seen.contains("50 132"), "{seen:?}");
+    assert!(
+        seen.contains("33 111") && seen.contains("50 132"),
+        "{seen:?}"
+    );
     sb.stop().await.unwrap();
 }
 
@@ -81,7 +112,14 @@ async fn slow_reader_slows_the_guest_instead_of_buffering() {
     let sb = start().await;
     // The guest can write far more than the window; while nobody reads, it must stall with at
     // most one window (256 KiB) in flight towards us.
-    let mut e = sb.exec(ExecSpec::new(["sh", "-c", "yes 0123456789abcdef | head -c 20000000; echo; echo end"])).await.unwrap();
+    let mut e = sb
+        .exec(ExecSpec::new([
+            "sh",
+            "-c",
+            "yes 0123456789abcdef | head -c 20000000; echo; echo end",
+        ]))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(3)).await;
     // The guest filled exactly the window and stopped; had it sent more, the host would have
     // ended the sandbox for a protocol violation.
@@ -107,12 +145,18 @@ async fn exec_errors_and_sandbox_keeps_working() {
     let sb = start().await;
     let err = sb.output(ExecSpec::new(["/nope"])).await.unwrap_err();
     assert_eq!(err.exec_exit_code(), Some(127), "{err}");
-    let err = sb.output(ExecSpec::new(Vec::<String>::new())).await.unwrap_err();
+    let err = sb
+        .output(ExecSpec::new(Vec::<String>::new()))
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("no command"), "{err}");
     let mut s = ExecSpec::new(["true"]);
     s.cwd = Some("relative".into());
     assert!(sb.output(s).await.is_err());
-    let out = sb.output(ExecSpec::new(["echo", "still here"])).await.unwrap();
+    let out = sb
+        .output(ExecSpec::new(["echo", "still here"]))
+        .await
+        .unwrap();
     assert_eq!(out.stdout, b"still here\n");
     // Abandoning an exec kills it rather than leaving it blocked.
     let e = sb.exec(ExecSpec::new(["yes"])).await.unwrap();
@@ -156,10 +200,27 @@ async fn boot_failure_is_a_clear_error() {
 async fn writable_layer_is_per_sandbox() {
     let a = start().await;
     let b = start().await;
-    a.output(ExecSpec::new(["sh", "-c", "echo a > /etc/marker"])).await.unwrap();
-    let out = b.output(ExecSpec::new(["sh", "-c", "cat /etc/marker 2>/dev/null || echo absent"])).await.unwrap();
-    assert_eq!(out.stdout, b"absent\n" as &[u8], "{}", String::from_utf8_lossy(&out.stdout));
-    let out = a.output(ExecSpec::new(["cat", "/etc/marker"])).await.unwrap();
+    a.output(ExecSpec::new(["sh", "-c", "echo a > /etc/marker"]))
+        .await
+        .unwrap();
+    let out = b
+        .output(ExecSpec::new([
+            "sh",
+            "-c",
+            "cat /etc/marker 2>/dev/null || echo absent",
+        ]))
+        .await
+        .unwrap();
+    assert_eq!(
+        out.stdout,
+        b"absent\n" as &[u8],
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = a
+        .output(ExecSpec::new(["cat", "/etc/marker"]))
+        .await
+        .unwrap();
     assert_eq!(out.stdout, b"a\n");
     assert_ne!(a.id(), b.id());
     a.stop().await.unwrap();

@@ -25,11 +25,21 @@ pub fn run() -> i32 {
         }
     };
     let accel = airlock_backend::detect_accel(forced);
-    line("accelerator", true, format!("{} — {}", accel.accel, accel.reason), None);
+    line(
+        "accelerator",
+        true,
+        format!("{} — {}", accel.accel, accel.reason),
+        None,
+    );
 
     let qemu = Qemu::default();
     match qemu.version() {
-        Ok(v) => line("qemu", true, format!("{v} ({})", qemu.binary.display()), None),
+        Ok(v) => line(
+            "qemu",
+            true,
+            format!("{v} ({})", qemu.binary.display()),
+            None,
+        ),
         Err(e) => line("qemu", false, e, Some("apt-get install qemu-system-x86")),
     }
     match assets::kernel() {
@@ -42,8 +52,18 @@ pub fn run() -> i32 {
     }
     let mkfs = std::process::Command::new("mkfs.ext4").arg("-V").output();
     match mkfs {
-        Ok(_) => line("mkfs.ext4", true, "found (packs --rootfs directories)".into(), None),
-        Err(e) => line("mkfs.ext4", false, e.to_string(), Some("apt-get install e2fsprogs")),
+        Ok(_) => line(
+            "mkfs.ext4",
+            true,
+            "found (packs --rootfs directories)".into(),
+            None,
+        ),
+        Err(e) => line(
+            "mkfs.ext4",
+            false,
+            e.to_string(),
+            Some("apt-get install e2fsprogs"),
+        ),
     }
     for (name, path) in airlock_sandbox::paths() {
         if name != "kernel" {

@@ -10,7 +10,10 @@ pub fn local_size() -> Option<WinSize> {
         let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
         // SAFETY: TIOCGWINSZ into a valid winsize.
         if unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) } == 0 && ws.ws_row > 0 {
-            return Some(WinSize { rows: ws.ws_row, cols: ws.ws_col });
+            return Some(WinSize {
+                rows: ws.ws_row,
+                cols: ws.ws_col,
+            });
         }
     }
     None

@@ -12,11 +12,17 @@ fn rootfs() -> String {
     if let Ok(r) = std::env::var("AIRLOCK_TEST_ROOTFS") {
         return r;
     }
-    let cache = std::env::var("AIRLOCK_CACHE_DIR").map(std::path::PathBuf::from).unwrap_or_else(|_| {
-        std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/airlock")
-    });
+    let cache = std::env::var("AIRLOCK_CACHE_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/airlock")
+        });
     let p = cache.join("demo-rootfs");
-    assert!(p.join("bin/busybox").exists(), "no test rootfs at {}: run scripts/setup", p.display());
+    assert!(
+        p.join("bin/busybox").exists(),
+        "no test rootfs at {}: run scripts/setup",
+        p.display()
+    );
     p.display().to_string()
 }
 
@@ -24,7 +30,11 @@ fn rootfs() -> String {
 fn airlock(args: &[&str]) -> (Command, tempfile::TempDir) {
     let rt = tempfile::tempdir().unwrap();
     let mut c = Command::new(env!("CARGO_BIN_EXE_airlock"));
-    c.arg("run").arg("--rootfs").arg(rootfs()).args(args).env("AIRLOCK_RUNTIME_DIR", rt.path());
+    c.arg("run")
+        .arg("--rootfs")
+        .arg(rootfs())
+        .args(args)
+        .env("AIRLOCK_RUNTIME_DIR", rt.path());
     (c, rt)
 }
 
@@ -54,7 +64,11 @@ fn signal_exit_codes_and_missing_commands() {
     assert_eq!(out.status.code(), Some(128 + 15));
     let out = run(&["--", "no-such-command"]);
     assert_eq!(out.status.code(), Some(127));
-    assert!(text(&out.stderr).contains("executable file not found"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("executable file not found"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = run(&["--", "/etc/passwd"]);
     assert_eq!(out.status.code(), Some(126), "{}", text(&out.stderr));
 }
@@ -62,10 +76,25 @@ fn signal_exit_codes_and_missing_commands() {
 #[test]
 fn env_workdir_user_hostname() {
     let out = run(&[
-        "-e", "FOO=bar baz", "-w", "/tmp/work", "-u", "alice", "--hostname", "box1", "--",
-        "sh", "-c", "echo \"$FOO|$(pwd)|$(id -u):$(id -g)|$HOME|$(hostname)\"",
+        "-e",
+        "FOO=bar baz",
+        "-w",
+        "/tmp/work",
+        "-u",
+        "alice",
+        "--hostname",
+        "box1",
+        "--",
+        "sh",
+        "-c",
+        "echo \"$FOO|$(pwd)|$(id -u):$(id -g)|$HOME|$(hostname)\"",
     ]);
-    assert_eq!(text(&out.stdout), "bar baz|/tmp/work|1000:1000|/home/alice|box1\n", "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "bar baz|/tmp/work|1000:1000|/home/alice|box1\n",
+        "{}",
+        text(&out.stderr)
+    );
     let out = run(&["-u", "mallory", "--", "true"]);
     assert_ne!(out.status.code(), Some(0));
     assert!(text(&out.stderr).contains("unable to find user mallory"));
@@ -76,28 +105,47 @@ fn hundred_megabytes_of_output_intact() {
     // The guest writes 100 MB of random bytes and prints their sha256 on stderr; the bytes
     // that reach our stdout must hash the same.
     let out = run(&[
-        "--memory", "512", "--", "sh", "-c",
+        "--memory",
+        "512",
+        "--",
+        "sh",
+        "-c",
         "head -c 100000000 /dev/urandom > /tmp/blob && sha256sum /tmp/blob >&2 && cat /tmp/blob",
     ]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert_eq!(out.stdout.len(), 100_000_000);
-    let want = text(&out.stderr).split_whitespace().next().unwrap_or("").to_string();
+    let want = text(&out.stderr)
+        .split_whitespace()
+        .next()
+        .unwrap_or("")
+        .to_string();
     let got = hex::encode(Sha256::digest(&out.stdout));
     assert_eq!(got, want);
 }
 
 #[test]
 fn stdin_round_trip() {
-    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     let (mut c, _rt) = airlock(&["-i", "--", "sha256sum"]);
-    let mut child = c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut stdin = child.stdin.take().unwrap();
     let d = data.clone();
     let w = std::thread::spawn(move || stdin.write_all(&d));
     let out = child.wait_with_output().unwrap();
     w.join().unwrap().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
-    assert!(text(&out.stdout).starts_with(&hex::encode(Sha256::digest(&data))), "{}", text(&out.stdout));
+    assert!(
+        text(&out.stdout).starts_with(&hex::encode(Sha256::digest(&data))),
+        "{}",
+        text(&out.stdout)
+    );
 }
 
 #[test]
@@ -106,7 +154,10 @@ fn timeout_kills_the_command() {
     let out = run(&["--timeout", "2", "--", "sh", "-c", "echo started; sleep 60"]);
     assert_eq!(out.status.code(), Some(124));
     assert_eq!(text(&out.stdout), "started\n");
-    assert!(t.elapsed() < Duration::from_secs(50), "timeout did not cut the command short");
+    assert!(
+        t.elapsed() < Duration::from_secs(50),
+        "timeout did not cut the command short"
+    );
 }
 
 #[test]
@@ -136,12 +187,20 @@ fn bad_input_is_a_clear_error() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(125));
-    assert!(text(&out.stderr).contains("not an ext4"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("not an ext4"),
+        "{}",
+        text(&out.stderr)
+    );
 }
 
 fn children(pid: u32) -> Vec<u32> {
     let mut v = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten() {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let c = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
         v.extend(c.split_whitespace().filter_map(|p| p.parse::<u32>().ok()));
     }
@@ -151,7 +210,12 @@ fn children(pid: u32) -> Vec<u32> {
 fn alive(pid: u32) -> bool {
     // A zombie is dead for our purpose.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'),
+        Ok(s) => !s
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
         Err(_) => false,
     }
 }
@@ -159,7 +223,12 @@ fn alive(pid: u32) -> bool {
 #[test]
 fn kill_9_of_airlock_leaves_no_qemu() {
     let (mut c, _rt) = airlock(&["--", "sh", "-c", "echo up; sleep 300"]);
-    let mut child = c.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = c
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut stdout = child.stdout.take().unwrap();
     let mut b = [0u8; 3];
     stdout.read_exact(&mut b).unwrap();
@@ -170,16 +239,65 @@ fn kill_9_of_airlock_leaves_no_qemu() {
     child.wait().unwrap();
     let t = Instant::now();
     while qemu.iter().any(|p| alive(*p)) {
-        assert!(t.elapsed() < Duration::from_secs(2), "QEMU outlived airlock by 2 s");
+        assert!(
+            t.elapsed() < Duration::from_secs(2),
+            "QEMU outlived airlock by 2 s"
+        );
         std::thread::sleep(Duration::from_millis(20));
     }
 }
 
 #[test]
 fn doctor_reports_accelerator() {
-    let out = Command::new(env!("CARGO_BIN_EXE_airlock")).arg("doctor").output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .arg("doctor")
+        .output()
+        .unwrap();
     let s = text(&out.stdout);
     assert!(s.contains("accelerator"), "{s}");
     assert!(s.contains("QEMU emulator version"), "{s}");
     assert_eq!(out.status.code(), Some(0), "{s}");
+}
+
+#[test]
+fn ctrl_c_is_forwarded_to_the_command() {
+    let (mut c, _rt) = airlock(&[
+        "--",
+        "sh",
+        "-c",
+        "trap 'echo got-int; exit 42' INT; echo up; while :; do sleep 0.1; done",
+    ]);
+    let mut child = c
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut b = [0u8; 3];
+    stdout.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"up\n");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    assert_eq!(rest, "got-int\n");
+    assert_eq!(child.wait().unwrap().code(), Some(42));
+}
+
+#[test]
+fn two_cpus() {
+    let out = run(&[
+        "--cpus",
+        "2",
+        "--memory",
+        "256",
+        "--",
+        "sh",
+        "-c",
+        "grep -c ^processor /proc/cpuinfo; free -m | grep Mem",
+    ]);
+    let s = text(&out.stdout);
+    assert!(s.starts_with("2\n"), "{s}");
+    assert_eq!(out.status.code(), Some(0));
 }
