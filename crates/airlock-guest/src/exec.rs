@@ -51,6 +51,8 @@ pub struct Registry {
     /// Held across fork+register so the reaper never sees a child it cannot attribute.
     by_pid: Mutex<HashMap<i32, Arc<Entry>>>,
     have_children: Condvar,
+    /// Bumped under `by_pid` at every spawn, so the reaper cannot miss a wake-up.
+    spawned: std::sync::atomic::AtomicU64,
 }
 
 impl Registry {
@@ -60,6 +62,7 @@ impl Registry {
             by_stream: Mutex::new(HashMap::new()),
             by_pid: Mutex::new(HashMap::new()),
             have_children: Condvar::new(),
+            spawned: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -243,6 +246,8 @@ impl Registry {
             }),
         });
         by_pid.insert(pid, entry.clone());
+        self.spawned
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.by_stream.lock().unwrap().insert(stream, entry.clone());
         self.tx.send(Frame::json(
             Kind::Started,
@@ -402,16 +407,21 @@ impl Registry {
         loop {
             // Peek without reaping: std's spawn reaps a child whose exec failed itself, so the
             // zombie is only collected under the lock that spawn holds.
+            let generation = self.spawned.load(std::sync::atomic::Ordering::SeqCst);
             let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
             // SAFETY: waitid with a valid siginfo pointer.
             let r =
                 unsafe { libc::waitid(libc::P_ALL, 0, &mut info, libc::WEXITED | libc::WNOWAIT) };
             if r < 0 {
+                // No children: sleep until the next spawn (checked under the lock spawn holds,
+                // so its notification cannot slip between the check and the wait).
                 let guard = self.by_pid.lock().unwrap();
-                let _ = self
-                    .have_children
-                    .wait_timeout(guard, Duration::from_millis(200))
-                    .unwrap();
+                if self.spawned.load(std::sync::atomic::Ordering::SeqCst) == generation {
+                    let _ = self
+                        .have_children
+                        .wait_timeout(guard, Duration::from_secs(5))
+                        .unwrap();
+                }
                 continue;
             }
             // SAFETY: waitid filled a SIGCHLD siginfo.

@@ -204,8 +204,9 @@ pub fn open_control_port() -> Result<File, String> {
 /// Applies the host's per-sandbox settings.
 pub fn apply_init(init: &Init) {
     if !init.hostname.is_empty() {
+        // Kernel hostname only: writing /etc/hostname would copy /etc up into the writable
+        // layer on every boot (measurable under TCG) for a file few programs read.
         let _ = nix::unistd::sethostname(&init.hostname);
-        let _ = fs::write("/etc/hostname", format!("{}\n", init.hostname));
     }
     if init.time_unix_ns > 0 {
         let ts = libc::timespec {

@@ -245,6 +245,7 @@ impl Sandbox {
                 spec.memory_mib
             )));
         }
+        tracing::debug!("preparing assets");
         let kernel = assets::kernel()?;
         let initrd = assets::initramfs(&assets::agent()?)?;
         let forced = match spec.accel {
@@ -313,6 +314,7 @@ impl Sandbox {
             loop {
                 match ctl.recv().await {
                     Some(conn::ControlEvent::Hello(h)) => {
+                        tracing::debug!(agent = %h.agent, "guest hello");
                         if h.version != VERSION {
                             return Err(Error::Setup(format!(
                                 "guest agent {} speaks protocol {}, this airlock speaks {VERSION}: rebuild the agent (scripts/build-agent)",
@@ -330,7 +332,10 @@ impl Sandbox {
                             .await
                             .map_err(Error::Protocol)?;
                     }
-                    Some(conn::ControlEvent::Ready(r)) => return Ok(r.kernel),
+                    Some(conn::ControlEvent::Ready(r)) => {
+                        tracing::debug!("guest ready");
+                        return Ok(r.kernel);
+                    }
                     None => return Err(Error::Protocol("control channel closed".into())),
                 }
             }

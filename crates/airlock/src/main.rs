@@ -72,6 +72,9 @@ struct RunArgs {
     /// Hostname inside the sandbox (default: the sandbox id).
     #[arg(long)]
     hostname: Option<String>,
+    /// Extra guest kernel command-line word (diagnostics, e.g. `printk.time=1 loglevel=7`).
+    #[arg(long = "kernel-arg", value_name = "ARG", hide = true)]
+    kernel_args: Vec<String>,
     /// Command and arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     cmd: Vec<String>,
@@ -141,6 +144,7 @@ async fn run(a: RunArgs) -> i32 {
     spec.memory_mib = a.memory;
     spec.accel = a.accel;
     spec.hostname = a.hostname.clone();
+    spec.kernel_args = a.kernel_args.clone();
 
     // Signals that arrive while booting must not kill airlock before it can clean up.
     let mut signals = match term::Signals::new() {
@@ -177,6 +181,7 @@ async fn run(a: RunArgs) -> i32 {
     // The sandbox is thrown away with its writable layer, so there is nothing to flush:
     // killing the VM (what dropping it does) is faster than a guest shutdown.
     drop(sb);
+    tracing::debug!(code, "sandbox removed");
     code
 }
 
@@ -246,6 +251,7 @@ async fn run_command(
                 }
                 Ok(Some(ExecEvent::Started(_))) => {}
                 Ok(Some(ExecEvent::Exit(s))) => {
+                    tracing::debug!(?s, "command exited");
                     if timed_out {
                         eprintln!("airlock: command timed out");
                         return EXIT_TIMEOUT;
