@@ -429,7 +429,19 @@ fn docs(o: &Opts, accel: &AccelChoice, qemu: &str, e: &Execs, tables: &str) -> S
          - Exec: one sandbox started through the Rust API, 5 uncounted runs, then `true` run \
          sequentially, each timed from request to exit status. Host baseline: `/bin/true` spawned \
          and waited for with `std::process::Command`.\n\
-         - Percentiles are nearest-rank (each is a time actually observed).\n",
+         - Percentiles are nearest-rank (each is a time actually observed).\n\n\
+         ## Where the time goes under TCG (measured 2026-11-23, `AIRLOCK_LOG=debug` phase timings)\n\n\
+         - Host side before QEMU starts (assets, cached rootfs, sparse scratch copy): ~13 ms.\n\
+         - QEMU spawn to the agent's Hello: the kernel boot plus the agent mounting ext4 + overlay; \
+         Hello to Ready (hostname, clock): 5-10 ms.\n\
+         - The *first* exec in a fresh guest costs ~110 ms against ~15 ms for the next ones: the \
+         guest's fork and exec paths and busybox run for the first time, and TCG translates \
+         that code on first use (a failing exec first costs ~40 ms, the first busybox exec ~65 ms \
+         more). The bare baseline pays part of this too (its /init is a busybox script).\n\
+         - Inside the guest, a busybox shell loop spawning `/bin/true` costs ~6.5 ms per process \
+         under TCG, so the 5 ms exec goal is out of reach under emulation whatever the channel \
+         does; airlock's own share of the round trip (frames over virtio-serial, agent threads) \
+         is the rest. With KVM the process spawn is ~100x cheaper.\n",
         machine(),
         accel.accel,
         accel.reason,
