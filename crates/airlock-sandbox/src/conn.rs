@@ -57,7 +57,10 @@ pub(crate) struct SendWindow {
 
 /// The connection to one guest agent.
 pub struct Conn {
-    out: mpsc::Sender<Frame>,
+    /// Unbounded on purpose: everything queued here is made by the host and already bounded
+    /// (stdin by the guest's window, credit by received data), and credit must never be
+    /// dropped or the window would shrink for good.
+    out: mpsc::UnboundedSender<Frame>,
     streams: Mutex<HashMap<u32, StreamState>>,
     /// Why the connection ended; `None` while it is alive.
     closed: watch::Sender<Option<String>>,
@@ -70,7 +73,7 @@ impl Conn {
         stream: tokio::net::UnixStream,
     ) -> (Arc<Conn>, mpsc::UnboundedReceiver<ControlEvent>) {
         let (rd, wr) = stream.into_split();
-        let (out_tx, out_rx) = mpsc::channel(1024);
+        let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
         let conn = Arc::new(Conn {
             out: out_tx,
@@ -87,15 +90,15 @@ impl Conn {
         if let Some(why) = self.closed_reason() {
             return Err(why);
         }
-        self.out.send(f).await.map_err(|_| {
+        self.out.send(f).map_err(|_| {
             self.closed_reason()
                 .unwrap_or_else(|| "connection closed".into())
         })
     }
 
-    /// Queues a frame without waiting (dropped if the queue is full or the connection closed).
+    /// Queues a frame without waiting (dropped if the connection closed).
     pub fn try_send(&self, f: Frame) {
-        let _ = self.out.try_send(f);
+        let _ = self.out.send(f);
     }
 
     /// Why the connection ended, if it has.
@@ -161,9 +164,7 @@ impl Conn {
             None => false,
         };
         if known {
-            // try_send: credit must never block the consumer; a full queue means the writer
-            // is far behind and the guest will get credit with the next chunk.
-            let _ = self.out.try_send(Frame::credit(id, n));
+            let _ = self.out.send(Frame::credit(id, n));
         }
     }
 
@@ -271,7 +272,7 @@ async fn read_loop(
     conn.fail(why);
 }
 
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::Receiver<Frame>, conn: Arc<Conn>) {
+async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Frame>, conn: Arc<Conn>) {
     let mut buf = Vec::with_capacity(64 * 1024);
     let mut closed = conn.closed_watch();
     loop {
