@@ -143,6 +143,7 @@ fn baseline_initramfs(dir: &Path) -> Result<PathBuf> {
 /// The same machine, accelerator, CPU, memory and kernel command line as `Qemu::args`, minus
 /// the devices only a sandbox needs (disks, control channel, rng).
 fn baseline_args(accel: Accel, kernel: &Path, initrd: &Path, serial: &str) -> Vec<String> {
+    let extra = airlock_sandbox::guest_kernel_args(accel);
     let accel: &[&str] = match accel {
         Accel::Kvm => &["-accel", "kvm", "-cpu", "host"],
         Accel::Tcg => &["-accel", "tcg", "-cpu", "max"],
@@ -161,15 +162,13 @@ fn baseline_args(accel: Accel, kernel: &Path, initrd: &Path, serial: &str) -> Ve
     a.extend(accel);
     a.extend(["-smp", "1", "-m", "512M"]);
     let (k, i) = (kernel.to_string_lossy(), initrd.to_string_lossy());
+    // The same command line airlock gives its guests (including the TCG clock hint).
+    let cmdline = std::iter::once(BASE_CMDLINE.to_string())
+        .chain(extra)
+        .collect::<Vec<_>>()
+        .join(" ");
     a.extend([
-        "-kernel",
-        &k,
-        "-initrd",
-        &i,
-        "-append",
-        BASE_CMDLINE,
-        "-serial",
-        serial,
+        "-kernel", &k, "-initrd", &i, "-append", &cmdline, "-serial", serial,
     ]);
     a.into_iter().map(String::from).collect()
 }

@@ -272,7 +272,11 @@ async fn read_loop(
     conn.fail(why);
 }
 
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Frame>, conn: Arc<Conn>) {
+async fn write_loop(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Frame>,
+    conn: Arc<Conn>,
+) {
     let mut buf = Vec::with_capacity(64 * 1024);
     let mut closed = conn.closed_watch();
     loop {

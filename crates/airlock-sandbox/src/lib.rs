@@ -15,6 +15,7 @@
 //! per-sandbox writable disk on top and serves execs over one control channel.
 
 pub mod assets;
+mod clock;
 mod conn;
 pub mod rootfs;
 mod state;
@@ -276,7 +277,11 @@ impl Sandbox {
         let cfg = VmConfig {
             kernel,
             initrd,
-            cmdline_extra: spec.kernel_args.join(" "),
+            cmdline_extra: guest_kernel_args(accel.accel)
+                .into_iter()
+                .chain(spec.kernel_args.iter().cloned())
+                .collect::<Vec<_>>()
+                .join(" "),
             cpus: spec.cpus,
             memory_mib: spec.memory_mib,
             disks: vec![
@@ -648,6 +653,17 @@ impl Drop for Exec {
                 .try_send(Frame::json(Kind::Signal, self.input.id, &kill));
             self.input.conn.close_stream(self.input.id);
         }
+    }
+}
+
+/// Kernel arguments Airlock adds for `accel` on this host (beyond the backend's fixed ones):
+/// under TCG, the TSC frequency, so the guest gets a precise clock instead of 4 ms jiffies.
+pub fn guest_kernel_args(accel: Accel) -> Vec<String> {
+    match accel {
+        Accel::Tcg => clock::tsc_kernel_arg(&state::runtime_dir())
+            .into_iter()
+            .collect(),
+        Accel::Kvm => Vec::new(),
     }
 }
 

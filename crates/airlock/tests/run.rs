@@ -41,7 +41,13 @@ fn airlock(args: &[&str]) -> (Command, tempfile::TempDir) {
 fn run(args: &[&str]) -> std::process::Output {
     let (mut c, rt) = airlock(args);
     let out = c.stdin(Stdio::null()).output().unwrap();
-    let left: Vec<_> = std::fs::read_dir(rt.path()).unwrap().collect();
+    // Only the host-wide TSC cache may remain; no sandbox's state.
+    let left: Vec<_> = std::fs::read_dir(rt.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n != "tsc_khz")
+        .collect();
     assert!(left.is_empty(), "state left behind after run: {left:?}");
     out
 }
@@ -300,4 +306,30 @@ fn two_cpus() {
     let s = text(&out.stdout);
     assert!(s.starts_with("2\n"), "{s}");
     assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn guest_clock_is_precise_and_set() {
+    let out = run(&[
+        "--",
+        "sh",
+        "-c",
+        "cat /sys/devices/system/clocksource/clocksource0/current_clocksource; date +%s",
+    ]);
+    let s = text(&out.stdout);
+    let mut lines = s.lines();
+    let source = lines.next().unwrap_or("");
+    assert!(
+        !source.contains("jiffies"),
+        "guest fell back to the 4 ms jiffies clock: {s}"
+    );
+    let guest: u64 = lines.next().unwrap_or("0").trim().parse().unwrap();
+    let host = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        host.abs_diff(guest) <= 5,
+        "guest clock {guest} vs host {host}"
+    );
 }
