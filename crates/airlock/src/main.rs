@@ -111,7 +111,7 @@ fn parse_env(items: &[String]) -> Result<Vec<(String, String)>, String> {
     items
         .iter()
         .map(|kv| match kv.split_once('=') {
-            Some((k, _)) if k.is_empty() => Err(format!("-e {kv:?}: empty variable name")),
+            Some(("", _)) => Err(format!("-e {kv:?}: empty variable name")),
             Some((k, v)) => Ok((k.to_string(), v.to_string())),
             None => Ok((kv.clone(), std::env::var(kv).unwrap_or_default())),
         })
