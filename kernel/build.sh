@@ -47,11 +47,11 @@ make -s ARCH=x86_64 olddefconfig >&2
 # would otherwise silently produce a kernel without the feature.
 missing=0
 while IFS= read -r line; do
-  case "$line" in CONFIG_*=*) ;; *) continue ;; esac
-  if ! grep -qx "$line" .config; then
-    echo "kernel/build.sh: $line did not stick (check its dependencies)" >&2
-    missing=1
-  fi
+  case "$line" in
+    CONFIG_*=*) grep -qx "$line" .config ;;
+    "# CONFIG_"*" is not set") ! grep -q "^$(echo "$line" | cut -d' ' -f2)=" .config ;;
+    *) continue ;;
+  esac || { echo "kernel/build.sh: '$line' did not stick (check its dependencies)" >&2; missing=1; }
 done < "$config"
 [ "$missing" = 0 ] || exit 1
 

@@ -440,7 +440,17 @@ fn docs(o: &Opts, accel: &AccelChoice, qemu: &str, e: &Execs, tables: &str) -> S
          - Inside the guest, a busybox shell loop spawning `/bin/true` costs ~6.5 ms per process \
          under TCG, so the 5 ms exec goal is out of reach under emulation whatever the channel \
          does; airlock's own share of the round trip (frames over virtio-serial, agent threads) \
-         is the rest. With KVM the process spawn is ~100x cheaper.\n",
+         is the rest. With KVM the process spawn is ~100x cheaper.\n\
+         - Per warm exec inside the guest (agent trace, TSC clock): parse + user lookup ~1 ms, \
+         fork until the child's exec succeeded 5-10 ms, the child (`true`, busybox) 5-8 ms, \
+         exit to Exit frame <1 ms. std spawns with fork here (pre_exec is needed for setsid, \
+         user and terminal; its posix_spawn path needs a chdir symbol a static binary lacks).\n\
+         - Guest kernel boot (`--kernel-arg printk.time=1 --kernel-arg initcall_debug`, then \
+         `dmesg`): the slowest initcalls are pty_init (~80 ms: 4096 legacy ptys), \
+         virtio_console_init, virtio_blk_init, kswapd_init, chr_dev_init, loop_init (10-30 ms \
+         each); 200-300 ms pass between the last initcall and freeing init memory, shared with \
+         the bare baseline. Candidates for next time: `CONFIG_LEGACY_PTYS=n`, no loop driver, \
+         the console on virtio-console instead of the 8250 UART.\n",
         machine(),
         accel.accel,
         accel.reason,

@@ -87,7 +87,18 @@ impl Registry {
             Ok(r) => r,
             Err(e) => return self.fail(stream, ExecErrorKind::Invalid, e.to_string()),
         };
-        if let Err((kind, msg)) = self.spawn(stream, req, hostname) {
+        let res = match req.builtin.as_deref() {
+            None => self.spawn(stream, req, hostname),
+            Some("apply-layer") if crate::setup::is_builder() => {
+                self.apply_layer(stream);
+                Ok(())
+            }
+            Some(b) => Err((
+                ExecErrorKind::Invalid,
+                format!("builtin {b:?} is not available in this VM"),
+            )),
+        };
+        if let Err((kind, msg)) = res {
             self.fail(stream, kind, msg);
         }
     }
@@ -266,6 +277,59 @@ impl Registry {
             std::thread::spawn(move || reg.pump_stdin(&e, sink, stdin_rx));
         }
         Ok(())
+    }
+
+    /// The `apply-layer` builtin: stdin is an uncompressed layer tar applied onto `/`.
+    fn apply_layer(self: &Arc<Self>, stream: u32) {
+        let (stdin_tx, stdin_rx) = channel::<StdinMsg>();
+        let entry = Arc::new(Entry {
+            stream,
+            pid: 0,
+            out: Mutex::new(Window::default()),
+            out_cv: Condvar::new(),
+            stdin_window: Mutex::new(Window::default()),
+            stdin: Mutex::new(Some(stdin_tx)),
+            pty: None,
+            progress: Mutex::new(Progress {
+                exit: None,
+                readers_left: 0,
+                done: false,
+            }),
+        });
+        self.by_stream.lock().unwrap().insert(stream, entry.clone());
+        self.tx
+            .send(Frame::json(Kind::Started, stream, &Started { pid: 0 }));
+        let reg = self.clone();
+        std::thread::spawn(move || {
+            let mut input = StdinReader {
+                reg: &reg,
+                e: &entry,
+                rx: stdin_rx,
+                buf: Vec::new(),
+                pos: 0,
+            };
+            let res = crate::unpack::apply_layer(&mut input);
+            // Drain to EOF so a host still sending never waits for credit that cannot come.
+            while input.fill() {}
+            // SAFETY: sync(2) has no preconditions.
+            unsafe { libc::sync() };
+            let code = match res {
+                Ok(_) => 0,
+                Err(msg) => {
+                    let msg = format!("apply-layer: {msg}\n").into_bytes();
+                    let n = entry.out.lock().unwrap().take(msg.len());
+                    reg.tx
+                        .send(Frame::new(Kind::Stderr, stream, msg[..n].to_vec()));
+                    1
+                }
+            };
+            entry.progress.lock().unwrap().exit = Some(ExitStatus {
+                code: Some(code),
+                signal: None,
+            });
+            entry.progress.lock().unwrap().done = true;
+            reg.finish(&entry);
+        });
     }
 
     /// Copies one output pipe to the host within the stream's window. After the process has
@@ -457,6 +521,47 @@ impl Registry {
                 self.finish(&e);
             }
         }
+    }
+}
+
+/// Stdin of a builtin as a `Read`, returning flow-control credit as it is consumed.
+struct StdinReader<'a> {
+    reg: &'a Registry,
+    e: &'a Entry,
+    rx: std::sync::mpsc::Receiver<StdinMsg>,
+    buf: Vec<u8>,
+    pos: usize,
+}
+
+impl StdinReader<'_> {
+    /// Takes the next chunk; false at end of input.
+    fn fill(&mut self) -> bool {
+        match self.rx.recv() {
+            Ok(StdinMsg::Data(d)) => {
+                let _ = self.e.stdin_window.lock().unwrap().grant(d.len() as u32);
+                self.reg
+                    .tx
+                    .send(Frame::credit(self.e.stream, d.len() as u32));
+                self.buf = d;
+                self.pos = 0;
+                true
+            }
+            Ok(StdinMsg::Eof) | Err(_) => false,
+        }
+    }
+}
+
+impl Read for StdinReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        while self.pos == self.buf.len() {
+            if !self.fill() {
+                return Ok(0);
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
     }
 }
 

@@ -9,6 +9,7 @@
 
 mod exec;
 mod setup;
+mod unpack;
 mod user;
 
 use std::fs::File;
@@ -46,9 +47,12 @@ fn main() {
 
 fn run() -> Result<(), String> {
     setup::early_mounts()?;
-    setup::mount_root()?;
-    setup::late_mounts()?;
+    // The port lives in the initramfs' /dev: open it before any root switch.
     let port = setup::open_control_port()?;
+    if !setup::enter_builder_target()? {
+        setup::mount_root()?;
+        setup::late_mounts()?;
+    }
     let writer = port
         .try_clone()
         .map_err(|e| format!("dup control port: {e}"))?;

@@ -12,6 +12,8 @@ use airlock_proto::Init;
 pub const CONTROL_PORT: &str = "airlock.0";
 /// virtio-blk serial of the read-only image disk.
 pub const ROOT_SERIAL: &str = "airlock-root";
+/// virtio-blk serial of an image-builder VM's target disk.
+pub const TARGET_SERIAL: &str = "airlock-target";
 /// virtio-blk serial of the per-sandbox writable disk.
 pub const SCRATCH_SERIAL: &str = "airlock-scratch";
 
@@ -59,6 +61,31 @@ fn disk_by_serial(serial: &str) -> Option<String> {
         }
     }
     None
+}
+
+static BUILDER: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this VM is an image builder (a target disk and no root disk).
+pub fn is_builder() -> bool {
+    BUILDER.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Image-builder VMs: mounts the empty target disk and makes it the root, so layer paths and
+/// absolute symlinks resolve inside the image being built. Returns false for a normal sandbox.
+pub fn enter_builder_target() -> Result<bool, String> {
+    if disk_by_serial(ROOT_SERIAL).is_some() {
+        return Ok(false);
+    }
+    let Some(target) = disk_by_serial(TARGET_SERIAL) else {
+        return Ok(false);
+    };
+    do_mount(&target, "/mnt/target", "ext4", MsFlags::MS_NOATIME, None)?;
+    nix::unistd::chroot("/mnt/target").map_err(|e| format!("chroot target: {e}"))?;
+    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
+    // mkfs made it; images do not have it (removal fails harmlessly if not empty).
+    let _ = fs::remove_dir("/lost+found");
+    BUILDER.store(true, std::sync::atomic::Ordering::Relaxed);
+    Ok(true)
 }
 
 /// Mounts the image read-only, the writable layer over it, and makes the overlay the root.

@@ -395,6 +395,10 @@ pub struct ExecRequest {
     /// Attach stdin. Otherwise the process reads from /dev/null.
     #[serde(default)]
     pub stdin: bool,
+    /// Run one of the agent's own operations instead of a program (`apply-layer`: stdin is an
+    /// uncompressed layer tar applied onto the root of an image-builder VM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builtin: Option<String>,
 }
 
 /// The process started.

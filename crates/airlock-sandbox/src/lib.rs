@@ -17,6 +17,7 @@
 pub mod assets;
 mod clock;
 mod conn;
+pub mod imagefs;
 pub mod rootfs;
 mod state;
 
@@ -124,6 +125,8 @@ pub struct SandboxSpec {
     pub ready_timeout: Duration,
     /// Extra kernel command-line words (diagnostics and tests).
     pub kernel_args: Vec<String>,
+    /// Image-builder VM: boot with only this empty ext4 as the agent's root (no image).
+    pub(crate) builder_target: Option<PathBuf>,
 }
 
 impl SandboxSpec {
@@ -138,6 +141,7 @@ impl SandboxSpec {
             accel: None,
             ready_timeout: Duration::from_secs(60),
             kernel_args: Vec::new(),
+            builder_target: None,
         }
     }
 }
@@ -157,6 +161,10 @@ pub struct ExecSpec {
     pub tty: Option<WinSize>,
     /// Attach stdin ([`ExecInput::write`]); otherwise the command reads /dev/null.
     pub stdin: bool,
+    /// An agent builtin instead of a program (internal: image building; the agent refuses it
+    /// outside a builder VM).
+    #[doc(hidden)]
+    pub builtin: Option<String>,
 }
 
 impl ExecSpec {
@@ -254,22 +262,46 @@ impl Sandbox {
             None => accel_from_env()?,
         };
         let accel = airlock_backend::detect_accel(forced);
-        let base = {
-            let src = spec.rootfs.clone();
-            tokio::task::spawn_blocking(move || src.prepare())
-                .await
-                .map_err(|e| Error::Setup(e.to_string()))??
-        };
-
         let id = new_id();
         let state = state::StateDir::create(&id)?;
-        let scratch = state.path().join("scratch.ext4");
-        {
-            let (s, mib) = (scratch.clone(), spec.disk_mib);
-            tokio::task::spawn_blocking(move || rootfs::create_scratch(&s, mib))
-                .await
-                .map_err(|e| Error::Setup(e.to_string()))??;
-        }
+        let disks = match &spec.builder_target {
+            Some(target) => vec![DiskConfig {
+                path: target.clone(),
+                read_only: false,
+                serial: "airlock-target".into(),
+            }],
+            None => {
+                let base = match &spec.rootfs {
+                    RootfsSource::Oci { store, image } => {
+                        // Boxed: building boots a (builder) sandbox itself.
+                        Box::pin(imagefs::build(store, image)).await?
+                    }
+                    src => {
+                        let src = src.clone();
+                        tokio::task::spawn_blocking(move || src.prepare())
+                            .await
+                            .map_err(|e| Error::Setup(e.to_string()))??
+                    }
+                };
+                let scratch = state.path().join("scratch.ext4");
+                let (s, mib) = (scratch.clone(), spec.disk_mib);
+                tokio::task::spawn_blocking(move || rootfs::create_scratch(&s, mib))
+                    .await
+                    .map_err(|e| Error::Setup(e.to_string()))??;
+                vec![
+                    DiskConfig {
+                        path: base,
+                        read_only: true,
+                        serial: "airlock-root".into(),
+                    },
+                    DiskConfig {
+                        path: scratch,
+                        read_only: false,
+                        serial: "airlock-scratch".into(),
+                    },
+                ]
+            }
+        };
 
         let (host_end, vm_end) = std::os::unix::net::UnixStream::pair()?;
         host_end.set_nonblocking(true)?;
@@ -284,18 +316,7 @@ impl Sandbox {
                 .join(" "),
             cpus: spec.cpus,
             memory_mib: spec.memory_mib,
-            disks: vec![
-                DiskConfig {
-                    path: base,
-                    read_only: true,
-                    serial: "airlock-root".into(),
-                },
-                DiskConfig {
-                    path: scratch,
-                    read_only: false,
-                    serial: "airlock-scratch".into(),
-                },
-            ],
+            disks,
             control: vm_end.into(),
             console_log: state.console_log(),
             accel: accel.accel,
@@ -442,6 +463,7 @@ impl Sandbox {
             user: spec.user,
             tty: spec.tty,
             stdin: spec.stdin,
+            builtin: spec.builtin,
         };
         let frame = Frame::json(Kind::Exec, id, &req);
         if frame.payload.len() > airlock_proto::MAX_PAYLOAD {

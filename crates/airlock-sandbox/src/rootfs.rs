@@ -22,6 +22,14 @@ pub enum RootfsSource {
     Dir(PathBuf),
     /// An ext4 (or erofs) filesystem image, used as it is, read-only.
     Image(PathBuf),
+    /// An OCI image from the store at `store`; its layers are applied once, inside a builder
+    /// VM, into a cached ext4 image (see [`crate::imagefs`]).
+    Oci {
+        /// Image store directory.
+        store: PathBuf,
+        /// The stored image.
+        image: Box<airlock_image::ImageRecord>,
+    },
 }
 
 impl RootfsSource {
@@ -47,6 +55,9 @@ impl RootfsSource {
                 Ok(p.clone())
             }
             RootfsSource::Dir(d) => dir_image(d),
+            RootfsSource::Oci { .. } => Err(Error::Rootfs(
+                "OCI images are built asynchronously by Sandbox::start".into(),
+            )),
         }
     }
 }
@@ -128,42 +139,41 @@ fn dir_image(dir: &Path) -> Result<PathBuf, Error> {
         .map_err(|e| Error::Rootfs(format!("create {}: {e}", cache.display())))?;
     let inodes = files + files / 4 + 1024;
     let size = bytes + bytes / 4 + inodes * 256 + 32 * 1024 * 1024;
-    let tmp = cache.join(format!("dir-{fp}.ext4.tmp{}", std::process::id()));
+    let inodes = inodes.to_string();
+    let size = format!("{}k", size.div_ceil(1024));
+    let args = [
+        "-E".into(),
+        "root_owner=0:0".into(),
+        "-N".into(),
+        inodes.into(),
+        "-d".into(),
+        dir.as_os_str().to_owned(),
+    ];
+    mkfs_ext4(&args, &out, &size)
+        .map_err(|e| Error::Rootfs(format!("packing {}: {e}", dir.display())))?;
+    Ok(out)
+}
+
+/// Runs `mkfs.ext4` (no journal, no reserved blocks, plus `args`) into a temporary file and
+/// renames it to `out`, so readers never see a half-made image.
+pub(crate) fn mkfs_ext4(args: &[std::ffi::OsString], out: &Path, size: &str) -> Result<(), String> {
+    let tmp = out.with_extension(format!("tmp{}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     let st = Command::new("mkfs.ext4")
-        .args([
-            "-q",
-            "-F",
-            "-O",
-            "^has_journal",
-            "-m",
-            "0",
-            "-E",
-            "root_owner=0:0",
-            "-N",
-        ])
-        .arg(inodes.to_string())
-        .arg("-d")
-        .arg(dir)
+        .args(["-q", "-F", "-O", "^has_journal", "-m", "0"])
+        .args(args)
         .arg(&tmp)
-        .arg(format!("{}k", size.div_ceil(1024)))
+        .arg(size)
         .output()
-        .map_err(|e| {
-            Error::Rootfs(format!(
-                "run mkfs.ext4: {e} (install it with: apt-get install e2fsprogs)"
-            ))
-        })?;
+        .map_err(|e| format!("run mkfs.ext4: {e} (install it with: apt-get install e2fsprogs)"))?;
     if !st.status.success() {
         let _ = std::fs::remove_file(&tmp);
-        return Err(Error::Rootfs(format!(
-            "mkfs.ext4 -d {} failed: {}",
-            dir.display(),
+        return Err(format!(
+            "mkfs.ext4 failed: {}",
             String::from_utf8_lossy(&st.stderr).trim()
-        )));
+        ));
     }
-    std::fs::rename(&tmp, &out)
-        .map_err(|e| Error::Rootfs(format!("rename {}: {e}", out.display())))?;
-    Ok(out)
+    std::fs::rename(&tmp, out).map_err(|e| format!("rename {}: {e}", out.display()))
 }
 
 /// A pristine, empty, sparse ext4 of `size_mib`, made once and cached.
@@ -178,37 +188,15 @@ fn scratch_template(size_mib: u64) -> Result<PathBuf, Error> {
     }
     std::fs::create_dir_all(&dir)
         .map_err(|e| Error::Rootfs(format!("create {}: {e}", dir.display())))?;
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let st = Command::new("mkfs.ext4")
-        .args([
-            "-q",
-            "-F",
-            "-O",
-            "^has_journal",
-            "-m",
-            "0",
-            "-E",
-            "lazy_itable_init=1,nodiscard",
-            "-L",
-            "airlock-scratch",
-        ])
-        .arg(&tmp)
-        .arg(format!("{size_mib}M"))
-        .output()
-        .map_err(|e| {
-            Error::Rootfs(format!(
-                "run mkfs.ext4: {e} (install it with: apt-get install e2fsprogs)"
-            ))
-        })?;
-    if !st.status.success() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::Rootfs(format!(
-            "mkfs.ext4 scratch: {}",
-            String::from_utf8_lossy(&st.stderr).trim()
-        )));
-    }
-    std::fs::rename(&tmp, &path)
-        .map_err(|e| Error::Rootfs(format!("rename {}: {e}", path.display())))?;
+    let args = [
+        "-E",
+        "lazy_itable_init=1,nodiscard",
+        "-L",
+        "airlock-scratch",
+    ]
+    .map(Into::into);
+    mkfs_ext4(&args, &path, &format!("{size_mib}M"))
+        .map_err(|e| Error::Rootfs(format!("scratch template: {e}")))?;
     Ok(path)
 }
 

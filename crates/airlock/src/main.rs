@@ -5,6 +5,7 @@
 //! command cannot be executed; 127 when it was not found.
 
 mod doctor;
+mod image;
 mod term;
 
 use std::io::Write;
@@ -32,16 +33,72 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Boot a fresh sandbox, run a command in it, and remove it.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Say which accelerator would run, where the guest kernel and agent are, and what is missing.
     Doctor,
+    /// Pull an image from a registry into the local store.
+    Pull {
+        /// Image reference (`alpine`, `ghcr.io/org/app:1`, `host:5000/name@sha256:…`).
+        image: String,
+        /// Platform to pick from a multi-platform image.
+        #[arg(long, default_value = "linux/amd64")]
+        platform: String,
+        /// Registry (host or host:port) that may be reached over plain HTTP; loopback always may.
+        #[arg(long = "insecure-registry", value_name = "HOST")]
+        insecure_registry: Vec<String>,
+    },
+    /// Manage stored images.
+    #[command(subcommand)]
+    Image(ImageCmd),
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// List stored images.
+    Ls {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove images (their blobs go with the next gc).
+    Rm {
+        #[arg(required = true)]
+        images: Vec<String>,
+    },
+    /// Delete blobs no image references.
+    Gc,
+    /// Import a `docker save` or OCI-layout tarball, from FILE or stdin.
+    Import {
+        /// Name to store it under.
+        tag: String,
+        /// Tarball (default or `-`: stdin).
+        file: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Args)]
 struct RunArgs {
-    /// Root filesystem: a directory or an ext4 image file.
+    /// OCI image to run (pulled on first use); its Entrypoint, Cmd, Env, WorkingDir and User
+    /// apply unless overridden.
+    #[arg(
+        long,
+        value_name = "IMAGE",
+        conflicts_with = "rootfs",
+        required_unless_present = "rootfs"
+    )]
+    image: Option<String>,
+    /// Root filesystem instead of an image: a directory or an ext4 image file.
     #[arg(long, value_name = "PATH")]
-    rootfs: std::path::PathBuf,
+    rootfs: Option<std::path::PathBuf>,
+    /// Override the image's entrypoint ("" clears it).
+    #[arg(long)]
+    entrypoint: Option<String>,
+    /// Platform to pull (with --image).
+    #[arg(long, default_value = "linux/amd64")]
+    platform: String,
+    /// Registry that may be reached over plain HTTP when pulling; loopback always may.
+    #[arg(long = "insecure-registry", value_name = "HOST")]
+    insecure_registry: Vec<String>,
     /// Set an environment variable (K=V), or pass K from this environment.
     #[arg(short = 'e', long = "env", value_name = "K=V")]
     env: Vec<String>,
@@ -75,8 +132,8 @@ struct RunArgs {
     /// Extra guest kernel command-line word (diagnostics, e.g. `printk.time=1 loglevel=7`).
     #[arg(long = "kernel-arg", value_name = "ARG", hide = true)]
     kernel_args: Vec<String>,
-    /// Command and arguments.
-    #[arg(last = true, required = true, value_name = "CMD")]
+    /// Command and arguments (default with --image: the image's Entrypoint and Cmd).
+    #[arg(last = true, value_name = "CMD")]
     cmd: Vec<String>,
 }
 
@@ -87,22 +144,42 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap_or_else(|e| {
+                eprintln!("airlock: cannot start runtime: {e}");
+                std::process::exit(EXIT_SANDBOX_FAILED);
+            })
+    };
+    let done = |r: Result<(), String>| match r {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("airlock: {e}");
+            1
+        }
+    };
     let code = match cli.cmd {
         Cmd::Doctor => doctor::run(),
-        Cmd::Run(a) => {
-            let rt = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("airlock: cannot start runtime: {e}");
-                    std::process::exit(EXIT_SANDBOX_FAILED);
-                }
-            };
-            rt.block_on(run(a))
-        }
+        Cmd::Pull {
+            image,
+            platform,
+            insecure_registry,
+        } => done(
+            runtime()
+                .block_on(image::pull(&image, Some(&platform), &insecure_registry))
+                .map(|rec| println!("{}\n{}", rec.reference, rec.manifest_digest)),
+        ),
+        Cmd::Image(ImageCmd::Ls { json }) => done(image::ls(json)),
+        Cmd::Image(ImageCmd::Rm { images }) => done(image::rm(&images)),
+        Cmd::Image(ImageCmd::Gc) => done(image::gc()),
+        Cmd::Image(ImageCmd::Import { tag, file }) => done(
+            image::import(&tag, file.as_deref())
+                .map(|rec| println!("{}\n{}", rec.reference, rec.manifest_digest)),
+        ),
+        Cmd::Run(a) => runtime().block_on(run(*a)),
     };
     std::process::exit(code);
 }
@@ -132,13 +209,14 @@ async fn run(a: RunArgs) -> i32 {
             return EXIT_SANDBOX_FAILED;
         }
     }
-    let rootfs = match RootfsSource::from_path(&a.rootfs) {
+    let (rootfs, argv, image_env, image_cwd, image_user) = match resolve_root(&a).await {
         Ok(r) => r,
         Err(e) => {
             eprintln!("airlock: {e}");
             return EXIT_SANDBOX_FAILED;
         }
     };
+    let env: Vec<(String, String)> = image_env.into_iter().chain(env).collect();
     let mut spec = SandboxSpec::new(rootfs);
     spec.cpus = a.cpus;
     spec.memory_mib = a.memory;
@@ -169,20 +247,64 @@ async fn run(a: RunArgs) -> i32 {
         .tty
         .then(term::local_size)
         .map(|s| s.unwrap_or(WinSize { rows: 24, cols: 80 }));
-    let spec = ExecSpec {
-        argv: a.cmd.clone(),
-        env,
-        cwd: a.workdir.clone(),
-        user: a.user.clone(),
-        tty,
-        stdin: a.interactive,
-    };
+    let mut spec = ExecSpec::new(argv);
+    spec.env = env;
+    spec.cwd = a.workdir.clone().or(image_cwd);
+    spec.user = a.user.clone().or(image_user);
+    spec.tty = tty;
+    spec.stdin = a.interactive;
     let code = run_command(&sb, spec, a.interactive, a.timeout, &mut signals).await;
     // The sandbox is thrown away with its writable layer, so there is nothing to flush:
     // killing the VM (what dropping it does) is faster than a guest shutdown.
     drop(sb);
     tracing::debug!(code, "sandbox removed");
     code
+}
+
+type Root = (
+    RootfsSource,
+    Vec<String>,
+    Vec<(String, String)>,
+    Option<String>,
+    Option<String>,
+);
+
+/// The root filesystem and the command's defaults: from `--rootfs`, or from `--image`
+/// (pulled if it is not in the store yet).
+async fn resolve_root(a: &RunArgs) -> Result<Root, String> {
+    if let Some(path) = &a.rootfs {
+        if a.cmd.is_empty() {
+            return Err("no command given: airlock run --rootfs PATH -- CMD [ARG...]".into());
+        }
+        let r = RootfsSource::from_path(path).map_err(|e| e.to_string())?;
+        return Ok((r, a.cmd.clone(), Vec::new(), None, None));
+    }
+    let name = a.image.as_deref().unwrap_or_default();
+    let (store, rec) = match image::resolve(name)? {
+        Some(found) => found,
+        None => {
+            image::pull(name, Some(&a.platform), &a.insecure_registry).await?;
+            image::resolve(name)?
+                .ok_or_else(|| format!("{name}: not in the store after pulling"))?
+        }
+    };
+    let config = store.image_config(&rec).map_err(|e| e.to_string())?;
+    let argv = airlock_sandbox::imagefs::command(&config, a.entrypoint.as_deref(), &a.cmd);
+    if argv.is_empty() {
+        return Err(format!(
+            "{name} has no Entrypoint or Cmd: give a command after --"
+        ));
+    }
+    let root = RootfsSource::Oci {
+        store: store.root().to_path_buf(),
+        image: Box::new(rec),
+    };
+    let cwd = config
+        .working_dir()
+        .filter(|w| !w.is_empty())
+        .map(String::from);
+    let user = config.user().filter(|u| !u.is_empty()).map(String::from);
+    Ok((root, argv, config.env_pairs(), cwd, user))
 }
 
 async fn run_command(
@@ -311,7 +433,14 @@ mod tests {
             "airlock", "run", "--rootfs", "/r", "--cpus", "0", "--", "true"
         ])
         .is_err());
-        assert!(Cli::try_parse_from(["airlock", "run", "--rootfs", "/r"]).is_err());
+        assert!(
+            Cli::try_parse_from(["airlock", "run", "--", "true"]).is_err(),
+            "needs --image or --rootfs"
+        );
+        assert!(Cli::try_parse_from([
+            "airlock", "run", "--rootfs", "/r", "--image", "x", "--", "true"
+        ])
+        .is_err());
         assert!(Cli::try_parse_from([
             "airlock", "run", "--rootfs", "/r", "--accel", "hvf", "--", "true"
         ])

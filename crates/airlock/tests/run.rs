@@ -52,6 +52,28 @@ fn run(args: &[&str]) -> std::process::Output {
     out
 }
 
+/// Starts `airlock run ARGS` and waits until the command printed "up\n".
+fn start_until_up(
+    args: &[&str],
+) -> (
+    std::process::Child,
+    std::process::ChildStdout,
+    tempfile::TempDir,
+) {
+    let (mut c, rt) = airlock(args);
+    let mut child = c
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut b = [0u8; 3];
+    stdout.read_exact(&mut b).unwrap();
+    assert_eq!(&b, b"up\n");
+    (child, stdout, rt)
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -228,17 +250,7 @@ fn alive(pid: u32) -> bool {
 
 #[test]
 fn kill_9_of_airlock_leaves_no_qemu() {
-    let (mut c, _rt) = airlock(&["--", "sh", "-c", "echo up; sleep 300"]);
-    let mut child = c
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let mut b = [0u8; 3];
-    stdout.read_exact(&mut b).unwrap();
-    assert_eq!(&b, b"up\n");
+    let (mut child, _stdout, _rt) = start_until_up(&["--", "sh", "-c", "echo up; sleep 300"]);
     let qemu: Vec<u32> = children(child.id());
     assert!(!qemu.is_empty(), "no VM process found under airlock");
     child.kill().unwrap(); // SIGKILL
@@ -267,22 +279,12 @@ fn doctor_reports_accelerator() {
 
 #[test]
 fn ctrl_c_is_forwarded_to_the_command() {
-    let (mut c, _rt) = airlock(&[
+    let (mut child, mut stdout, _rt) = start_until_up(&[
         "--",
         "sh",
         "-c",
         "trap 'echo got-int; exit 42' INT; echo up; while :; do sleep 0.1; done",
     ]);
-    let mut child = c
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    let mut b = [0u8; 3];
-    stdout.read_exact(&mut b).unwrap();
-    assert_eq!(&b, b"up\n");
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let mut rest = String::new();

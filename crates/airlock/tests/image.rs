@@ -1,0 +1,97 @@
+//! `airlock image import|ls|rm|gc` and `airlock pull` through the CLI, with real image tools
+//! (umoci, skopeo) building the tarballs. The registry paths are covered in depth by
+//! airlock-image's own tests; here the commands' parsing, printing and exit codes are.
+
+#[path = "../../airlock-image/tests/common/mod.rs"]
+mod common;
+
+use std::process::Command;
+
+fn airlock(data: &std::path::Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(args)
+        .env("AIRLOCK_DATA_DIR", data)
+        .output()
+        .unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn import_ls_rm_gc() {
+    let work = tempfile::tempdir().unwrap();
+    let layout = common::build_layout(work.path());
+    let tar = work.path().join("bb.tar");
+    common::skopeo_copy(&[
+        &format!("oci:{}:bb", layout.dir.display()),
+        &format!("oci-archive:{}:bb", tar.display()),
+    ]);
+    let data = work.path().join("data");
+
+    let out = airlock(
+        &data,
+        &["image", "import", "local/bb:1", tar.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains(&layout.amd64_manifest),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let out = airlock(&data, &["image", "ls", "--json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(rows[0]["digest"], layout.amd64_manifest.as_str());
+    assert!(rows[0]["reference"]
+        .as_str()
+        .unwrap()
+        .contains("local/bb:1"));
+    let out = airlock(&data, &["image", "ls"]);
+    assert!(text(&out.stdout).contains("local/bb:1"));
+
+    let out = airlock(&data, &["image", "rm", "local/bb:1", "nope:1"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "removing a missing image must fail"
+    );
+    assert!(text(&out.stdout).contains("removed"));
+    assert!(text(&out.stderr).contains("nope:1"));
+    let out = airlock(&data, &["image", "gc"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(text(&out.stdout).starts_with("freed "));
+    assert!(
+        !text(&out.stdout).starts_with("freed 0 B"),
+        "{}",
+        text(&out.stdout)
+    );
+
+    let out = airlock(&data, &["image", "import", "bad", "/etc/hostname"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!text(&out.stderr).is_empty());
+}
+
+#[test]
+fn pull_errors_are_clear() {
+    let data = tempfile::tempdir().unwrap();
+    let out = airlock(data.path(), &["pull", "Bad Reference!"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!text(&out.stderr).is_empty());
+    // A loopback port with nothing listening: a clean error, no hang, nothing stored.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let out = airlock(data.path(), &["pull", &format!("127.0.0.1:{port}/x/y:1")]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains(&port.to_string()),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = airlock(data.path(), &["pull", "--platform", "plan9", "busybox"]);
+    assert_eq!(out.status.code(), Some(1));
+}
