@@ -16,16 +16,16 @@ use std::path::{Path, PathBuf};
 
 use airlock_image::{ImageConfig, ImageRecord, Store};
 
-use crate::assets::cache_dir;
 use crate::{Error, ExecEvent, ExecSpec, Sandbox, SandboxSpec};
 
-/// Where the built root filesystem of `image` is cached.
-pub fn cached_path(image: &ImageRecord) -> PathBuf {
+/// Where the built root filesystem of `image` is kept: beside the store's blobs, so the
+/// store's garbage collection can see it.
+pub fn cached_path(store: &Path, image: &ImageRecord) -> PathBuf {
     let hex = image
         .manifest_digest
         .split_once(':')
         .map_or(image.manifest_digest.as_str(), |(_, h)| h);
-    cache_dir()
+    store
         .join("rootfs")
         .join(format!("oci-{}.ext4", &hex[..hex.len().min(32)]))
 }
@@ -47,7 +47,7 @@ fn layer_reader(path: &Path) -> Result<Box<dyn Read + Send>, String> {
 
 /// Builds (or reuses) the root filesystem image of `image` from the store at `store`.
 pub async fn build(store: &Path, image: &ImageRecord) -> Result<PathBuf, Error> {
-    let out = cached_path(image);
+    let out = cached_path(store, image);
     if out.is_file() {
         return Ok(out);
     }

@@ -147,9 +147,29 @@ pub fn rm(images: &[String]) -> Result<(), String> {
     }
 }
 
-/// `airlock image gc`.
+/// `airlock image gc`: blobs no image references, and root filesystems built for images
+/// that are gone.
 pub fn gc() -> Result<(), String> {
-    let freed = open_store()?.gc().map_err(|e| e.to_string())?;
+    let store = open_store()?;
+    let mut freed = store.gc().map_err(|e| e.to_string())?;
+    let keep: std::collections::HashSet<_> = store
+        .list()
+        .map_err(|e| e.to_string())?
+        .iter()
+        .map(|i| airlock_sandbox::imagefs::cached_path(store.root(), i))
+        .collect();
+    let dir = store.root().join("rootfs");
+    for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        let built = e.file_name().to_string_lossy().starts_with("oci-");
+        if built && !keep.contains(&p) {
+            freed += e
+                .metadata()
+                .map(|m| std::os::unix::fs::MetadataExt::blocks(&m) * 512)
+                .unwrap_or(0);
+            let _ = std::fs::remove_file(&p);
+        }
+    }
     println!("freed {}", human(freed));
     Ok(())
 }

@@ -120,6 +120,9 @@ struct RunArgs {
     /// Guest memory in MiB.
     #[arg(long, value_name = "MB", default_value_t = airlock_sandbox::DEFAULT_MEMORY_MIB, value_parser = clap::value_parser!(u32).range(64..=1048576))]
     memory: u32,
+    /// Size of the sandbox's writable layer in MiB (sparse: only what is written uses disk).
+    #[arg(long = "disk-size", value_name = "MB", default_value_t = airlock_sandbox::DEFAULT_DISK_MIB, value_parser = clap::value_parser!(u64).range(64..=16 * 1024 * 1024))]
+    disk_size: u64,
     /// Kill the command after this many seconds (exit code 124).
     #[arg(long, value_name = "SECS")]
     timeout: Option<f64>,
@@ -220,6 +223,7 @@ async fn run(a: RunArgs) -> i32 {
     let mut spec = SandboxSpec::new(rootfs);
     spec.cpus = a.cpus;
     spec.memory_mib = a.memory;
+    spec.disk_mib = a.disk_size;
     spec.accel = a.accel;
     spec.hostname = a.hostname.clone();
     spec.kernel_args = a.kernel_args.clone();

@@ -95,3 +95,57 @@ fn pull_errors_are_clear() {
     let out = airlock(data.path(), &["pull", "--platform", "plan9", "busybox"]);
     assert_eq!(out.status.code(), Some(1));
 }
+
+#[test]
+fn run_image_pulls_on_first_use_from_a_real_registry() {
+    let work = tempfile::tempdir().unwrap();
+    let reg = common::Registry::start(work.path());
+    let layout = common::build_layout(work.path());
+    let image = format!("{}/test/bb:1", reg.host());
+    common::skopeo_copy(&[
+        "--dest-tls-verify=false",
+        &format!("oci:{}:bb", layout.dir.display()),
+        &format!("docker://{image}"),
+    ]);
+    let data = work.path().join("data");
+    let out = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args([
+            "run",
+            "--image",
+            &image,
+            "--",
+            "/bin/busybox",
+            "echo",
+            "pulled and ran",
+        ])
+        .env("AIRLOCK_DATA_DIR", &data)
+        .env("AIRLOCK_RUNTIME_DIR", work.path().join("rt"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        text(&out.stdout),
+        "pulled and ran\n",
+        "{}",
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stderr).contains("pulled"),
+        "progress shown: {}",
+        text(&out.stderr)
+    );
+    // Second run: from the store, nothing pulled.
+    drop(reg);
+    let out = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["run", "--image", &image, "--", "/bin/busybox", "true"])
+        .env("AIRLOCK_DATA_DIR", &data)
+        .env("AIRLOCK_RUNTIME_DIR", work.path().join("rt"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let out = airlock(&data, &["pull", &image]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "registry is gone, pull must fail"
+    );
+}

@@ -335,3 +335,21 @@ fn guest_clock_is_precise_and_set() {
         "guest clock {guest} vs host {host}"
     );
 }
+
+#[test]
+fn disk_size_sets_the_writable_layer() {
+    let out = run(&["--disk-size", "300", "--", "sh", "-c", "df -m / | tail -n1"]);
+    let s = text(&out.stdout);
+    let total: u64 = s
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("0")
+        .parse()
+        .unwrap_or(0);
+    assert!(
+        (200..=300).contains(&total),
+        "overlay size {total} MiB for --disk-size 300: {s}"
+    );
+    let out = run(&["--disk-size", "1", "--", "true"]);
+    assert_eq!(out.status.code(), Some(2), "clap rejects a too small disk");
+}

@@ -281,7 +281,7 @@ fn image_layers_come_out_exactly_and_config_is_honoured() {
     assert_eq!(text(&out.stdout), "plain\n", "{}", text(&out.stderr));
 
     // The built root is cached per manifest: a second image build is not needed.
-    let cached: Vec<_> = std::fs::read_dir(airlock_cache().join("rootfs"))
+    let cached: Vec<_> = std::fs::read_dir(data.join("images/rootfs"))
         .unwrap()
         .flatten()
         .collect();
@@ -317,12 +317,4 @@ fn hostile_layer_is_refused_without_touching_the_host() {
     assert_eq!(out.status.code(), Some(125));
     assert!(text(&out.stderr).contains(".."), "{}", text(&out.stderr));
     assert!(!Path::new("/tmp/pwned!").exists());
-}
-
-fn airlock_cache() -> std::path::PathBuf {
-    std::env::var("AIRLOCK_CACHE_DIR")
-        .map(Into::into)
-        .unwrap_or_else(|_| {
-            std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/airlock")
-        })
 }
