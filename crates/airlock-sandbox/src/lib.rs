@@ -273,6 +273,7 @@ impl Sandbox {
             None => {
                 let base = match &spec.rootfs {
                     RootfsSource::Oci { store, image } => {
+                        state.set_image(&image.manifest_digest)?;
                         // Boxed: building boots a (builder) sandbox itself.
                         Box::pin(imagefs::build(store, image)).await?
                     }
@@ -687,6 +688,11 @@ pub fn guest_kernel_args(accel: Accel) -> Vec<String> {
             .collect(),
         Accel::Kvm => Vec::new(),
     }
+}
+
+/// Live sandboxes by the image manifest digest they run (for refusing `image rm`).
+pub fn images_in_use() -> std::collections::HashMap<String, Vec<String>> {
+    state::images_in_use()
 }
 
 /// Paths Airlock uses on this host, for diagnostics.

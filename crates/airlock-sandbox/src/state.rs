@@ -58,6 +58,11 @@ impl StateDir {
         &self.path
     }
 
+    /// Records which image the sandbox runs, so `image rm` can refuse it while in use.
+    pub fn set_image(&self, manifest_digest: &str) -> std::io::Result<()> {
+        std::fs::write(self.path.join("image"), manifest_digest)
+    }
+
     /// The guest console log.
     pub fn console_log(&self) -> PathBuf {
         self.path.join("console.log")
@@ -76,6 +81,29 @@ impl Drop for StateDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
     }
+}
+
+/// Ids of live sandboxes (their owner holds the lock) using each image manifest digest.
+pub fn images_in_use() -> std::collections::HashMap<String, Vec<String>> {
+    let mut used: std::collections::HashMap<String, Vec<String>> = Default::default();
+    let Ok(entries) = std::fs::read_dir(runtime_dir()) else {
+        return used;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        let Ok(digest) = std::fs::read_to_string(p.join("image")) else {
+            continue;
+        };
+        let Ok(f) = File::open(p.join("lock")) else {
+            continue;
+        };
+        if !try_lock(&f) {
+            used.entry(digest.trim().to_string())
+                .or_default()
+                .push(e.file_name().to_string_lossy().into_owned());
+        }
+    }
+    used
 }
 
 /// Removes state directories whose owner is gone.

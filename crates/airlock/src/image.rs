@@ -130,12 +130,22 @@ pub fn ls(json: bool) -> Result<(), String> {
 /// `airlock image rm`.
 pub fn rm(images: &[String]) -> Result<(), String> {
     let store = open_store()?;
+    let in_use = airlock_sandbox::images_in_use();
     let mut failed = Vec::new();
     for name in images {
-        match Reference::parse(name)
+        let removed = Reference::parse(name)
             .map_err(|e| e.to_string())
-            .and_then(|r| store.remove(&r).map_err(|e| e.to_string()))
-        {
+            .and_then(|r| {
+                let rec = store.resolve(&r).map_err(|e| e.to_string())?;
+                if let Some(ids) = in_use.get(&rec.manifest_digest) {
+                    return Err(format!(
+                        "in use by running sandbox(es) {}: stop them first",
+                        ids.join(", ")
+                    ));
+                }
+                store.remove(&r).map_err(|e| e.to_string())
+            });
+        match removed {
             Ok(rec) => println!("removed {}", rec.reference),
             Err(e) => failed.push(format!("{name}: {e}")),
         }

@@ -149,3 +149,58 @@ fn run_image_pulls_on_first_use_from_a_real_registry() {
         "registry is gone, pull must fail"
     );
 }
+
+#[test]
+fn rm_refuses_an_image_in_use() {
+    let work = tempfile::tempdir().unwrap();
+    let layout = common::build_layout(work.path());
+    let tar = work.path().join("bb.tar");
+    common::skopeo_copy(&[
+        &format!("oci:{}:bb", layout.dir.display()),
+        &format!("oci-archive:{}:bb", tar.display()),
+    ]);
+    let (data, rt) = (work.path().join("data"), work.path().join("rt"));
+    let out = airlock(
+        &data,
+        &["image", "import", "local/busy:1", tar.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args([
+            "run",
+            "--image",
+            "local/busy:1",
+            "--",
+            "/bin/busybox",
+            "sh",
+            "-c",
+            "echo up; sleep 60",
+        ])
+        .env("AIRLOCK_DATA_DIR", &data)
+        .env("AIRLOCK_RUNTIME_DIR", &rt)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut b = [0u8; 3];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut b).unwrap();
+    let rm = |data: &std::path::Path| {
+        Command::new(env!("CARGO_BIN_EXE_airlock"))
+            .args(["image", "rm", "local/busy:1"])
+            .env("AIRLOCK_DATA_DIR", data)
+            .env("AIRLOCK_RUNTIME_DIR", &rt)
+            .output()
+            .unwrap()
+    };
+    let out = rm(&data);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("in use"),
+        "{}",
+        text(&out.stderr)
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let out = rm(&data);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+}
