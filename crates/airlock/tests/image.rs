@@ -15,6 +15,17 @@ fn airlock(data: &std::path::Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// The umoci-built busybox image as an OCI archive (made by skopeo).
+fn busybox_archive(work: &std::path::Path) -> (common::Layout, std::path::PathBuf) {
+    let layout = common::build_layout(work);
+    let tar = work.join("bb.tar");
+    common::skopeo_copy(&[
+        &format!("oci:{}:bb", layout.dir.display()),
+        &format!("oci-archive:{}:bb", tar.display()),
+    ]);
+    (layout, tar)
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -22,12 +33,7 @@ fn text(b: &[u8]) -> String {
 #[test]
 fn import_ls_rm_gc() {
     let work = tempfile::tempdir().unwrap();
-    let layout = common::build_layout(work.path());
-    let tar = work.path().join("bb.tar");
-    common::skopeo_copy(&[
-        &format!("oci:{}:bb", layout.dir.display()),
-        &format!("oci-archive:{}:bb", tar.display()),
-    ]);
+    let (layout, tar) = busybox_archive(work.path());
     let data = work.path().join("data");
 
     let out = airlock(
@@ -153,12 +159,7 @@ fn run_image_pulls_on_first_use_from_a_real_registry() {
 #[test]
 fn rm_refuses_an_image_in_use() {
     let work = tempfile::tempdir().unwrap();
-    let layout = common::build_layout(work.path());
-    let tar = work.path().join("bb.tar");
-    common::skopeo_copy(&[
-        &format!("oci:{}:bb", layout.dir.display()),
-        &format!("oci-archive:{}:bb", tar.display()),
-    ]);
+    let (_layout, tar) = busybox_archive(work.path());
     let (data, rt) = (work.path().join("data"), work.path().join("rt"));
     let out = airlock(
         &data,
