@@ -318,3 +318,34 @@ fn hostile_layer_is_refused_without_touching_the_host() {
     assert!(text(&out.stderr).contains(".."), "{}", text(&out.stderr));
     assert!(!Path::new("/tmp/pwned!").exists());
 }
+
+/// A real Debian image (debootstrap: curl, python3, git, ca-certificates), built once by
+/// scripts/mkimage-debian and cached between runs in the default store.
+#[test]
+fn debian_image_runs_real_tools() {
+    let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts");
+    let out = Command::new(scripts.join("mkimage-debian"))
+        .env("AIRLOCK_BIN", env!("CARGO_BIN_EXE_airlock"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mkimage-debian: {}",
+        text(&out.stderr)
+    );
+    let rt = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["run", "--image", "demo/debian:bookworm", "-u", "nobody", "--", "sh", "-c"])
+        .arg("python3 -c 'import ssl, sys; print(sys.version_info[:2] >= (3, 11), ssl.OPENSSL_VERSION[:7])'; \
+              git --version | cut -d' ' -f1-2; curl --version | head -n1 | cut -d' ' -f1; \
+              ls /etc/ssl/certs/ca-certificates.crt; id -un; ls -ld /usr/bin/passwd 2>/dev/null | cut -c1-10")
+        .env("AIRLOCK_RUNTIME_DIR", rt.path())
+        .output()
+        .unwrap();
+    assert_eq!(
+        text(&out.stdout),
+        "True OpenSSL\ngit version\ncurl\n/etc/ssl/certs/ca-certificates.crt\nnobody\n-rwsr-xr-x\n",
+        "{}",
+        text(&out.stderr)
+    );
+}
