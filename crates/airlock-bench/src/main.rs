@@ -184,17 +184,7 @@ async fn bench_boot(o: &Opts, accel: Accel, rootfs: &Path) -> Result<Boot> {
     let kernel = airlock_sandbox::assets::kernel()?;
     let initrd = baseline_initramfs(tmp.path())?;
     let qemu = Qemu::default().binary;
-    let bin_dir = std::env::current_exe()?
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    let airlock = bin_dir.join("airlock");
-    if !airlock.is_file() {
-        bail!(
-            "{} missing: build it with cargo build --release -p airlock",
-            airlock.display()
-        );
-    }
+    let airlock = airlock_bin()?;
     let airlock_cmd = || {
         let mut c = tokio::process::Command::new(&airlock);
         c.arg("run")
@@ -247,6 +237,87 @@ async fn bench_boot(o: &Opts, accel: Accel, rootfs: &Path) -> Result<Boot> {
         list(&b.airlock)
     );
     Ok(b)
+}
+
+/// The `airlock` binary next to this one.
+fn airlock_bin() -> Result<PathBuf> {
+    let bin_dir = std::env::current_exe()?
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    let airlock = bin_dir.join("airlock");
+    if !airlock.is_file() {
+        bail!(
+            "{} missing: build it with cargo build --release -p airlock",
+            airlock.display()
+        );
+    }
+    Ok(airlock)
+}
+
+/// Small and large image, as scripts/bench prepares them.
+const SMALL_IMAGE: &str = "demo/busybox:latest";
+const LARGE_IMAGE: &str = "demo/debian:bookworm";
+/// Goal: starting a large image costs at most 5 % more than a tiny one.
+const IMAGE_RATIO_GOAL: f64 = 1.05;
+
+/// Sandbox start (spawn to ready, through the Rust API) from a tiny and a large image,
+/// interleaved, after one uncounted start of each (which builds their root filesystems if
+/// needed). Start only: the images' own programs differ (Debian's are dynamically linked).
+async fn bench_images(o: &Opts) -> Result<(Vec<Duration>, Vec<Duration>)> {
+    let store = airlock_image::Store::open_default()?;
+    let spec = |img: &str| -> Result<SandboxSpec> {
+        let rec = store
+            .resolve(&airlock_image::Reference::parse(img)?)
+            .with_context(|| format!("{img} not in the store (scripts/bench imports it)"))?;
+        Ok(SandboxSpec::new(RootfsSource::Oci {
+            store: store.root().to_path_buf(),
+            image: Box::new(rec),
+        }))
+    };
+    let start = |img: &'static str| {
+        let spec = spec(img);
+        async move {
+            let t = Instant::now();
+            let sb = Sandbox::start(spec?).await?;
+            let d = t.elapsed();
+            drop(sb);
+            Ok::<_, anyhow::Error>(d)
+        }
+    };
+    for img in [SMALL_IMAGE, LARGE_IMAGE] {
+        start(img).await?;
+    }
+    let (mut small, mut large) = (Vec::new(), Vec::new());
+    for i in 0..o.iterations {
+        eprint!("\rimage start {}/{}", i + 1, o.iterations);
+        small.push(start(SMALL_IMAGE).await?);
+        large.push(start(LARGE_IMAGE).await?);
+    }
+    eprintln!();
+    Ok((small, large))
+}
+
+/// The image-start table.
+fn image_table(o: &Opts, small: &[Duration], large: &[Duration]) -> String {
+    let ratio = pct(large, 0.5).as_secs_f64() / pct(small, 0.5).as_secs_f64();
+    let verdict = if ratio <= IMAGE_RATIO_GOAL {
+        "met"
+    } else {
+        "**missed**"
+    };
+    format!(
+        "\nSandbox start from an image (spawn to ready, Rust API), root filesystem already built, {} runs each:\n\n\
+         | | median | p90 |\n|---|---:|---:|\n\
+         | `{SMALL_IMAGE}` (busybox, ~1 MB) | {:.0} ms | {:.0} ms |\n\
+         | `{LARGE_IMAGE}` (debootstrap + curl, python3, git, ~280 MB) | {:.0} ms | {:.0} ms |\n\n\
+         Ratio large / small (medians): **{ratio:.2}** (goal ≤ {IMAGE_RATIO_GOAL:.2}: {verdict})\n",
+        o.iterations,
+        ms(pct(small, 0.5)),
+        ms(pct(small, 0.9)),
+        ms(pct(large, 0.5)),
+        ms(pct(large, 0.9)),
+    )
 }
 
 /// Exec round trips: sandbox and host, and the guest kernel release.
@@ -414,8 +485,13 @@ fn docs(o: &Opts, accel: &AccelChoice, qemu: &str, e: &Execs, tables: &str) -> S
          ## Goals\n\n\
          - `airlock run -- true` takes at most {BOOT_RATIO_GOAL:.2}× the time bare QEMU needs to boot \
          the same kernel to a trivial /init and exit (median against median).\n\
-         - One exec round trip in a running sandbox takes at most {EXEC_P50_GOAL_MS:.0} ms at the median.\n\n\
+         - One exec round trip in a running sandbox takes at most {EXEC_P50_GOAL_MS:.0} ms at the median.\n\
+         - Starting a large image (Debian with curl, python3, git) takes at most \
+         {IMAGE_RATIO_GOAL:.2}× a busybox image: start time must not grow with image size.\n\n\
          ## Method\n\n\
+         - Images: `scripts/mkimage-busybox` and `scripts/mkimage-debian` (debootstrap) import them; \
+         one uncounted run of each builds their root filesystems (once per image digest), then \
+         the two alternate.\n\
          - Bare baseline: `qemu-system-x86_64` with the machine, accelerator, CPU, memory and kernel \
          command line airlock uses (`-M microvm,acpi=off,x-option-roms=off,isa-serial=on,rtc=on \
          -nodefaults -no-user-config -no-reboot`, 1 vCPU, 512 MiB), booting the same kernel with an \
@@ -491,7 +567,9 @@ async fn main() -> Result<()> {
     eprintln!("exec round trips: {}", o.execs);
     let execs = bench_exec(&o, &rootfs).await?;
 
-    let t = tables(&o, &boot, &execs);
+    let (small, large) = bench_images(&o).await?;
+
+    let t = tables(&o, &boot, &execs) + &image_table(&o, &small, &large);
     println!("\n{t}");
     if o.write_docs {
         let dir = repo_root().join("docs");
