@@ -308,7 +308,7 @@ impl Registry {
                 buf: Vec::new(),
                 pos: 0,
             };
-            let res = crate::unpack::apply_layer(&mut input);
+            let res = airlock_guest::unpack::apply_layer(&mut input, std::path::Path::new("/"));
             // Drain to EOF so a host still sending never waits for credit that cannot come.
             while input.fill() {}
             // SAFETY: sync(2) has no preconditions.

@@ -9,7 +9,6 @@
 
 mod exec;
 mod setup;
-mod unpack;
 mod user;
 
 use std::fs::File;

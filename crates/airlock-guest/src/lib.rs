@@ -1,0 +1,4 @@
+//! Library side of the guest agent: the parts that parse untrusted input and can be tested
+//! and fuzzed on the host.
+
+pub mod unpack;
