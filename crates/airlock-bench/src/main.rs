@@ -9,6 +9,11 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+
+// The registry and image-building helpers the image tests use: a real docker-registry on
+// loopback and a busybox image made with umoci.
+#[path = "../../airlock-image/tests/common/mod.rs"]
+mod common;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -298,6 +303,65 @@ async fn bench_images(o: &Opts) -> Result<(Vec<Duration>, Vec<Duration>)> {
     Ok((small, large))
 }
 
+/// First run of an image never seen before: `airlock run --image` against a real registry on
+/// loopback (pull + root filesystem build in a builder VM + boot + run), against `skopeo copy`
+/// of the same image from the same registry, interleaved, each airlock run with an empty store.
+async fn bench_first_run(o: &Opts) -> Result<(Vec<Duration>, Vec<Duration>)> {
+    let airlock = airlock_bin()?;
+    let tmp = tempfile::tempdir()?;
+    let reg = common::Registry::start(tmp.path());
+    let layout = common::build_layout(tmp.path());
+    let image = format!("{}/bench/bb:1", reg.host());
+    common::skopeo_copy(&[
+        "--dest-tls-verify=false",
+        &format!("oci:{}:bb", layout.dir.display()),
+        &format!("docker://{image}"),
+    ]);
+    let (mut skopeo, mut first) = (Vec::new(), Vec::new());
+    for i in 0..o.iterations {
+        eprint!("\rfirst run {}/{}", i + 1, o.iterations);
+        let dir = tmp.path().join(format!("skopeo-{i}"));
+        skopeo.push(
+            timed(tokio::process::Command::new("skopeo").args([
+                "copy".to_string(),
+                "-q".into(),
+                "--src-tls-verify=false".into(),
+                format!("docker://{image}"),
+                format!("dir:{}", dir.display()),
+            ]))
+            .await?,
+        );
+        first.push(
+            timed(
+                tokio::process::Command::new(&airlock)
+                    .args(["run", "--image", &image, "--", "/bin/busybox", "true"])
+                    .env("AIRLOCK_DATA_DIR", tmp.path().join(format!("data-{i}"))),
+            )
+            .await?,
+        );
+    }
+    eprintln!();
+    Ok((skopeo, first))
+}
+
+/// The first-run table.
+fn first_run_table(o: &Opts, skopeo: &[Duration], first: &[Duration]) -> String {
+    let ratio = pct(first, 0.5).as_secs_f64() / pct(skopeo, 0.5).as_secs_f64();
+    format!(
+        "\nFirst run of a new image (busybox, registry on loopback), {} runs each:\n\n\
+         | | median | p90 |\n|---|---:|---:|\n\
+         | `skopeo copy docker://… dir:…` | {:.0} ms | {:.0} ms |\n\
+         | `airlock run --image …` with an empty store (pull + rootfs build + boot + run) | {:.0} ms | {:.0} ms |\n\n\
+         Ratio airlock / skopeo (medians): **{ratio:.1}** (no goal set; the rootfs build boots one \
+         builder VM, so under TCG a first run costs about two boots)\n",
+        o.iterations,
+        ms(pct(skopeo, 0.5)),
+        ms(pct(skopeo, 0.9)),
+        ms(pct(first, 0.5)),
+        ms(pct(first, 0.9)),
+    )
+}
+
 /// The image-start table.
 fn image_table(o: &Opts, small: &[Duration], large: &[Duration]) -> String {
     let ratio = pct(large, 0.5).as_secs_f64() / pct(small, 0.5).as_secs_f64();
@@ -568,8 +632,11 @@ async fn main() -> Result<()> {
     let execs = bench_exec(&o, &rootfs).await?;
 
     let (small, large) = bench_images(&o).await?;
+    let (skopeo, first) = bench_first_run(&o).await?;
 
-    let t = tables(&o, &boot, &execs) + &image_table(&o, &small, &large);
+    let t = tables(&o, &boot, &execs)
+        + &image_table(&o, &small, &large)
+        + &first_run_table(&o, &skopeo, &first);
     println!("\n{t}");
     if o.write_docs {
         let dir = repo_root().join("docs");
