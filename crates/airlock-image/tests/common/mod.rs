@@ -242,6 +242,11 @@ impl Drop for Registry {
 
 impl Registry {
     pub fn start(dir: &Path) -> Registry {
+        Registry::start_with(dir, "")
+    }
+
+    /// Starts a registry with extra top-level config (for example an `auth:` section).
+    pub fn start_with(dir: &Path, extra_config: &str) -> Registry {
         ensure_tools();
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -254,7 +259,7 @@ impl Registry {
             &cfg,
             format!(
                 "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  \
-                 delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+                 delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n{extra_config}",
                 data.display()
             ),
         )
@@ -281,7 +286,7 @@ impl Registry {
                 let _ = s.write_all(b"GET /v2/ HTTP/1.0\r\nHost: x\r\n\r\n");
                 let mut resp = String::new();
                 let _ = s.read_to_string(&mut resp);
-                if resp.starts_with("HTTP/1.1 200") || resp.starts_with("HTTP/1.0 200") {
+                if matches!(resp.split_whitespace().nth(1), Some("200" | "401")) {
                     break;
                 }
             }
