@@ -317,6 +317,20 @@ struct BlobInfo {
     is_layer: bool,
 }
 
+impl BlobInfo {
+    /// The blob a manifest descriptor names, its digest checked for form.
+    fn of(d: &oci_spec::image::Descriptor, is_layer: bool) -> Result<BlobInfo> {
+        let info = BlobInfo {
+            digest: d.digest().to_string(),
+            media_type: d.media_type().to_string(),
+            size: d.size(),
+            is_layer,
+        };
+        validate_digest(&info.digest)?;
+        Ok(info)
+    }
+}
+
 fn is_index(media_type: Option<&str>, body: &serde_json::Value) -> bool {
     match media_type {
         Some(MEDIA_TYPE_OCI_INDEX) | Some(MEDIA_TYPE_DOCKER_MANIFEST_LIST) => true,
@@ -424,24 +438,11 @@ pub async fn pull(
 
     let manifest: ImageManifest =
         serde_json::from_slice(&manifest_body).map_err(|e| Error::doc("image manifest", e))?;
-    let config = manifest.config();
-    let config_info = BlobInfo {
-        digest: config.digest().to_string(),
-        media_type: config.media_type().to_string(),
-        size: config.size(),
-        is_layer: false,
-    };
-    validate_digest(&config_info.digest)?;
+    let config_info = BlobInfo::of(manifest.config(), false)?;
     let mut blobs = vec![config_info.clone()];
     let mut layers = Vec::new();
     for l in manifest.layers() {
-        let info = BlobInfo {
-            digest: l.digest().to_string(),
-            media_type: l.media_type().to_string(),
-            size: l.size(),
-            is_layer: true,
-        };
-        validate_digest(&info.digest)?;
+        let info = BlobInfo::of(l, true)?;
         layers.push(LayerRecord {
             digest: info.digest.clone(),
             media_type: info.media_type.clone(),

@@ -143,6 +143,18 @@ fn airlock(data: &Path, rt: &Path, args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// Imports `archive` as `name` into a store under `work`; returns (data dir, runtime dir).
+fn import(work: &Path, name: &str, archive: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (data, rt) = (work.join("data"), work.join("rt"));
+    let out = airlock(
+        &data,
+        &rt,
+        &["image", "import", name, archive.to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    (data, rt)
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
@@ -217,14 +229,7 @@ fn image_layers_come_out_exactly_and_config_is_honoured() {
             "User": "alice",
         }),
     );
-    let data = work.path().join("data");
-    let rt = work.path().join("rt");
-    let out = airlock(
-        &data,
-        &rt,
-        &["image", "import", "test/exact:1", archive.to_str().unwrap()],
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let (data, rt) = import(work.path(), "test/exact:1", &archive);
 
     // The image's own command, env, workdir and user.
     let out = airlock(&data, &rt, &["run", "--image", "test/exact:1"]);
@@ -306,13 +311,7 @@ fn hostile_layer_is_refused_without_touching_the_host() {
     let work = tempfile::tempdir().unwrap();
     let archive = work.path().join("evil.tar");
     oci_archive(&archive, &[evil], serde_json::json!({"Cmd": ["/bin/true"]}));
-    let (data, rt) = (work.path().join("data"), work.path().join("rt"));
-    let out = airlock(
-        &data,
-        &rt,
-        &["image", "import", "test/evil:1", archive.to_str().unwrap()],
-    );
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let (data, rt) = import(work.path(), "test/evil:1", &archive);
     let out = airlock(&data, &rt, &["run", "--image", "test/evil:1"]);
     assert_eq!(out.status.code(), Some(125));
     assert!(text(&out.stderr).contains(".."), "{}", text(&out.stderr));
