@@ -18,6 +18,7 @@ pub mod assets;
 mod clock;
 mod conn;
 pub mod imagefs;
+pub mod network;
 pub mod rootfs;
 mod state;
 
@@ -36,6 +37,7 @@ use tokio::sync::mpsc;
 pub use airlock_proto::{ExecError, ExitStatus, WinSize};
 pub use conn::ExecEvent;
 pub use rootfs::RootfsSource;
+pub use network::{NetworkSpec, SecretSpec};
 
 /// Errors of the sandbox API. Each says what happened and, where it can, what to do.
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +127,8 @@ pub struct SandboxSpec {
     pub ready_timeout: Duration,
     /// Extra kernel command-line words (diagnostics and tests).
     pub kernel_args: Vec<String>,
+    /// Network policy (default: sealed).
+    pub network: NetworkSpec,
     /// Image-builder VM: boot with only this empty ext4 as the agent's root (no image).
     pub(crate) builder_target: Option<PathBuf>,
 }
@@ -141,6 +145,7 @@ impl SandboxSpec {
             accel: None,
             ready_timeout: Duration::from_secs(60),
             kernel_args: Vec::new(),
+            network: NetworkSpec::default(),
             builder_target: None,
         }
     }

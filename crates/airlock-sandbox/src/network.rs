@@ -1,0 +1,50 @@
+//! What a sandbox may reach: the sealed-network part of a [`crate::SandboxSpec`].
+
+use std::path::PathBuf;
+
+/// Network policy of a sandbox. The default is sealed: a NIC whose only reachable peer is
+/// Airlock itself (DNS answers NXDOMAIN, every connection is refused).
+#[derive(Debug, Clone, Default)]
+pub struct NetworkSpec {
+    /// No NIC at all (port forwards over the control channel still work).
+    pub disabled: bool,
+    /// Allow rules: `host`, `*.domain`, `host:port`, `*`, an IP, a CIDR, `IP:port`.
+    pub allow_hosts: Vec<String>,
+    /// Names pinned to addresses (`--add-host NAME:IP`); a pinned address may be private.
+    pub add_hosts: Vec<(String, std::net::IpAddr)>,
+    /// Private ranges upstream names may resolve to (`--allow-private CIDR`).
+    pub allow_private: Vec<String>,
+    /// Secrets: the guest sees only the placeholder; Airlock swaps in the value in flight.
+    pub secrets: Vec<SecretSpec>,
+    /// Extra PEM roots trusted for upstream TLS (beyond the host's).
+    pub upstream_ca: Vec<PathBuf>,
+    /// Append audit events as JSON lines to this file.
+    pub audit_file: Option<PathBuf>,
+}
+
+/// One secret. Its value lives only in this process's memory.
+#[derive(Clone)]
+pub struct SecretSpec {
+    /// Environment variable name the guest sees (holding the placeholder).
+    pub name: String,
+    /// The real value. Never logged, never written anywhere, never sent to the guest.
+    pub value: String,
+    /// Host patterns the value may be sent to (same syntax as allow rules).
+    pub hosts: Vec<String>,
+    /// The placeholder the guest sees (default: generated per sandbox).
+    pub placeholder: Option<String>,
+    /// Also substitute inside request bodies (off by default).
+    pub in_body: bool,
+}
+
+impl std::fmt::Debug for SecretSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretSpec")
+            .field("name", &self.name)
+            .field("value", &"<redacted>")
+            .field("hosts", &self.hosts)
+            .field("placeholder", &self.placeholder)
+            .field("in_body", &self.in_body)
+            .finish()
+    }
+}
