@@ -692,3 +692,33 @@ fn rand_seed() -> u64 {
     unsafe { libc::getrandom(b.as_mut_ptr().cast(), 8, 0) };
     u64::from_le_bytes(b)
 }
+
+/// Feeds guest frames through the filter and the stack with a fixed policy, as the fuzz
+/// target does. Not an API.
+#[doc(hidden)]
+pub fn fuzz_frames(frames: &[&[u8]]) {
+    static RT: std::sync::OnceLock<tokio::runtime::Runtime> = std::sync::OnceLock::new();
+    let rt = RT.get_or_init(|| {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+    });
+    rt.block_on(async {
+        let net = crate::Network::new(crate::NetworkConfig {
+            allow_hosts: vec!["a.test".into(), "203.0.113.1".into()],
+            ..Default::default()
+        })
+        .expect("valid config");
+        // Hand out an address so SYNs to it take the decision path.
+        net.shared.table.lock().unwrap().address("a.test");
+        let (tx, _rx) = mpsc::unbounded_channel();
+        let mut st = Stack::new(net.shared.clone(), tx, Waker::noop().clone());
+        let (out, mut sink) = mpsc::channel(4096);
+        for f in frames {
+            st.ingress(f.to_vec());
+            st.process(&out);
+            while sink.try_recv().is_ok() {}
+        }
+    });
+}

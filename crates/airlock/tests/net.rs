@@ -378,7 +378,7 @@ const ATTACKS: &str = r#"
 python3 - <<'EOF'
 import os, socket, ssl, struct, random, subprocess
 H = os.environ["HOST_IP"]; RAW = int(os.environ["RAW_PORT"]); UDP = int(os.environ["UDP_PORT"])
-HTTPS = int(os.environ["HTTPS_PORT"]); HTTP = int(os.environ["HTTP_PORT"]); KEY = os.environ["API_KEY"]
+HTTPS = int(os.environ["HTTPS_PORT"]); HTTP = int(os.environ["HTTP_PORT"]); KEY = os.environ.get("API_KEY", "no-placeholder")
 
 def report(name, ok):
     print(name, "blocked" if ok else "LEAK", flush=True)
