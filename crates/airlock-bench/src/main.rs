@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 // loopback and a busybox image made with umoci.
 #[path = "../../airlock-image/tests/common/mod.rs"]
 mod common;
+mod net;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -36,7 +37,8 @@ const USAGE: &str =
   --iterations N  boots of each kind (default 7)
   --execs N       exec round trips (default 200)
   --rootfs DIR    root filesystem for airlock (default: the one scripts/mkrootfs-busybox builds)
-  --write-docs    also rewrite docs/benchmarks.md";
+  --write-docs    also rewrite docs/benchmarks.md
+  --net-only      only the network benchmarks (printed, docs untouched)";
 
 struct Opts {
     iterations: usize,
@@ -65,6 +67,7 @@ fn parse_args() -> Result<Option<Opts>> {
             "--execs" => o.execs = value("--execs")?.parse().context("--execs")?,
             "--rootfs" => o.rootfs = Some(value("--rootfs")?.into()),
             "--write-docs" => o.write_docs = true,
+            "--net-only" => {}
             "-h" | "--help" => return Ok(None),
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
@@ -627,6 +630,10 @@ async fn main() -> Result<()> {
     let qemu = Qemu::default().version().map_err(anyhow::Error::msg)?;
     eprintln!("accelerator: {} ({}); {qemu}", accel.accel, accel.reason);
 
+    if std::env::args().any(|a| a == "--net-only") {
+        println!("{}", net::section(&rootfs).await?);
+        return Ok(());
+    }
     let boot = bench_boot(&o, accel.accel, &rootfs).await?;
     eprintln!("exec round trips: {}", o.execs);
     let execs = bench_exec(&o, &rootfs).await?;
@@ -636,7 +643,8 @@ async fn main() -> Result<()> {
 
     let t = tables(&o, &boot, &execs)
         + &image_table(&o, &small, &large)
-        + &first_run_table(&o, &skopeo, &first);
+        + &first_run_table(&o, &skopeo, &first)
+        + &net::section(&rootfs).await?;
     println!("\n{t}");
     if o.write_docs {
         let dir = repo_root().join("docs");

@@ -43,7 +43,7 @@ pub const GATEWAY_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x00, 0x02, 0x02];
 /// The guest NIC's MAC.
 pub const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 /// IP MTU of the link. Larger frames mean fewer of them, which is what costs under TCG.
-pub const MTU: usize = 1500;
+pub const MTU: usize = 16384;
 /// Largest frame accepted from QEMU (ethernet header + MTU, with slack for VLAN tags).
 const MAX_FRAME: usize = MTU + 18;
 /// Live plus half-open TCP connections per sandbox.
@@ -56,6 +56,12 @@ const PIPE_BUF: usize = 64 * 1024;
 const ACCEPT_WAIT: Duration = Duration::from_secs(10);
 /// How long resolving an allowed name upstream may take.
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Frames queued towards QEMU beyond this many bytes pause new data into the sockets (the
+/// guest is not taking frames); ACKs and retransmits still go out.
+const TX_SOFT_LIMIT: usize = 4 << 20;
+/// Beyond this, frames are dropped (TCP retransmits them): a guest that never drains its NIC
+/// cannot make the host hold more.
+const TX_HARD_LIMIT: usize = 16 << 20;
 /// Distinct dropped-packet kinds reported to the audit log (the rest are counted only).
 const MAX_REPORTED: usize = 1024;
 
@@ -158,7 +164,9 @@ struct Stack {
 pub(crate) async fn run(sock: tokio::net::UnixStream, shared: Arc<Shared>) {
     let (mut rd, mut wr) = sock.into_split();
     let (in_tx, mut in_rx) = mpsc::channel::<Vec<u8>>(512);
-    let (out_tx, mut out_rx) = mpsc::channel::<Vec<u8>>(1024);
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let notify = Arc::new(Notify::new());
     tokio::spawn(async move {
         let mut len = [0u8; 4];
         loop {
@@ -183,7 +191,9 @@ pub(crate) async fn run(sock: tokio::net::UnixStream, shared: Arc<Shared>) {
             }
         }
     });
+    let (q, n) = (queued.clone(), notify.clone());
     tokio::spawn(async move {
+        use std::sync::atomic::Ordering;
         let mut buf = Vec::with_capacity(MAX_FRAME + 4);
         while let Some(f) = out_rx.recv().await {
             buf.clear();
@@ -192,10 +202,13 @@ pub(crate) async fn run(sock: tokio::net::UnixStream, shared: Arc<Shared>) {
             if wr.write_all(&buf).await.is_err() {
                 return;
             }
+            let before = q.fetch_sub(f.len(), Ordering::AcqRel);
+            if before > TX_SOFT_LIMIT && before - f.len() <= TX_SOFT_LIMIT {
+                n.notify_one();
+            }
         }
     });
 
-    let notify = Arc::new(Notify::new());
     let (dec_tx, mut dec_rx) = mpsc::unbounded_channel();
     let mut st = Stack::new(
         shared,
@@ -228,7 +241,7 @@ pub(crate) async fn run(sock: tokio::net::UnixStream, shared: Arc<Shared>) {
             _ = notify.notified() => {}
             _ = tokio::time::sleep(delay) => {}
         }
-        st.process(&out_tx);
+        st.process(&out_tx, &queued);
     }
     tracing::debug!("netstack: NIC closed");
 }
@@ -525,17 +538,22 @@ impl Stack {
         }
     }
 
-    fn process(&mut self, out: &mpsc::Sender<Vec<u8>>) {
+    fn process(&mut self, out: &mpsc::UnboundedSender<Vec<u8>>, queued: &std::sync::atomic::AtomicUsize) {
+        use std::sync::atomic::Ordering;
         for _ in 0..8 {
             let now = self.now();
             self.iface.poll(now, &mut self.dev, &mut self.sockets);
             for f in self.dev.tx.drain(..) {
-                // A full queue means QEMU is not reading: drop, TCP retransmits.
-                let _ = out.try_send(f);
+                if queued.load(Ordering::Acquire) + f.len() > TX_HARD_LIMIT {
+                    continue;
+                }
+                queued.fetch_add(f.len(), Ordering::AcqRel);
+                let _ = out.send(f);
             }
             self.serve_dns();
             self.accept();
-            let progress = self.pump();
+            let congested = queued.load(Ordering::Acquire) > TX_SOFT_LIMIT;
+            let progress = self.pump(congested);
             if !progress && self.dev.rx.is_empty() {
                 break;
             }
@@ -595,7 +613,7 @@ impl Stack {
     }
 
     /// Moves bytes between sockets and proxy pipes. Returns whether anything moved.
-    fn pump(&mut self) -> bool {
+    fn pump(&mut self, congested: bool) -> bool {
         let mut cx = Context::from_waker(&self.waker);
         let mut progress = false;
         let mut gone = Vec::new();
@@ -628,7 +646,7 @@ impl Stack {
                 }
             }
             // Proxy → guest.
-            while !c.proxy_eof && s.can_send() {
+            while !congested && !c.proxy_eof && s.can_send() {
                 let r = s.send(|buf| {
                     let mut rb = ReadBuf::new(buf);
                     match Pin::new(&mut c.pipe).poll_read(&mut cx, &mut rb) {
@@ -714,10 +732,11 @@ pub fn fuzz_frames(frames: &[&[u8]]) {
         net.shared.table.lock().unwrap().address("a.test");
         let (tx, _rx) = mpsc::unbounded_channel();
         let mut st = Stack::new(net.shared.clone(), tx, Waker::noop().clone());
-        let (out, mut sink) = mpsc::channel(4096);
+        let (out, mut sink) = mpsc::unbounded_channel();
+        let queued = std::sync::atomic::AtomicUsize::new(0);
         for f in frames {
             st.ingress(f.to_vec());
-            st.process(&out);
+            st.process(&out, &queued);
             while sink.try_recv().is_ok() {}
         }
     });
