@@ -52,6 +52,7 @@ async fn sink() -> Result<(SocketAddr, tokio::sync::mpsc::UnboundedReceiver<(u64
 /// The "guest" side for the in-process benchmark: a smoltcp client over the framed socket.
 struct Framed {
     rx: mpsc::Receiver<Vec<u8>>,
+    pending: Option<Vec<u8>>,
     tx: UnixStream,
 }
 struct Rx(Vec<u8>);
@@ -74,7 +75,7 @@ impl Device for Framed {
     type RxToken<'a> = Rx;
     type TxToken<'a> = Tx<'a>;
     fn receive(&mut self, _: SInstant) -> Option<(Rx, Tx<'_>)> {
-        let f = self.rx.try_recv().ok()?;
+        let f = self.pending.take().or_else(|| self.rx.try_recv().ok())?;
         Some((Rx(f), Tx(&mut self.tx)))
     }
     fn transmit(&mut self, _: SInstant) -> Option<Tx<'_>> {
@@ -101,7 +102,11 @@ fn guest_push(sock: UnixStream, dst: SocketAddr, bytes: u64) -> Result<()> {
             }
         }
     });
-    let mut dev = Framed { rx: frx, tx: sock };
+    let mut dev = Framed {
+        rx: frx,
+        pending: None,
+        tx: sock,
+    };
     let start = Instant::now();
     let now = || SInstant::from_micros(start.elapsed().as_micros() as i64);
     let mut iface = Interface::new(
@@ -146,9 +151,15 @@ fn guest_push(sock: UnixStream, dst: SocketAddr, bytes: u64) -> Result<()> {
         if Instant::now() > deadline {
             bail!("guest push stalled at {sent} of {bytes} bytes");
         }
-        if let Some(d) = iface.poll_delay(now(), &sockets) {
-            if d.total_micros() > 0 {
-                std::thread::sleep(Duration::from_micros(d.total_micros().min(1000)));
+        // Nothing to send: wait for the next frame (an ACK opening the window) or a timer.
+        let d = iface
+            .poll_delay(now(), &sockets)
+            .map(|d| Duration::from_micros(d.total_micros()))
+            .unwrap_or(Duration::from_millis(10))
+            .min(Duration::from_millis(10));
+        if !d.is_zero() && dev.pending.is_none() {
+            if let Ok(f) = dev.rx.recv_timeout(d) {
+                dev.pending = Some(f);
             }
         }
     }
