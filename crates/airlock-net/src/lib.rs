@@ -4,7 +4,12 @@
 //! can be swapped for the real values in flight, and every decision is an audit event.
 
 pub mod audit;
+pub mod ca;
 pub mod policy;
+pub mod proxy;
+pub mod rewrite;
+pub mod secrets;
 
 pub use audit::{Audit, Event};
+pub use proxy::{ProxyContext, ProxyError, Secret, Target};
 pub use policy::{AllowRule, HostPattern, Policy, PolicyError, Verdict};
