@@ -105,9 +105,9 @@ impl ProxyContext {
                 )));
             }
             for c in certs {
-                roots.add(c).map_err(|e| {
-                    ProxyError(format!("upstream CA file {}: {e}", p.display()))
-                })?;
+                roots
+                    .add(c)
+                    .map_err(|e| ProxyError(format!("upstream CA file {}: {e}", p.display())))?;
             }
         }
         let roots = Arc::new(roots);
@@ -175,7 +175,8 @@ pub async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     let res = tokio::spawn(serve_inner(guest, target, ctx)).await;
     if let Err(e) = res {
         if e.is_panic() {
-            ctx2.audit.record(connection_event(&t2, "internal error in the proxy"));
+            ctx2.audit
+                .record(connection_event(&t2, "internal error in the proxy"));
         }
     }
 }
@@ -270,7 +271,11 @@ async fn read_some<S: AsyncRead + Unpin>(s: &mut S, buf: &mut Vec<u8>) -> std::i
 /// `METHOD SP` at the start, METHOD an uppercase token: enough to tell HTTP/1 from other
 /// protocols' first bytes.
 fn looks_like_http1(b: &[u8]) -> bool {
-    let n = b.iter().take(16).take_while(|c| c.is_ascii_uppercase()).count();
+    let n = b
+        .iter()
+        .take(16)
+        .take_while(|c| c.is_ascii_uppercase())
+        .count();
     n >= 3 && b.get(n) == Some(&b' ')
 }
 
@@ -396,7 +401,8 @@ async fn tls<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
             return;
         }
     };
-    ctx.audit.record(tls_event(&target, sni.as_deref(), "mitm", None));
+    ctx.audit
+        .record(tls_event(&target, sni.as_deref(), "mitm", None));
     let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
     let stream = match timeout(HELLO_TIMEOUT, acceptor.accept(Prefixed::new(buf, guest))).await {
         Ok(Ok(s)) => s,
@@ -656,11 +662,9 @@ impl Req {
 fn refuse(conn: &Conn, info: &Req, status: StatusCode, reason: String) -> Response<ProxyBody> {
     tracing::info!(host = %info.host, status = status.as_u16(), %reason, "request refused");
     let body = format!("airlock: {reason}\n");
-    conn.ctx.audit.record(info.event(
-        status.as_u16(),
-        body.len() as u64,
-        Some(reason),
-    ));
+    conn.ctx
+        .audit
+        .record(info.event(status.as_u16(), body.len() as u64, Some(reason)));
     let mut res = Response::new(
         Full::new(Bytes::from(body))
             .map_err(|e: Infallible| match e {})
@@ -705,9 +709,7 @@ async fn handle(
         Ok(h) => {
             if let (Some(name), Some(h)) = (&conn.target.name, &h) {
                 if h != name {
-                    let r = format!(
-                        "domain fronting: request for {h} on a connection to {name}"
-                    );
+                    let r = format!("domain fronting: request for {h} on a connection to {name}");
                     return Ok(refuse(&conn, &info, StatusCode::FORBIDDEN, r));
                 }
             }
@@ -737,7 +739,10 @@ async fn handle(
     let body: ProxyBody = match name {
         Some(n)
             if secrets.in_body_for(n)
-                && body.size_hint().upper().is_some_and(|u| u <= MAX_SUBST_BODY) =>
+                && body
+                    .size_hint()
+                    .upper()
+                    .is_some_and(|u| u <= MAX_SUBST_BODY) =>
         {
             let bytes = match Limited::new(body, MAX_SUBST_BODY as usize).collect().await {
                 Ok(c) => c.to_bytes(),

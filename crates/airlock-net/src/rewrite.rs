@@ -213,8 +213,8 @@ mod tests {
     fn refuses_unbound() {
         let s = secrets();
         let mut uri: Uri = "/?k=PH_OTHER_1234".parse().unwrap();
-        let e = rewrite_head(&mut uri, &mut HeaderMap::new(), Some("api.example.com"), &s)
-            .unwrap_err();
+        let e =
+            rewrite_head(&mut uri, &mut HeaderMap::new(), Some("api.example.com"), &s).unwrap_err();
         assert!(e.0.contains("OTHER"), "{e:?}");
         assert!(!e.0.contains("other-v"));
         let mut uri: Uri = "/".parse().unwrap();
@@ -228,7 +228,10 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert("host", "API.example.com:443".parse().unwrap());
         let u: Uri = "/".parse().unwrap();
-        assert_eq!(request_host(&u, &h).unwrap().as_deref(), Some("api.example.com"));
+        assert_eq!(
+            request_host(&u, &h).unwrap().as_deref(),
+            Some("api.example.com")
+        );
         let u: Uri = "https://evil.example/".parse().unwrap();
         assert!(request_host(&u, &h).is_err());
         h.append("host", "x".parse().unwrap());

@@ -103,7 +103,9 @@ impl Secrets {
             let err = |m: &str| ProxyError(format!("secret {}: {m}", s.name));
             let name_ok = !s.name.is_empty()
                 && !s.name.as_bytes()[0].is_ascii_digit()
-                && s.name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+                && s.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_');
             if !name_ok {
                 return Err(ProxyError(format!(
                     "secret name '{}' is not an environment variable name (use letters, digits, _)",
@@ -344,7 +346,10 @@ mod tests {
             s.rewrite(b"PH_AAAAAAAA", Some("x.b.example"), Location::Body),
             Ok(None)
         );
-        assert_eq!(s.rewrite(b"nothing", Some("a.example"), Location::Header), Ok(None));
+        assert_eq!(
+            s.rewrite(b"nothing", Some("a.example"), Location::Header),
+            Ok(None)
+        );
         let ph_b = s.placeholders()[1].1.clone();
         assert!(ph_b.starts_with("AIRLOCK_PLACEHOLDER_"));
         assert_eq!(
