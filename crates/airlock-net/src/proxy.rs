@@ -330,8 +330,8 @@ async fn tls<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         while fed < buf.len() {
             let mut rd = &buf[fed..];
             match acceptor.read_tls(&mut rd) {
+                Ok(0) | Err(_) => break,
                 Ok(n) => fed += n,
-                Err(_) => break,
             }
         }
         match acceptor.accept() {

@@ -887,3 +887,31 @@ async fn non_tls_non_http_is_spliced() {
     assert_eq!(back, msg);
     let _ = &e.dir;
 }
+
+#[tokio::test]
+async fn malformed_or_oversized_client_hello_is_blocked() {
+    let e = env();
+    let (up, canary) = https_server(&e.ca, &["api.test"], &[b"http/1.1"]).await;
+    let port = proxy_listener(e.ctx.clone(), Some("api.test"), 443, up).await;
+    // A handshake record that is not a ClientHello; then one that never ends (a record
+    // header announcing 16 KiB, followed by endless bytes).
+    let mut endless = vec![0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0x00, 0x3f, 0xfc];
+    endless.extend(std::iter::repeat_n(0x41u8, 64 * 1024));
+    for bytes in [b"\x16\x03\x01\x00\x05hello".to_vec(), endless] {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let _ = s.write_all(&bytes).await;
+        let mut rest = Vec::new();
+        // The proxy ends the connection (an alert or nothing), without waiting for a timeout.
+        tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+            .await
+            .expect("proxy closed the connection")
+            .ok();
+    }
+    assert_eq!(canary.lock().unwrap().connections, 0);
+    let ev = e.events();
+    let blocked = ev
+        .iter()
+        .filter(|v| v["type"] == "tls" && v["mode"] == "blocked")
+        .count();
+    assert_eq!(blocked, 2, "{ev:?}");
+}
