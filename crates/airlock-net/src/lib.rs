@@ -11,5 +11,5 @@ pub mod rewrite;
 pub mod secrets;
 
 pub use audit::{Audit, Event};
-pub use proxy::{ProxyContext, ProxyError, Secret, Target};
 pub use policy::{AllowRule, HostPattern, Policy, PolicyError, Verdict};
+pub use proxy::{ProxyContext, ProxyError, Secret, Target};

@@ -733,6 +733,15 @@ async fn handle(
         Err(Refused(r)) => return Ok(refuse(&conn, &info, StatusCode::FORBIDDEN, r)),
     };
     strip_hop_by_hop(&mut parts.headers, upgrade);
+    // A host that may hold a secret value is asked for uncompressed responses, so a value it
+    // echoes can be masked on the way back.
+    let bound_host = name.is_some_and(|n| secrets.bound_to(n));
+    if bound_host {
+        parts.headers.insert(
+            http::header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
+    }
 
     // Bodies: substituted only for in_body secrets and bounded sizes; otherwise streamed.
     let mut body_subs = Vec::new();
@@ -862,10 +871,19 @@ async fn handle(
     strip_hop_by_hop(&mut parts.headers, false);
     scrub_headers(&mut parts.headers, secrets);
     parts.version = conn.guest_version;
+    // Echoed values are masked in identity-encoded bodies from hosts that may have them.
+    let identity = parts
+        .headers
+        .get(http::header::CONTENT_ENCODING)
+        .is_none_or(|v| v.as_bytes().eq_ignore_ascii_case(b"identity"));
+    let scrub = (bound_host && identity).then(|| conn.ctx.clone());
     let body = Counted {
         inner: body,
         bytes: 0,
         done: Some((conn.ctx.audit.clone(), info, status.as_u16())),
+        scrub,
+        carry: Vec::new(),
+        trailers: None,
     };
     Ok(Response::from_parts(parts, body.boxed()))
 }
@@ -881,12 +899,18 @@ fn scrub_headers(headers: &mut http::HeaderMap, secrets: &Secrets) {
     }
 }
 
-/// A response body that counts the bytes passed to the guest and writes the request's audit
-/// event when it ends (completed, failed or abandoned).
+/// A response body that masks echoed secret values (when `scrub` is set), counts the bytes
+/// passed to the guest and writes the request's audit event when it ends (completed, failed
+/// or abandoned).
 struct Counted {
     inner: Incoming,
     bytes: u64,
     done: Option<(Audit, Req, u16)>,
+    scrub: Option<Arc<ProxyContext>>,
+    /// Held-back end of the last chunk that may be the start of a value.
+    carry: Vec<u8>,
+    /// Trailers waiting behind the flushed carry.
+    trailers: Option<Frame<Bytes>>,
 }
 
 impl Body for Counted {
@@ -897,32 +921,79 @@ impl Body for Counted {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let r = Pin::new(&mut self.inner).poll_frame(cx);
-        match &r {
-            Poll::Ready(Some(Ok(f))) => {
-                if let Some(d) = f.data_ref() {
-                    self.bytes += d.len() as u64;
+        loop {
+            if let Some(t) = self.trailers.take() {
+                return Poll::Ready(Some(Ok(t)));
+            }
+            let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Some(Ok(f))) => f,
+                Poll::Ready(Some(Err(e))) => {
+                    let reason = format!("upstream response failed: {e}");
+                    self.finish(Some(reason));
+                    return Poll::Ready(Some(Err(Box::new(e))));
                 }
+                Poll::Ready(None) => {
+                    if !self.carry.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(self.flush_carry()))));
+                    }
+                    self.finish(None);
+                    return Poll::Ready(None);
+                }
+            };
+            let data = match frame.into_data() {
+                Ok(d) => d,
+                Err(trailers) => {
+                    if !self.carry.is_empty() {
+                        self.trailers = Some(trailers);
+                        return Poll::Ready(Some(Ok(Frame::data(self.flush_carry()))));
+                    }
+                    return Poll::Ready(Some(Ok(trailers)));
+                }
+            };
+            let out = match self.scrub.clone() {
+                None => data,
+                Some(ctx) => {
+                    let mut buf = std::mem::take(&mut self.carry);
+                    buf.extend_from_slice(&data);
+                    ctx.secrets.mask(&mut buf);
+                    let keep = ctx.secrets.partial_value_suffix(&buf);
+                    self.carry = buf.split_off(buf.len() - keep);
+                    Bytes::from(buf)
+                }
+            };
+            if out.is_empty() {
+                continue;
             }
-            Poll::Ready(Some(Err(e))) => {
-                let reason = format!("upstream response failed: {e}");
-                self.finish(Some(reason));
-            }
-            _ => {}
+            self.bytes += out.len() as u64;
+            return Poll::Ready(Some(Ok(Frame::data(out))));
         }
-        r.map(|o| o.map(|r| r.map_err(|e| Box::new(e) as BoxError)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.is_end_stream() && self.carry.is_empty() && self.trailers.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        // Masking keeps lengths, so only the held-back bytes are added.
+        let h = self.inner.size_hint();
+        let c = self.carry.len() as u64;
+        let mut out = SizeHint::new();
+        out.set_lower(h.lower() + c);
+        if let Some(u) = h.upper() {
+            out.set_upper(u + c);
+        }
+        out
     }
 }
 
 impl Counted {
+    fn flush_carry(&mut self) -> Bytes {
+        let c = std::mem::take(&mut self.carry);
+        self.bytes += c.len() as u64;
+        Bytes::from(c)
+    }
+
     fn finish(&mut self, reason: Option<String>) {
         if let Some((audit, info, status)) = self.done.take() {
             audit.record(info.event(status, self.bytes, reason));

@@ -285,6 +285,36 @@ impl Secrets {
     }
 }
 
+impl Secrets {
+    /// Overwrites every secret value in `buf` with `*` of the same length (response bodies:
+    /// the length, hence Content-Length, stays right).
+    pub fn mask(&self, buf: &mut [u8]) {
+        let Some(ac) = &self.values else { return };
+        let spans: Vec<(usize, usize)> =
+            ac.find_iter(&*buf).map(|m| (m.start(), m.end())).collect();
+        for (a, b) in spans {
+            buf[a..b].fill(b'*');
+        }
+    }
+
+    /// Length of the longest end of `buf` that is the start (not the whole) of some value:
+    /// bytes a streaming scrubber must hold back until the next chunk shows whether a value
+    /// follows. Usually 0, so streamed responses (SSE) are not delayed.
+    pub fn partial_value_suffix(&self, buf: &[u8]) -> usize {
+        let mut keep = 0;
+        for e in &self.entries {
+            let max = (e.value.len() - 1).min(buf.len());
+            for k in (keep + 1..=max).rev() {
+                if buf.ends_with(&e.value[..k]) {
+                    keep = k;
+                    break;
+                }
+            }
+        }
+        keep
+    }
+}
+
 /// Percent-encodes everything but RFC 3986 unreserved characters, so a value keeps its bytes
 /// through URL decoding and cannot change the URL's structure (hand-written: six lines).
 fn percent_encode(value: &[u8], out: &mut Vec<u8>) {
@@ -357,6 +387,12 @@ mod tests {
             Ok(None)
         );
         assert_eq!(s.scrub(b"echo va lue!").unwrap(), b"echo PH_AAAAAAAA!");
+        let mut b = b"x va lue vb va".to_vec();
+        s.mask(&mut b);
+        assert_eq!(b, b"x ****** ** va");
+        assert_eq!(s.partial_value_suffix(b"x va"), 2);
+        assert_eq!(s.partial_value_suffix(b"x v"), 1);
+        assert_eq!(s.partial_value_suffix(b"x y"), 0);
     }
 
     #[test]

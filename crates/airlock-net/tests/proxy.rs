@@ -124,6 +124,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Tap<S> {
 }
 
 async fn serve_http<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: S, seen: Shared) {
+    type B = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
     let svc = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let seen = seen.clone();
         async move {
@@ -133,9 +134,15 @@ async fn serve_http<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: S, s
                 .await
                 .map(|c| c.to_bytes())
                 .unwrap_or_default();
-            // The path is not echoed (the body is not scrubbed); an echoing header is, see below.
-            let reply = format!("hello from upstream, {} {}\n", parts.method, body.len());
+            // Echoes the URL (as many servers' error pages do) and the Authorization header.
+            let reply = format!(
+                "hello from upstream, {} {} {}\n",
+                parts.method,
+                parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or(""),
+                body.len()
+            );
             let auth = parts.headers.get("authorization").cloned();
+            let split = parts.uri.path() == "/split";
             seen.lock().unwrap().requests.push((
                 parts.version,
                 parts.method.to_string(),
@@ -143,7 +150,23 @@ async fn serve_http<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(io: S, s
                 parts.headers,
                 body,
             ));
-            let mut res = http::Response::new(Full::new(Bytes::from(reply)));
+            let b: B = if split {
+                // The value split across two chunks sent 50 ms apart.
+                let (a, z) = TOKEN.split_at(7);
+                let chunks = vec![format!("start {a}"), format!("{z} end\n")];
+                let s = futures_util::stream::unfold(chunks.into_iter(), |mut it| async move {
+                    let c = it.next()?;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    Some((
+                        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(Bytes::from(c))),
+                        it,
+                    ))
+                });
+                BodyExt::boxed(http_body_util::StreamBody::new(s))
+            } else {
+                Full::new(Bytes::from(reply)).boxed()
+            };
+            let mut res = http::Response::new(b);
             if let Some(a) = auth {
                 res.headers_mut().insert("x-seen-auth", a);
             }
@@ -427,6 +450,29 @@ async fn substitutes_secret_for_bound_host_http1() {
         "{}",
         out.stdout
     );
+    // The server echoed the URL in its body: the values there are masked, same length.
+    assert!(
+        out.stdout.contains(&format!(
+            "/v1/{}/items?key={}&x=1",
+            "*".repeat(TOKEN.len()),
+            "*".repeat(TOKEN.len())
+        )),
+        "{}",
+        out.stdout
+    );
+    // A value split across two response chunks is masked too.
+    let split = curl(&[
+        "--cacert",
+        e.sandbox_ca.to_str().unwrap(),
+        "--resolve",
+        &resolve("api.test", port),
+        &format!("https://api.test:{port}/split?k={TOKEN_PH}"),
+    ])
+    .await;
+    assert_eq!(
+        split.stdout,
+        format!("start {} end\n", "*".repeat(TOKEN.len()))
+    );
     // The server echoed the value in a header; the guest sees the placeholder.
     assert!(
         out.stderr
@@ -439,7 +485,7 @@ async fn substitutes_secret_for_bound_host_http1() {
     }
     {
         let seen = seen.lock().unwrap();
-        assert_eq!(seen.requests.len(), 1);
+        assert_eq!(seen.requests.len(), 2);
         let (version, method, uri, h, _) = &seen.requests[0];
         assert_eq!(method, "GET");
         // curl spoke HTTP/1.1; the upstream offered h2, so the proxy translated.
@@ -461,7 +507,7 @@ async fn substitutes_secret_for_bound_host_http1() {
         .iter()
         .any(|v| v["location"] == "url" && v["host"] == "api.test"));
     let http: Vec<_> = ev.iter().filter(|v| v["type"] == "http").collect();
-    assert_eq!(http.len(), 1, "{ev:?}");
+    assert_eq!(http.len(), 2, "{ev:?}");
     assert_eq!(http[0]["status"], 200);
     assert_eq!(
         http[0]["path"],
@@ -506,7 +552,7 @@ async fn http2_guest_to_http1_and_http2_upstreams() {
             "guest did not get HTTP/2: {}",
             out.stdout
         );
-        assert!(out.stdout.starts_with("hello from upstream, POST 9"));
+        assert!(out.stdout.starts_with("hello from upstream, POST /post 9"));
         let seen = seen.lock().unwrap();
         let (version, method, _, h, body) = &seen.requests[0];
         assert_eq!(*version, want);
