@@ -954,12 +954,10 @@ impl Body for Counted {
             let out = match self.scrub.clone() {
                 None => data,
                 Some(ctx) => {
-                    let mut buf = std::mem::take(&mut self.carry);
-                    buf.extend_from_slice(&data);
-                    ctx.secrets.mask(&mut buf);
-                    let keep = ctx.secrets.partial_value_suffix(&buf);
-                    self.carry = buf.split_off(buf.len() - keep);
-                    Bytes::from(buf)
+                    let mut carry = std::mem::take(&mut self.carry);
+                    let out = ctx.secrets.mask_chunk(&mut carry, &data);
+                    self.carry = carry;
+                    Bytes::from(out)
                 }
             };
             if out.is_empty() {

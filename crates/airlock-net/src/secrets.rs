@@ -297,6 +297,17 @@ impl Secrets {
         }
     }
 
+    /// One step of streaming masking: masks `carry` + `data`, returns what can be passed on
+    /// and leaves in `carry` the end that may begin a value (flush it when the stream ends).
+    pub fn mask_chunk(&self, carry: &mut Vec<u8>, data: &[u8]) -> Vec<u8> {
+        let mut buf = std::mem::take(carry);
+        buf.extend_from_slice(data);
+        self.mask(&mut buf);
+        let keep = self.partial_value_suffix(&buf);
+        *carry = buf.split_off(buf.len() - keep);
+        buf
+    }
+
     /// Length of the longest end of `buf` that is the start (not the whole) of some value:
     /// bytes a streaming scrubber must hold back until the next chunk shows whether a value
     /// follows. Usually 0, so streamed responses (SSE) are not delayed.
