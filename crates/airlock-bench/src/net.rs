@@ -24,7 +24,10 @@ const STREAM_BYTES: u64 = 256 << 20;
 
 /// A TCP sink on loopback: returns its address and a channel giving (bytes, time from first
 /// byte to EOF) per connection.
-async fn sink() -> Result<(SocketAddr, tokio::sync::mpsc::UnboundedReceiver<(u64, Duration)>)> {
+async fn sink() -> Result<(
+    SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<(u64, Duration)>,
+)> {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = l.local_addr()?;
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
@@ -124,10 +127,16 @@ fn guest_push(sock: UnixStream, dst: SocketAddr, bytes: u64) -> Result<()> {
         tcp::SocketBuffer::new(vec![0; 1 << 20]),
     );
     let h = sockets.add(s);
-    let SocketAddr::V4(v4) = dst else { bail!("IPv4 only") };
+    let SocketAddr::V4(v4) = dst else {
+        bail!("IPv4 only")
+    };
     sockets
         .get_mut::<tcp::Socket>(h)
-        .connect(iface.context(), (IpAddress::Ipv4(*v4.ip()), v4.port()), 40000)
+        .connect(
+            iface.context(),
+            (IpAddress::Ipv4(*v4.ip()), v4.port()),
+            40000,
+        )
         .context("connect")?;
     let chunk = vec![0x5a; 64 * 1024];
     let mut sent = 0u64;
@@ -212,7 +221,11 @@ fn gbit(bytes: u64, d: Duration) -> f64 {
 
 /// A guest download of `mib` MiB from a host server through the netstack (busybox wget)
 /// against the host fetching the same with curl: seconds each.
-pub async fn download(rootfs: &Path, mib: u64, samples: usize) -> Result<(Vec<Duration>, Vec<Duration>)> {
+pub async fn download(
+    rootfs: &Path,
+    mib: u64,
+    samples: usize,
+) -> Result<(Vec<Duration>, Vec<Duration>)> {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let port = l.local_addr()?.port();
     let body = mib << 20;
@@ -252,7 +265,10 @@ pub async fn download(rootfs: &Path, mib: u64, samples: usize) -> Result<(Vec<Du
         let d = t0.elapsed();
         // wget checks the length against Content-Length and fails on a short body.
         if out.status.code != Some(0) {
-            bail!("guest download failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "guest download failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         guest.push(d);
         let t0 = Instant::now();

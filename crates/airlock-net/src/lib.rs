@@ -16,9 +16,12 @@
 //! ```
 
 pub mod audit;
+pub mod ca;
 pub mod dns;
 pub mod policy;
 pub mod proxy;
+pub mod rewrite;
+pub mod secrets;
 pub mod stack;
 
 use std::net::IpAddr;
@@ -27,7 +30,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 pub use audit::{Audit, Event, Record};
 pub use policy::{AllowRule, HostPattern, Policy, PolicyError, Verdict};
-pub use proxy::Secret;
+pub use proxy::{ProxyContext, ProxyError, Secret, Target};
 
 /// Errors setting up a sandbox network.
 #[derive(Debug, thiserror::Error)]
@@ -86,12 +89,6 @@ impl Network {
     /// Checks the configuration and prepares everything but the NIC.
     pub fn new(cfg: NetworkConfig) -> Result<Network, NetError> {
         let policy = Policy::new(&cfg.allow_hosts, &cfg.add_hosts, &cfg.allow_private)?;
-        for s in &cfg.secrets {
-            for h in &s.hosts {
-                h.parse::<HostPattern>()
-                    .map_err(|e| NetError::Proxy(format!("secret {}: {e}", s.name)))?;
-            }
-        }
         let audit = Audit::new(cfg.audit_file.as_deref())?;
         let proxy = proxy::ProxyContext::new(cfg.secrets, &cfg.upstream_ca, audit.clone())
             .map_err(|e| NetError::Proxy(e.to_string()))?;

@@ -538,7 +538,11 @@ impl Stack {
         }
     }
 
-    fn process(&mut self, out: &mpsc::UnboundedSender<Vec<u8>>, queued: &std::sync::atomic::AtomicUsize) {
+    fn process(
+        &mut self,
+        out: &mpsc::UnboundedSender<Vec<u8>>,
+        queued: &std::sync::atomic::AtomicUsize,
+    ) {
         use std::sync::atomic::Ordering;
         for _ in 0..8 {
             let now = self.now();

@@ -58,14 +58,22 @@ pub(crate) fn build(spec: &NetworkSpec) -> Result<airlock_net::Network, crate::E
         secrets: spec
             .secrets
             .iter()
-            .map(|s| airlock_net::Secret {
-                name: s.name.clone(),
-                value: s.value.clone(),
-                hosts: s.hosts.clone(),
-                placeholder: s.placeholder.clone(),
-                in_body: s.in_body,
+            .map(|s| {
+                let hosts = s
+                    .hosts
+                    .iter()
+                    .map(|h| h.parse::<airlock_net::HostPattern>())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| crate::Error::Setup(format!("secret {}: {e}", s.name)))?;
+                Ok(airlock_net::Secret {
+                    name: s.name.clone(),
+                    value: s.value.clone(),
+                    hosts,
+                    placeholder: s.placeholder.clone(),
+                    in_body: s.in_body,
+                })
             })
-            .collect(),
+            .collect::<Result<Vec<_>, crate::Error>>()?,
         upstream_ca: spec.upstream_ca.clone(),
         audit_file: spec.audit_file.clone(),
     };

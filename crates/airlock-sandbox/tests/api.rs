@@ -234,7 +234,9 @@ async fn allow_list_changes_at_run_time() {
     let port = listener.local_addr().unwrap().port();
     tokio::spawn(async move {
         loop {
-            let Ok((mut s, _)) = listener.accept().await else { return };
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
             tokio::spawn(async move {
                 use tokio::io::AsyncWriteExt;
                 let _ = s.write_all(b"hello from the host\n").await;

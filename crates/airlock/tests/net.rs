@@ -28,7 +28,11 @@ fn debian() {
             .env("AIRLOCK_BIN", env!("CARGO_BIN_EXE_airlock"))
             .output()
             .unwrap();
-        assert!(out.status.success(), "mkimage-debian: {}", text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "mkimage-debian: {}",
+            text(&out.stderr)
+        );
     });
 }
 
@@ -58,7 +62,13 @@ struct World {
     other_key: String,
 }
 
-const NAMES: &[&str] = &["api.test", "other.test", "pass.test", "ws.test", "canary.test"];
+const NAMES: &[&str] = &[
+    "api.test",
+    "other.test",
+    "pass.test",
+    "ws.test",
+    "canary.test",
+];
 
 impl World {
     fn start() -> World {
@@ -106,7 +116,10 @@ impl World {
         let ready = d.join("ready.json");
         let t0 = Instant::now();
         while !ready.exists() {
-            assert!(t0.elapsed() < Duration::from_secs(20), "test servers did not start");
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "test servers did not start"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         let ports: HashMap<String, u16> =
@@ -174,9 +187,18 @@ impl World {
             (&self.api_key, &["api.test", "ws.test"][..]),
             (&self.other_key, &["other.test"][..]),
         ] {
-            assert!(!text(&out.stdout).contains(v.as_str()), "secret in guest stdout");
-            assert!(!text(&out.stderr).contains(v.as_str()), "secret in guest stderr");
-            assert!(!self.audit().contains(v.as_str()), "secret in the audit log");
+            assert!(
+                !text(&out.stdout).contains(v.as_str()),
+                "secret in guest stdout"
+            );
+            assert!(
+                !text(&out.stderr).contains(v.as_str()),
+                "secret in guest stderr"
+            );
+            assert!(
+                !self.audit().contains(v.as_str()),
+                "secret in the audit log"
+            );
             for rec in self.canary() {
                 let host = rec["headers"]["host"]
                     .as_str()
@@ -254,8 +276,15 @@ print(u.urlopen(r).read().decode().strip())'
     assert!(!ph.is_empty() && ph != w.api_key, "{ph}");
     let want = sha_hex(&format!("Bearer {}", w.api_key));
     let seen: Vec<&String> = l.iter().filter(|x| x.contains(&want)).collect();
-    assert_eq!(seen.len(), 3, "curl, python and node each authenticated: {l:?}\n{err}");
-    assert!(l.contains(&"git:hello from the repo".to_string()), "{l:?}\n{err}");
+    assert_eq!(
+        seen.len(),
+        3,
+        "curl, python and node each authenticated: {l:?}\n{err}"
+    );
+    assert!(
+        l.contains(&"git:hello from the repo".to_string()),
+        "{l:?}\n{err}"
+    );
     for k in ["wrong-header", "wrong-query", "wrong-cookie", "wrong-plain"] {
         assert!(l.contains(&format!("{k}:403")), "{k}: {l:?}");
     }
@@ -271,7 +300,10 @@ print(u.urlopen(r).read().decode().strip())'
         .any(|r| r["path"].as_str() == Some(&format!("/v1/models?key={}", w.api_key))));
     w.assert_no_leak(&out);
     let audit = w.audit();
-    assert!(audit.contains(r#""type":"substitution","secret":"API_KEY""#), "{audit}");
+    assert!(
+        audit.contains(r#""type":"substitution","secret":"API_KEY""#),
+        "{audit}"
+    );
     assert!(audit.contains(r#""status":403"#), "{audit}");
 }
 
@@ -315,7 +347,11 @@ EOF
     assert_eq!(h2["version"], "2.0", "{l:?}");
     assert_eq!(h2["auth_sha256"], sha_hex(&format!("Bearer {}", w.api_key)));
     assert!(l.contains(&"ws:echo:ping".to_string()), "{l:?}\n{err}");
-    for k in ["pass-own-ca:ok", "pass-sandbox-ca:refused", "mitm-upstream-ca:refused"] {
+    for k in [
+        "pass-own-ca:ok",
+        "pass-sandbox-ca:refused",
+        "mitm-upstream-ca:refused",
+    ] {
         assert!(l.contains(&k.to_string()), "{k}: {l:?}\n{err}");
     }
     let ws = w
@@ -505,7 +541,13 @@ fn no_network_means_no_nic() {
     let out = Command::new(env!("CARGO_BIN_EXE_airlock"))
         .args(["run", "--rootfs"])
         .arg(rootfs())
-        .args(["--no-network", "--", "sh", "-c", "ls /sys/class/net | grep -v sit | tr '\\n' ' '"])
+        .args([
+            "--no-network",
+            "--",
+            "sh",
+            "-c",
+            "ls /sys/class/net | grep -v sit | tr '\\n' ' '",
+        ])
         .env("AIRLOCK_RUNTIME_DIR", rt.path())
         .output()
         .unwrap();
