@@ -6,13 +6,16 @@
 //! output may only use the window the host granted ([`Window::receive`]), so a guest that
 //! floods output stalls itself instead of growing host memory; frames of kinds the guest may
 //! not send, or that violate the window, end the sandbox with [`Conn::fail`]. Frames for
-//! streams the host does not know (already finished or never opened) are dropped.
+//! streams the host does not know (already finished or never opened) are dropped. Port-forward
+//! streams accept each one-shot frame (Connected, Eof) once and no data after Eof, so a guest
+//! cannot queue unbounded events either.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use airlock_proto::{
-    Decoder, ExecError, ExitStatus, Frame, Hello, Kind, Ready, Started, Window, CONTROL_STREAM,
+    ConnectError, Decoder, ExecError, ExitStatus, Frame, Hello, Kind, Ready, Started,
+    StreamReset, Window, CONTROL_STREAM,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -33,6 +36,31 @@ pub enum ExecEvent {
     Failed(ExecError),
 }
 
+/// What a port-forward stream delivers to its [`crate::GuestStream`], in order.
+#[derive(Debug)]
+pub(crate) enum PortEvent {
+    /// The guest connected to the port.
+    Connected,
+    /// The guest could not connect; nothing follows.
+    Failed(ConnectError),
+    /// Bytes from the guest server.
+    Data(Vec<u8>),
+    /// The guest server closed its sending side.
+    Eof,
+    /// The guest aborted the connection; nothing follows.
+    Reset(String),
+}
+
+/// Who a stream belongs to.
+enum Events {
+    Exec(mpsc::UnboundedSender<ExecEvent>),
+    Port {
+        events: mpsc::UnboundedSender<PortEvent>,
+        connected: bool,
+        eof: bool,
+    },
+}
+
 /// Control-stream messages the start-up sequence waits for.
 #[derive(Debug)]
 pub enum ControlEvent {
@@ -41,18 +69,31 @@ pub enum ControlEvent {
 }
 
 pub(crate) struct StreamState {
-    events: mpsc::UnboundedSender<ExecEvent>,
+    events: Events,
     /// Guest → host data still allowed.
     recv: Window,
     /// Host → guest stdin still allowed, shared with the stdin writer.
     pub(crate) send: Arc<SendWindow>,
 }
 
-/// Stdin credit for one stream.
+/// Stdin (or port data) credit for one stream.
 #[derive(Default)]
 pub(crate) struct SendWindow {
     pub(crate) window: Mutex<Window>,
     pub(crate) notify: Notify,
+    /// A poll-based writer ([`crate::GuestStream`]) waiting for credit.
+    pub(crate) waker: Mutex<Option<std::task::Waker>>,
+    /// Set when the guest reset a port stream, so a waiting writer fails.
+    pub(crate) reset: Mutex<Option<String>>,
+}
+
+impl SendWindow {
+    fn wake(&self) {
+        self.notify.notify_one();
+        if let Some(w) = self.waker.lock().unwrap().take() {
+            w.wake();
+        }
+    }
 }
 
 /// The connection to one guest agent.
@@ -121,8 +162,12 @@ impl Conn {
                 false
             }
         });
-        // Dropping the senders ends every exec's event stream; owners then read the reason.
-        self.streams.lock().unwrap().clear();
+        // Dropping the senders ends every stream's events; owners then read the reason.
+        // Writers waiting for credit are woken to see it too.
+        let gone: Vec<_> = self.streams.lock().unwrap().drain().collect();
+        for (_, s) in gone {
+            s.send.wake();
+        }
     }
 
     /// Registers a new stream before its Exec frame is sent.
@@ -131,16 +176,35 @@ impl Conn {
         id: u32,
     ) -> (mpsc::UnboundedReceiver<ExecEvent>, Arc<SendWindow>) {
         let (tx, rx) = mpsc::unbounded_channel();
+        (rx, self.insert_stream(id, Events::Exec(tx)))
+    }
+
+    /// Registers a new port-forward stream before its Connect frame is sent.
+    pub(crate) fn open_port_stream(
+        &self,
+        id: u32,
+    ) -> (mpsc::UnboundedReceiver<PortEvent>, Arc<SendWindow>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let events = Events::Port {
+            events: tx,
+            connected: false,
+            eof: false,
+        };
+        (rx, self.insert_stream(id, events))
+    }
+
+    fn insert_stream(&self, id: u32, events: Events) -> Arc<SendWindow> {
         let send = Arc::new(SendWindow::default());
-        self.streams.lock().unwrap().insert(
-            id,
-            StreamState {
-                events: tx,
-                recv: Window::default(),
-                send: send.clone(),
-            },
-        );
-        (rx, send)
+        let state = StreamState {
+            events,
+            recv: Window::default(),
+            send: send.clone(),
+        };
+        // A stream registered after the connection ended would never see its end.
+        if self.closed_reason().is_none() {
+            self.streams.lock().unwrap().insert(id, state);
+        }
+        send
     }
 
     /// Output bytes of a stream received from the guest and not yet consumed by its owner.
@@ -190,6 +254,71 @@ impl Conn {
         let Some(s) = streams.get_mut(&f.stream) else {
             return Ok(());
         };
+        if f.kind == Kind::Credit {
+            let n = f.parse_credit().map_err(|e| e.to_string())?;
+            s.send
+                .window
+                .lock()
+                .unwrap()
+                .grant(n)
+                .map_err(|e| format!("stream {}: {e}", f.stream))?;
+            s.send.wake();
+            return Ok(());
+        }
+        if f.kind == Kind::Error {
+            tracing::warn!(
+                stream = f.stream,
+                "guest protocol error: {}",
+                String::from_utf8_lossy(&f.payload)
+            );
+            return Ok(());
+        }
+        let events = match &mut s.events {
+            Events::Exec(events) => events,
+            Events::Port {
+                events,
+                connected,
+                eof,
+            } => {
+                let (ev, last) = match f.kind {
+                    Kind::Connected if !*connected => {
+                        *connected = true;
+                        (PortEvent::Connected, false)
+                    }
+                    Kind::ConnectFailed if !*connected => (
+                        PortEvent::Failed(f.parse().map_err(|e| e.to_string())?),
+                        true,
+                    ),
+                    Kind::Data if *connected && !*eof => {
+                        s.recv
+                            .receive(f.payload.len())
+                            .map_err(|e| format!("stream {}: {e}", f.stream))?;
+                        (PortEvent::Data(f.payload), false)
+                    }
+                    Kind::Eof if *connected && !*eof => {
+                        *eof = true;
+                        (PortEvent::Eof, false)
+                    }
+                    Kind::Reset => {
+                        let r: StreamReset = f.parse().map_err(|e| e.to_string())?;
+                        *s.send.reset.lock().unwrap() = Some(r.message.clone());
+                        s.send.wake();
+                        (PortEvent::Reset(r.message), true)
+                    }
+                    k => {
+                        return Err(format!(
+                            "guest sent {k:?} on port stream {}, which is not allowed there now",
+                            f.stream
+                        ))
+                    }
+                };
+                let _ = events.send(ev);
+                if last {
+                    streams.remove(&f.stream);
+                }
+                return Ok(());
+            }
+        };
         let ev = match f.kind {
             Kind::Stdout | Kind::Stderr => {
                 s.recv
@@ -204,31 +333,17 @@ impl Conn {
             Kind::Started => {
                 ExecEvent::Started(f.parse::<Started>().map_err(|e| e.to_string())?.pid)
             }
-            Kind::Credit => {
-                let n = f.parse_credit().map_err(|e| e.to_string())?;
-                s.send
-                    .window
-                    .lock()
-                    .unwrap()
-                    .grant(n)
-                    .map_err(|e| format!("stream {}: {e}", f.stream))?;
-                s.send.notify.notify_one();
-                return Ok(());
-            }
             Kind::Exit => ExecEvent::Exit(f.parse().map_err(|e| e.to_string())?),
             Kind::ExecFailed => ExecEvent::Failed(f.parse().map_err(|e| e.to_string())?),
-            Kind::Error => {
-                tracing::warn!(
-                    stream = f.stream,
-                    "guest protocol error: {}",
-                    String::from_utf8_lossy(&f.payload)
-                );
-                return Ok(());
+            k => {
+                return Err(format!(
+                    "guest sent {k:?} on exec stream {}, which is not allowed there",
+                    f.stream
+                ))
             }
-            k => return Err(format!("guest sent {k:?}, which only the host may send")),
         };
         let last = matches!(ev, ExecEvent::Exit(_) | ExecEvent::Failed(_));
-        let _ = s.events.send(ev);
+        let _ = events.send(ev);
         if last {
             streams.remove(&f.stream);
         }
