@@ -176,7 +176,9 @@ impl Ports {
                         let _ = c.out.lock().unwrap().grant((want - n) as u32);
                     }
                     if c.state.lock().unwrap().reset
-                        || !self.tx.send(Frame::new(Kind::Data, c.stream, buf[..n].to_vec()))
+                        || !self
+                            .tx
+                            .send(Frame::new(Kind::Data, c.stream, buf[..n].to_vec()))
                     {
                         return;
                     }

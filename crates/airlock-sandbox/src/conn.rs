@@ -14,8 +14,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use airlock_proto::{
-    ConnectError, Decoder, ExecError, ExitStatus, Frame, Hello, Kind, Ready, Started,
-    StreamReset, Window, CONTROL_STREAM,
+    ConnectError, Decoder, ExecError, ExitStatus, Frame, Hello, Kind, Ready, Started, StreamReset,
+    Window, CONTROL_STREAM,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};

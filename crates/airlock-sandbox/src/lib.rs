@@ -37,9 +37,9 @@ use tokio::sync::mpsc;
 
 pub use airlock_proto::{ConnectError, ConnectErrorKind, ExecError, ExitStatus, WinSize};
 pub use conn::ExecEvent;
+pub use network::{NetworkSpec, SecretSpec};
 pub use ports::{GuestStream, PortForward, MAX_FORWARD_CONNECTIONS};
 pub use rootfs::RootfsSource;
-pub use network::{NetworkSpec, SecretSpec};
 
 /// Errors of the sandbox API. Each says what happened and, where it can, what to do.
 #[derive(Debug, thiserror::Error)]

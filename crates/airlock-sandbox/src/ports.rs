@@ -69,7 +69,9 @@ pub(crate) async fn connect(
     port: u16,
 ) -> Result<GuestStream, Error> {
     if port == 0 {
-        return Err(Error::Setup("guest port 0 is not a port: give 1-65535".into()));
+        return Err(Error::Setup(
+            "guest port 0 is not a port: give 1-65535".into(),
+        ));
     }
     let id = next_stream.fetch_add(1, Ordering::Relaxed);
     let (events, send) = conn.open_port_stream(id);
@@ -97,7 +99,9 @@ pub(crate) async fn connect(
         }
         Some(PortEvent::Reset(m)) => {
             s.dead = true;
-            Err(Error::Protocol(format!("guest reset the connection to port {port}: {m}")))
+            Err(Error::Protocol(format!(
+                "guest reset the connection to port {port}: {m}"
+            )))
         }
         // Data or Eof before Connected cannot reach here: conn refuses them.
         Some(_) => Err(Error::Protocol("unexpected port-forward event".into())),
@@ -305,7 +309,9 @@ pub(crate) fn forward(
     guest_port: u16,
 ) -> Result<PortForward, Error> {
     if guest_port == 0 {
-        return Err(Error::Setup("guest port 0 is not a port: give 1-65535".into()));
+        return Err(Error::Setup(
+            "guest port 0 is not a port: give 1-65535".into(),
+        ));
     }
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
