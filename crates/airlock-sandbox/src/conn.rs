@@ -413,3 +413,123 @@ async fn write_loop(
         }
     }
 }
+
+/// A hostile guest's frames against the real host connection: each rule breach ends the
+/// sandbox, frames for unknown streams are dropped.
+#[cfg(test)]
+mod hostile_guest {
+    use super::*;
+    use airlock_proto::{ConnectErrorKind, INITIAL_WINDOW, MAX_CHUNK};
+    use tokio::io::AsyncWriteExt;
+
+    /// The host connection with port stream 5 open, and the guest's end of the channel.
+    async fn setup() -> (
+        Arc<Conn>,
+        mpsc::UnboundedReceiver<PortEvent>,
+        tokio::net::UnixStream,
+    ) {
+        let (host, guest) = tokio::net::UnixStream::pair().unwrap();
+        let (conn, _ctl) = Conn::start(host);
+        let (rx, _) = conn.open_port_stream(5);
+        (conn, rx, guest)
+    }
+
+    async fn send(guest: &mut tokio::net::UnixStream, frames: &[Frame]) {
+        let mut b = Vec::new();
+        for f in frames {
+            f.encode_into(&mut b);
+        }
+        guest.write_all(&b).await.unwrap();
+    }
+
+    async fn closed(conn: &Conn) -> String {
+        let mut w = conn.closed_watch();
+        let ended = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            w.wait_for(|c| c.is_some()),
+        )
+        .await;
+        assert!(ended.is_ok(), "the host must end the connection");
+        drop(ended);
+        conn.closed_reason().unwrap()
+    }
+
+    fn data(n: usize) -> Frame {
+        Frame::new(Kind::Data, 5, vec![0; n])
+    }
+
+    #[tokio::test]
+    async fn data_beyond_the_window_ends_the_sandbox() {
+        let (conn, _rx, mut g) = setup().await;
+        let mut frames = vec![Frame::new(Kind::Connected, 5, vec![])];
+        frames.extend((0..INITIAL_WINDOW as usize / MAX_CHUNK).map(|_| data(MAX_CHUNK)));
+        frames.push(data(1));
+        send(&mut g, &frames).await;
+        assert!(closed(&conn).await.contains("window"));
+    }
+
+    #[tokio::test]
+    async fn data_before_connected_or_after_eof_ends_the_sandbox() {
+        let (conn, _rx, mut g) = setup().await;
+        send(&mut g, &[data(10)]).await;
+        assert!(closed(&conn).await.contains("guest violated"));
+
+        let (conn, mut rx, mut g) = setup().await;
+        let eof = Frame::new(Kind::Eof, 5, vec![]);
+        send(
+            &mut g,
+            &[Frame::new(Kind::Connected, 5, vec![]), eof, data(10)],
+        )
+        .await;
+        assert!(closed(&conn).await.contains("Data"));
+        assert!(matches!(rx.recv().await, Some(PortEvent::Connected)));
+        assert!(matches!(rx.recv().await, Some(PortEvent::Eof)));
+    }
+
+    #[tokio::test]
+    async fn repeated_one_shot_frames_and_exec_kinds_end_the_sandbox() {
+        for bad in [
+            Frame::new(Kind::Connected, 5, vec![]),
+            Frame::new(Kind::Stdout, 5, vec![1]),
+            Frame::json(Kind::Exit, 5, &ExitStatus::default()),
+            Frame::json(Kind::Connect, 5, &airlock_proto::ConnectRequest { port: 1 }),
+            Frame::new(Kind::Reset, 5, b"not json".to_vec()),
+        ] {
+            let (conn, _rx, mut g) = setup().await;
+            send(
+                &mut g,
+                &[Frame::new(Kind::Connected, 5, vec![]), bad.clone()],
+            )
+            .await;
+            let why = closed(&conn).await;
+            assert!(why.contains("guest violated"), "{:?}: {why}", bad.kind);
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_streams_are_ignored_and_failures_are_delivered() {
+        let (conn, mut rx, mut g) = setup().await;
+        let refused = airlock_proto::ConnectError {
+            kind: ConnectErrorKind::Refused,
+            message: "connection refused".into(),
+        };
+        send(
+            &mut g,
+            &[
+                Frame::new(Kind::Data, 99, vec![0; MAX_CHUNK]),
+                Frame::new(Kind::Eof, 1234, vec![]),
+                Frame::json(Kind::ConnectFailed, 5, &refused),
+                // The stream is gone after its last frame: more for it is dropped.
+                Frame::new(Kind::Connected, 5, vec![]),
+            ],
+        )
+        .await;
+        match rx.recv().await {
+            Some(PortEvent::Failed(e)) => assert_eq!(e, refused),
+            other => panic!("{other:?}"),
+        }
+        assert!(rx.recv().await.is_none(), "nothing after the last frame");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(conn.closed_reason(), None);
+    }
+}
