@@ -241,7 +241,8 @@ impl AsyncWrite for GuestStream {
 impl Drop for GuestStream {
     fn drop(&mut self) {
         let reset_by_guest = self.send.reset.lock().unwrap().is_some();
-        if !self.dead && !reset_by_guest && !(self.read_eof && self.write_shut) {
+        let finished = self.read_eof && self.write_shut;
+        if !(self.dead || reset_by_guest || finished) {
             self.conn.try_send(Frame::json(
                 Kind::Reset,
                 self.id,
