@@ -133,3 +133,67 @@ fn publish_errors_say_what_to_do() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(e.contains("not an address of this host"), "{e}");
 }
+
+/// python3's http.server in the real Debian image (built once by scripts/mkimage-debian,
+/// cached in the default store), running as nobody, reached with curl through `-p 0:8000`.
+#[test]
+fn publish_reaches_python_http_server_in_debian() {
+    let scripts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts");
+    let out = Command::new(scripts.join("mkimage-debian"))
+        .env("AIRLOCK_BIN", env!("CARGO_BIN_EXE_airlock"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mkimage-debian: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rt = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args([
+            "run",
+            "--image",
+            "demo/debian:bookworm",
+            "-u",
+            "nobody",
+            "-w",
+            "/tmp/www",
+        ])
+        .args(["-p", "0:8000", "--", "sh", "-c"])
+        .arg("head -c 3000000 /dev/urandom > f && sha256sum f && exec python3 -m http.server 8000")
+        .env("AIRLOCK_RUNTIME_DIR", rt.path())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    let addr = line
+        .strip_prefix("airlock: publishing ")
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no published address on stderr: {line:?}"))
+        .to_string();
+    let mut sha = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut sha)
+        .unwrap();
+    let mut got = None;
+    for _ in 0..300 {
+        let o = curl(&["--fail", &format!("http://{addr}/f")]);
+        if o.status.success() {
+            got = Some(o.stdout);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let _ = child.wait();
+    let got = got.expect("python http.server never answered through -p");
+    assert_eq!(
+        Some(hex::encode(Sha256::digest(&got)).as_str()),
+        sha.split_whitespace().next()
+    );
+}
