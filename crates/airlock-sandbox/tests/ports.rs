@@ -40,6 +40,19 @@ fn noise(len: usize, mut seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// Runs futures concurrently, results in order.
+async fn futures_join<F: std::future::Future + Send + 'static>(fs: Vec<F>) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = fs.into_iter().map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        out.push(h.await.unwrap());
+    }
+    out
+}
+
 async fn sh(sb: &Sandbox, script: &str) -> String {
     let out = sb
         .output(ExecSpec::new(["sh", "-c", script]))
@@ -210,6 +223,34 @@ async fn forward_port_serves_curl_refuses_cleanly_and_stops_on_drop() {
         Some(hex_sha(&out.stdout).as_str()),
         sha.split_whitespace().next()
     );
+
+    // Twenty curls at once through the one listener.
+    let mid = sh(
+        &sb,
+        "head -c 500000 /dev/urandom > /www/mid && sha256sum < /www/mid",
+    )
+    .await;
+    let mid_url = format!("http://{addr}/mid");
+    let curls: Vec<_> = (0..20)
+        .map(|_| {
+            tokio::process::Command::new("curl")
+                .args(["-sS", "--fail", "--max-time", "120", &mid_url])
+                .output()
+        })
+        .collect();
+    for (i, out) in futures_join(curls).await.into_iter().enumerate() {
+        let out = out.unwrap();
+        assert!(
+            out.status.success(),
+            "curl {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            Some(hex_sha(&out.stdout).as_str()),
+            mid.split_whitespace().next(),
+            "curl {i}"
+        );
+    }
 
     // Nothing listens on 81: the client's connection is accepted, then closed cleanly
     // (end of file, no hang), and the forward keeps serving.
