@@ -105,8 +105,15 @@ impl Ports {
             }
             conns.insert(stream, conn.clone());
         }
-        let ports = self.clone();
-        std::thread::spawn(move || ports.connect_and_pump(conn, req.port, to_rx));
+        let (ports, c) = (self.clone(), conn.clone());
+        if let Err(e) = pump_thread().spawn(move || ports.connect_and_pump(c, req.port, to_rx)) {
+            self.conns.lock().unwrap().remove(&stream);
+            self.refuse(
+                stream,
+                ConnectErrorKind::Other,
+                format!("agent thread: {e}"),
+            );
+        }
     }
 
     fn connect_and_pump(self: Arc<Self>, c: Arc<Conn>, port: u16, to_rx: Receiver<ToSocket>) {
@@ -132,9 +139,9 @@ impl Ports {
         }
         // Connected goes into the queue before any Data the reader thread sends.
         self.tx.send(Frame::new(Kind::Connected, c.stream, vec![]));
-        {
-            let (ports, c, sock) = (self.clone(), c.clone(), sock.clone());
-            std::thread::spawn(move || ports.pump_to_socket(&c, &sock, to_rx));
+        let (ports, c2, sock2) = (self.clone(), c.clone(), sock.clone());
+        if let Err(e) = pump_thread().spawn(move || ports.pump_to_socket(&c2, &sock2, to_rx)) {
+            return self.reset_from_guest(&c, format!("agent thread: {e}"));
         }
         self.pump_to_host(&c, &sock);
     }
@@ -295,6 +302,13 @@ impl Ports {
             other => log(&format!("stream {stream}: unexpected {other:?} from host")),
         }
     }
+}
+
+/// Pump threads only copy through one 32 KiB heap buffer: a small stack keeps many
+/// connections cheap, and a failed spawn (out of memory) refuses one connection instead of
+/// panicking PID 1.
+fn pump_thread() -> std::thread::Builder {
+    std::thread::Builder::new().stack_size(128 * 1024)
 }
 
 /// Connects to the guest's loopback: IPv4 first, then IPv6 if that was refused.
