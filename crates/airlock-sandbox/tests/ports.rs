@@ -74,7 +74,9 @@ async fn serve(sb: &Sandbox, script: &str) -> Exec {
 
 /// Connects once the guest server listens (it starts asynchronously).
 async fn connect_when_up(sb: &Sandbox, port: u16) -> GuestStream {
-    for _ in 0..200 {
+    // Generous: under TCG on a loaded host a server can take seconds to start.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while std::time::Instant::now() < deadline {
         match sb.connect(port).await {
             Ok(s) => return s,
             Err(Error::Connect { error, .. }) if error.kind == ConnectErrorKind::Refused => {
