@@ -25,6 +25,10 @@ use crate::Error;
 /// costs the guest agent two threads.
 pub const MAX_FORWARD_CONNECTIONS: usize = 256;
 
+/// How long a forward waits for the guest to accept or refuse a connection (the agent itself
+/// gives up after 10 s).
+const CONNECT_ANSWER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// A TCP connection to a port inside the sandbox, from [`crate::Sandbox::connect`].
 ///
 /// Implements tokio's [`AsyncRead`] and [`AsyncWrite`]; [`AsyncWriteExt::shutdown`] half-closes
@@ -116,6 +120,19 @@ pub(crate) async fn connect(
 }
 
 impl GuestStream {
+    /// Bytes received from the guest that this stream has not yet returned to a reader.
+    /// Flow control keeps it at most [`airlock_proto::INITIAL_WINDOW`], however fast the guest
+    /// sends.
+    ///
+    /// ```no_run
+    /// # fn demo(s: &airlock_sandbox::GuestStream) {
+    /// assert!(s.buffered_bytes() <= airlock_proto::INITIAL_WINDOW);
+    /// # }
+    /// ```
+    pub fn buffered_bytes(&self) -> u32 {
+        self.conn.unconsumed(self.id)
+    }
+
     fn closed_error(&self) -> io::Error {
         let why = self
             .conn
@@ -342,7 +359,17 @@ pub(crate) fn forward(
             tokio::spawn(async move {
                 let _permit = permit;
                 let _ = client.set_nodelay(true);
-                let mut guest = match connect(&conn, &next, guest_port).await {
+                // A guest that never answers must not pin a connection slot for good.
+                let answer =
+                    tokio::time::timeout(CONNECT_ANSWER_TIMEOUT, connect(&conn, &next, guest_port))
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(Error::Protocol(format!(
+                                "the sandbox did not answer a connect to port {guest_port} in {} s",
+                                CONNECT_ANSWER_TIMEOUT.as_secs()
+                            )))
+                        });
+                let mut guest = match answer {
                     Ok(g) => g,
                     Err(e) => {
                         tracing::info!("port forward {local} from {peer}: {e}");

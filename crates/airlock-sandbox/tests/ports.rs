@@ -359,3 +359,33 @@ async fn host_abort_resets_the_guest_side_and_guest_close_ends_the_host_read() {
     drop(s);
     sb.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_flooding_a_stream_nobody_reads_stalls_in_the_guest() {
+    let sb = Sandbox::start(spec()).await.expect("sandbox start");
+    sh(
+        &sb,
+        "printf '#!/bin/sh\\nexec cat /dev/zero\\n' > /flood.sh && chmod +x /flood.sh",
+    )
+    .await;
+    let _srv = serve(&sb, "exec nc -ll -p 7004 -e /flood.sh").await;
+    let mut s = connect_when_up(&sb, 7004).await;
+    // Nobody reads for a while: the host holds at most one window.
+    let mut first = [0u8; 1];
+    s.read_exact(&mut first).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let held = s.buffered_bytes();
+    assert!(held > 0, "the guest should have filled the window");
+    assert!(
+        held <= airlock_proto::INITIAL_WINDOW,
+        "host buffered {held} bytes"
+    );
+    // Reading resumes the flow: 20 MB arrive intact (all zeros).
+    let mut buf = vec![1u8; 20_000_000];
+    s.read_exact(&mut buf).await.unwrap();
+    assert!(buf.iter().all(|b| *b == 0));
+    assert!(s.buffered_bytes() <= airlock_proto::INITIAL_WINDOW);
+    drop(s);
+    assert_eq!(sh(&sb, "echo alive").await, "alive\n");
+    sb.stop().await.unwrap();
+}
