@@ -43,6 +43,18 @@ pub struct VmConfig {
     pub console_log: PathBuf,
     /// Accelerator to use.
     pub accel: Accel,
+    /// The NIC, if the sandbox has one.
+    pub nic: Option<NicConfig>,
+}
+
+/// A virtio-net NIC whose frames go over a stream socket (each frame behind a 4-byte
+/// big-endian length), to a userspace network stack on the host.
+#[derive(Debug)]
+pub struct NicConfig {
+    /// The VM's end of a connected stream socket.
+    pub fd: OwnedFd,
+    /// The guest's MAC.
+    pub mac: [u8; 6],
 }
 
 /// Name of the control port the guest agent looks for.

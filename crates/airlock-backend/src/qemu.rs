@@ -50,8 +50,9 @@ impl Qemu {
             .to_string())
     }
 
-    /// The argument vector for `cfg`, with the control channel at fd `control_fd`.
-    pub fn args(cfg: &VmConfig, control_fd: RawFd) -> Vec<String> {
+    /// The argument vector for `cfg`, with the control channel at fd `control_fd` and the
+    /// NIC's socket (if `cfg.nic`) at `nic_fd`.
+    pub fn args(cfg: &VmConfig, control_fd: RawFd, nic_fd: Option<RawFd>) -> Vec<String> {
         let mut a: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
         push(&[
@@ -106,6 +107,15 @@ impl Qemu {
             push(&["-drive", &drive, "-device", &dev]);
         }
         push(&["-device", "virtio-rng-device"]);
+        if let (Some(nic), Some(fd)) = (&cfg.nic, nic_fd) {
+            let m = nic.mac;
+            let netdev = format!("stream,id=n0,server=off,addr.type=fd,addr.str={fd}");
+            let dev = format!(
+                "virtio-net-device,netdev=n0,mac={:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+                m[0], m[1], m[2], m[3], m[4], m[5]
+            );
+            push(&["-netdev", &netdev, "-device", &dev]);
+        }
         push(&[
             "-sandbox",
             "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
@@ -183,7 +193,18 @@ impl Backend for Qemu {
                 .map_err(|e| BackendError::Host(format!("dup control fd: {e}")))?,
             )
         };
-        let args = Qemu::args(&cfg, high.as_raw_fd());
+        let nic_high = match &cfg.nic {
+            // SAFETY: as above, for the NIC socket.
+            Some(nic) => Some(unsafe {
+                OwnedFd::from_raw_fd(
+                    cvt(libc::fcntl(nic.fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 100))
+                        .map_err(|e| BackendError::Host(format!("dup NIC fd: {e}")))?,
+                )
+            }),
+            None => None,
+        };
+        let nic_fd = nic_high.as_ref().map(|f| f.as_raw_fd());
+        let args = Qemu::args(&cfg, high.as_raw_fd(), nic_fd);
         tracing::debug!(binary = %self.binary.display(), ?args, "launching qemu");
         let mut cmd = Command::new(&self.binary);
         cmd.args(&args)
@@ -202,6 +223,9 @@ impl Backend for Qemu {
                 }
                 cvt(libc::setpgid(0, 0))?;
                 cvt(libc::fcntl(fd, libc::F_SETFD, 0))?;
+                if let Some(n) = nic_fd {
+                    cvt(libc::fcntl(n, libc::F_SETFD, 0))?;
+                }
                 Ok(())
             });
         }
@@ -309,8 +333,9 @@ mod tests {
             control: a.into(),
             console_log: "/s/console.log".into(),
             accel: Accel::Tcg,
+            nic: None,
         };
-        let args = Qemu::args(&cfg, 101).join(" ");
+        let args = Qemu::args(&cfg, 101, None).join(" ");
         assert!(args.contains("-accel tcg,thread=multi"));
         assert!(args.contains("-nodefaults -no-user-config -no-reboot"));
         assert!(args.contains("socket,id=ctl,fd=101"));

@@ -152,7 +152,7 @@ impl Registry {
         if req.tty.is_some() {
             cmd.env("TERM", "xterm");
         }
-        for (k, v) in &req.env {
+        for (k, v) in crate::net::base_env().iter().chain(&req.env) {
             cmd.env(k, v);
         }
 

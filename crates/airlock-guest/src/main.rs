@@ -8,6 +8,7 @@
 //! exec. That keeps PID 1's duties (reaping every orphan) simple and explicit.
 
 mod exec;
+mod net;
 mod ports;
 mod setup;
 mod user;

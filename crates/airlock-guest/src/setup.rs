@@ -243,6 +243,17 @@ pub fn apply_init(init: &Init) {
         // SAFETY: valid timespec pointer.
         unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) };
     }
+    if let Some(net) = &init.net {
+        if let Err(e) = crate::net::configure(net) {
+            eprintln!("airlock-guest: network: {e}");
+        }
+    }
+    if let Some(pem) = &init.ca_pem {
+        if let Err(e) = crate::net::trust_ca(pem) {
+            eprintln!("airlock-guest: CA: {e}");
+        }
+    }
+    crate::net::extend_env(init.env.iter().cloned());
 }
 
 /// `uname -r`.

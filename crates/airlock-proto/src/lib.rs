@@ -377,6 +377,29 @@ pub struct Init {
     /// Host wall clock, nanoseconds since the Unix epoch: the guest steps its clock to it.
     #[serde(default)]
     pub time_unix_ns: u64,
+    /// The NIC's settings; `None`: the sandbox has no network.
+    #[serde(default)]
+    pub net: Option<NetInit>,
+    /// A CA certificate (PEM) every TLS client in the guest must trust (Airlock's
+    /// per-sandbox interception CA).
+    #[serde(default)]
+    pub ca_pem: Option<String>,
+    /// Environment every command gets (below its own), e.g. secret placeholders.
+    #[serde(default)]
+    pub env: Vec<(String, String)>,
+}
+
+/// Static configuration of the guest's NIC (no DHCP: the host knows it all in advance).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct NetInit {
+    /// The guest's IPv4 address.
+    pub address: std::net::Ipv4Addr,
+    /// Prefix length.
+    pub prefix: u8,
+    /// Default gateway, also the DNS server.
+    pub gateway: std::net::Ipv4Addr,
+    /// Link MTU.
+    pub mtu: u32,
 }
 
 /// The sandbox is ready for commands.

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use airlock_backend::{Accel, AccelChoice, Backend, DiskConfig, Vm, VmConfig, VmExit};
+use airlock_backend::{Accel, AccelChoice, Backend, DiskConfig, NicConfig, Vm, VmConfig, VmExit};
 use airlock_proto::{
     ExecErrorKind, ExecRequest, Frame, Init, Kind, SignalRequest, CONTROL_STREAM, MAX_CHUNK,
     VERSION,
@@ -218,6 +218,7 @@ pub struct Sandbox {
     /// Shared with port forwards, which open streams on their own.
     next_stream: Arc<AtomicU32>,
     kernel_release: String,
+    network: Option<airlock_net::Network>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -320,6 +321,24 @@ impl Sandbox {
             }
         };
 
+        let network = if spec.network.disabled {
+            None
+        } else {
+            Some(network::build(&spec.network)?)
+        };
+        let nic = match &network {
+            Some(net) => {
+                let (host, vm) = std::os::unix::net::UnixStream::pair()?;
+                host.set_nonblocking(true)?;
+                net.start(tokio::net::UnixStream::from_std(host)?);
+                Some(NicConfig {
+                    fd: vm.into(),
+                    mac: airlock_net::stack::GUEST_MAC,
+                })
+            }
+            None => None,
+        };
+
         let (host_end, vm_end) = std::os::unix::net::UnixStream::pair()?;
         host_end.set_nonblocking(true)?;
         let host_end = tokio::net::UnixStream::from_std(host_end)?;
@@ -337,6 +356,7 @@ impl Sandbox {
             control: vm_end.into(),
             console_log: state.console_log(),
             accel: accel.accel,
+            nic,
         };
         tracing::debug!(%id, accel = %accel.accel, "starting sandbox");
         let vm = backend.launch(cfg)?;
@@ -349,10 +369,22 @@ impl Sandbox {
             state,
             next_stream: Arc::new(AtomicU32::new(1)),
             kernel_release: String::new(),
+            network,
         };
         sb.watch_vm();
 
         let hostname = spec.hostname.clone().unwrap_or_else(|| id.clone());
+        let (net_init, ca_pem, base_env) = match &sb.network {
+            Some(net) => {
+                let pem = net.ca_pem();
+                (
+                    Some(network::guest_config()),
+                    (!pem.is_empty()).then_some(pem),
+                    net.placeholders(),
+                )
+            }
+            None => (None, None, Vec::new()),
+        };
         let handshake = async {
             loop {
                 match ctl.recv().await {
@@ -370,6 +402,9 @@ impl Sandbox {
                         let init = Init {
                             hostname: hostname.clone(),
                             time_unix_ns: now.as_nanos() as u64,
+                            net: net_init.clone(),
+                            ca_pem: ca_pem.clone(),
+                            env: base_env.clone(),
                         };
                         conn.send(Frame::json(Kind::Init, CONTROL_STREAM, &init))
                             .await
@@ -462,6 +497,30 @@ impl Sandbox {
     /// Kernel release the guest runs.
     pub fn kernel_release(&self) -> &str {
         &self.kernel_release
+    }
+
+    /// The sandbox's network (`None` with [`NetworkSpec::disabled`]): runtime allow-list
+    /// changes, the CA, audit events.
+    pub fn network(&self) -> Option<&airlock_net::Network> {
+        self.network.as_ref()
+    }
+
+    /// Allows `rule` (same syntax as `--allow-host`) from now on.
+    pub fn allow_host(&self, rule: &str) -> Result<(), Error> {
+        self.network
+            .as_ref()
+            .ok_or_else(|| Error::Setup("this sandbox has no network".into()))?
+            .allow(rule)
+            .map_err(|e| Error::Setup(e.to_string()))
+    }
+
+    /// Removes an allow rule; returns whether it was there.
+    pub fn remove_allowed_host(&self, rule: &str) -> Result<bool, Error> {
+        self.network
+            .as_ref()
+            .ok_or_else(|| Error::Setup("this sandbox has no network".into()))?
+            .remove(rule)
+            .map_err(|e| Error::Setup(e.to_string()))
     }
 
     /// Host pid of the VMM process.

@@ -48,3 +48,37 @@ impl std::fmt::Debug for SecretSpec {
             .finish()
     }
 }
+
+/// The netstack for `spec` (CA generated, rules checked), not yet attached to a NIC.
+pub(crate) fn build(spec: &NetworkSpec) -> Result<airlock_net::Network, crate::Error> {
+    let cfg = airlock_net::NetworkConfig {
+        allow_hosts: spec.allow_hosts.clone(),
+        add_hosts: spec.add_hosts.clone(),
+        allow_private: spec.allow_private.clone(),
+        secrets: spec
+            .secrets
+            .iter()
+            .map(|s| airlock_net::Secret {
+                name: s.name.clone(),
+                value: s.value.clone(),
+                hosts: s.hosts.clone(),
+                placeholder: s.placeholder.clone(),
+                in_body: s.in_body,
+            })
+            .collect(),
+        upstream_ca: spec.upstream_ca.clone(),
+        audit_file: spec.audit_file.clone(),
+    };
+    airlock_net::Network::new(cfg).map_err(|e| crate::Error::Setup(e.to_string()))
+}
+
+/// What the guest agent configures its NIC with.
+pub(crate) fn guest_config() -> airlock_proto::NetInit {
+    use airlock_net::stack;
+    airlock_proto::NetInit {
+        address: stack::GUEST,
+        prefix: stack::PREFIX,
+        gateway: stack::GATEWAY,
+        mtu: stack::MTU as u32,
+    }
+}

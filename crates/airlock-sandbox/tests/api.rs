@@ -226,3 +226,48 @@ async fn writable_layer_is_per_sandbox() {
     a.stop().await.unwrap();
     b.stop().await.unwrap();
 }
+
+/// Allow rules change at run time through the API: a host server becomes reachable, then not.
+#[tokio::test(flavor = "multi_thread")]
+async fn allow_list_changes_at_run_time() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let _ = s.write_all(b"hello from the host\n").await;
+            });
+        }
+    });
+    let mut spec = spec();
+    spec.network
+        .add_hosts
+        .push(("web.test".into(), "127.0.0.1".parse().unwrap()));
+    let sb = Sandbox::start(spec).await.unwrap();
+    let mut events = sb.network().unwrap().audit().subscribe();
+    let probe = format!(
+        "nslookup web.test 10.0.2.2 >/dev/null 2>&1 || echo nxdomain; \
+         nc -w 5 $(nslookup web.test 10.0.2.2 2>/dev/null | awk '/^Address: 198/ {{print $2}}') {port} </dev/null || echo refused"
+    );
+    async fn run(sb: &Sandbox, probe: &str) -> String {
+        let out = sb.output(ExecSpec::new(["sh", "-c", probe])).await.unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+    assert!(run(&sb, &probe).await.contains("nxdomain"));
+    sb.allow_host("web.test").unwrap();
+    assert_eq!(run(&sb, &probe).await, "hello from the host\n");
+    assert!(sb.remove_allowed_host("web.test").unwrap());
+    assert!(run(&sb, &probe).await.contains("nxdomain"));
+    assert!(sb.allow_host("not a host").is_err());
+    let mut kinds = Vec::new();
+    while let Ok(r) = events.try_recv() {
+        kinds.push(serde_json::to_value(&r.event).unwrap()["type"].clone());
+    }
+    assert!(kinds.iter().any(|k| k == "policy"), "{kinds:?}");
+    assert!(kinds.iter().any(|k| k == "connection"), "{kinds:?}");
+    sb.stop().await.unwrap();
+}

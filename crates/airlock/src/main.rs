@@ -6,6 +6,7 @@
 
 mod doctor;
 mod image;
+mod netargs;
 mod term;
 
 use std::io::Write;
@@ -140,6 +141,8 @@ struct RunArgs {
     /// Extra guest kernel command-line word (diagnostics, e.g. `printk.time=1 loglevel=7`).
     #[arg(long = "kernel-arg", value_name = "ARG", hide = true)]
     kernel_args: Vec<String>,
+    #[command(flatten)]
+    net: netargs::NetArgs,
     /// Command and arguments (default with --image: the image's Entrypoint and Cmd).
     #[arg(last = true, value_name = "CMD")]
     cmd: Vec<String>,
@@ -299,6 +302,13 @@ async fn run(a: RunArgs) -> i32 {
     spec.accel = a.accel;
     spec.hostname = a.hostname.clone();
     spec.kernel_args = a.kernel_args.clone();
+    spec.network = match a.net.to_spec() {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("airlock: {e}");
+            return EXIT_SANDBOX_FAILED;
+        }
+    };
     let listeners = match bind_published(&a.publish) {
         Ok(l) => l,
         Err(e) => {

@@ -1,0 +1,189 @@
+//! The guest's network: a static address on eth0, a default route to Airlock's gateway, the
+//! gateway as the only DNS server, and trust in Airlock's interception CA.
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::sync::Mutex;
+
+use airlock_proto::NetInit;
+
+/// Environment every exec gets below its own (placeholders, CA bundle variables).
+static BASE_ENV: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+
+/// The base environment for execs.
+pub fn base_env() -> Vec<(String, String)> {
+    BASE_ENV.lock().unwrap().clone()
+}
+
+/// Adds to the base environment.
+pub fn extend_env(vars: impl IntoIterator<Item = (String, String)>) {
+    let mut env = BASE_ENV.lock().unwrap();
+    for (k, v) in vars {
+        if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+            continue;
+        }
+        env.retain(|(x, _)| *x != k);
+        env.push((k, v));
+    }
+}
+
+fn sockaddr(ip: Ipv4Addr) -> libc::sockaddr {
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sockaddr_in and sockaddr have the same size on Linux; a plain bit copy.
+    unsafe { std::mem::transmute::<libc::sockaddr_in, libc::sockaddr>(sin) }
+}
+
+/// `struct rtentry` from <net/route.h>: the libc crate has it for musl only, not glibc.
+#[repr(C)]
+struct RtEntry {
+    rt_pad1: libc::c_ulong,
+    rt_dst: libc::sockaddr,
+    rt_gateway: libc::sockaddr,
+    rt_genmask: libc::sockaddr,
+    rt_flags: libc::c_ushort,
+    rt_pad2: libc::c_short,
+    rt_pad3: libc::c_ulong,
+    rt_pad4: *mut libc::c_void,
+    rt_metric: libc::c_short,
+    rt_dev: *mut libc::c_char,
+    rt_mtu: libc::c_ulong,
+    rt_window: libc::c_ulong,
+    rt_irtt: libc::c_ushort,
+}
+
+fn ifreq(name: &str) -> libc::ifreq {
+    // SAFETY: ifreq is plain old data; all-zero is valid.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (i, b) in name.bytes().take(libc::IFNAMSIZ - 1).enumerate() {
+        ifr.ifr_name[i] = b as libc::c_char;
+    }
+    ifr
+}
+
+fn check(r: libc::c_int, what: &str) -> Result<(), String> {
+    if r < 0 {
+        Err(format!("{what}: {}", std::io::Error::last_os_error()))
+    } else {
+        Ok(())
+    }
+}
+
+/// Brings up eth0 with `cfg` and points DNS at the gateway.
+pub fn configure(cfg: &NetInit) -> Result<(), String> {
+    let dev = "eth0";
+    // No IPv6 on the NIC: nothing would route it, and clients then fall back to IPv4 at once.
+    let _ = std::fs::write("/proc/sys/net/ipv6/conf/eth0/disable_ipv6", "1");
+    let mask = if cfg.prefix == 0 {
+        0
+    } else {
+        u32::MAX << (32 - cfg.prefix.min(32) as u32)
+    };
+    // SAFETY: ioctls on a socket we own, with properly initialised ifreq/rtentry structs.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        check(fd, "socket")?;
+        let res = (|| -> Result<(), String> {
+            let mut ifr = ifreq(dev);
+            ifr.ifr_ifru.ifru_addr = sockaddr(cfg.address);
+            check(libc::ioctl(fd, libc::SIOCSIFADDR, &ifr), "set address")?;
+            let mut ifr = ifreq(dev);
+            ifr.ifr_ifru.ifru_netmask = sockaddr(Ipv4Addr::from(mask));
+            check(libc::ioctl(fd, libc::SIOCSIFNETMASK, &ifr), "set netmask")?;
+            if cfg.mtu > 0 {
+                let mut ifr = ifreq(dev);
+                ifr.ifr_ifru.ifru_mtu = cfg.mtu as libc::c_int;
+                check(libc::ioctl(fd, libc::SIOCSIFMTU, &ifr), "set mtu")?;
+            }
+            let mut ifr = ifreq(dev);
+            check(libc::ioctl(fd, libc::SIOCGIFFLAGS, &mut ifr), "get flags")?;
+            ifr.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            check(libc::ioctl(fd, libc::SIOCSIFFLAGS, &ifr), "bring up")?;
+            let mut rt: RtEntry = std::mem::zeroed();
+            rt.rt_dst = sockaddr(Ipv4Addr::UNSPECIFIED);
+            rt.rt_genmask = sockaddr(Ipv4Addr::UNSPECIFIED);
+            rt.rt_gateway = sockaddr(cfg.gateway);
+            rt.rt_flags = (libc::RTF_UP | libc::RTF_GATEWAY) as libc::c_ushort;
+            check(libc::ioctl(fd, libc::SIOCADDRT, &rt), "add default route")?;
+            Ok(())
+        })();
+        libc::close(fd);
+        res?;
+    }
+    // resolv.conf may be a symlink into a resolver daemon's runtime dir: replace it.
+    let _ = std::fs::remove_file("/etc/resolv.conf");
+    std::fs::write(
+        "/etc/resolv.conf",
+        format!("nameserver {}\noptions single-request\n", cfg.gateway),
+    )
+    .map_err(|e| format!("write /etc/resolv.conf: {e}"))?;
+    Ok(())
+}
+
+/// System CA bundles of common distributions (Debian/Ubuntu/Alpine, Fedora/RHEL, openSUSE).
+const SYSTEM_BUNDLES: &[&str] = &[
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/ca-bundle.pem",
+    "/etc/pki/ca-trust/extracted/pem/tls-ca-bundle.pem",
+    "/etc/ssl/cert.pem",
+];
+/// The CA alone.
+pub const CA_FILE: &str = "/etc/ssl/airlock/ca.pem";
+/// The system roots plus the CA.
+pub const BUNDLE_FILE: &str = "/etc/ssl/airlock/bundle.pem";
+
+/// Makes every TLS client trust `pem`: appended to the image's system bundles (in the
+/// writable layer; the image is untouched), a combined bundle, and the variables that
+/// OpenSSL, Python requests, curl, git and Node read.
+pub fn trust_ca(pem: &str) -> Result<(), String> {
+    let pem = if pem.ends_with('\n') {
+        pem.to_string()
+    } else {
+        format!("{pem}\n")
+    };
+    std::fs::create_dir_all("/etc/ssl/airlock").map_err(|e| format!("/etc/ssl/airlock: {e}"))?;
+    std::fs::write(CA_FILE, &pem).map_err(|e| format!("{CA_FILE}: {e}"))?;
+    let mut system = String::new();
+    let mut seen = std::collections::HashSet::new();
+    for b in SYSTEM_BUNDLES {
+        // Several names are often links to one file: append once per real file.
+        let Ok(real) = std::fs::canonicalize(b) else {
+            continue;
+        };
+        if !seen.insert(real.clone()) {
+            continue;
+        }
+        if let Ok(text) = std::fs::read_to_string(&real) {
+            if system.is_empty() {
+                system = text;
+            }
+            if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(&real) {
+                let _ = f.write_all(format!("\n{pem}").as_bytes());
+            }
+        }
+    }
+    if seen.is_empty() {
+        let _ = std::fs::create_dir_all("/etc/ssl/certs");
+        let _ = std::fs::write(SYSTEM_BUNDLES[0], &pem);
+    }
+    std::fs::write(BUNDLE_FILE, format!("{system}\n{pem}"))
+        .map_err(|e| format!("{BUNDLE_FILE}: {e}"))?;
+    extend_env(
+        [
+            ("SSL_CERT_FILE", BUNDLE_FILE),
+            ("REQUESTS_CA_BUNDLE", BUNDLE_FILE),
+            ("CURL_CA_BUNDLE", BUNDLE_FILE),
+            ("GIT_SSL_CAINFO", BUNDLE_FILE),
+            ("NODE_EXTRA_CA_CERTS", CA_FILE),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string())),
+    );
+    Ok(())
+}

@@ -1,0 +1,174 @@
+//! Airlock's sealed network. The guest's NIC ends here, in a userspace TCP/IP stack: DNS is
+//! answered locally, every connection is checked against the allow rules before anything is
+//! dialled, TLS to hosts that carry secrets is terminated with a per-sandbox CA so placeholders
+//! can be swapped for the real values in flight, and every decision is an audit event.
+//!
+//! ```no_run
+//! # async fn demo(sock: tokio::net::UnixStream) -> Result<(), airlock_net::NetError> {
+//! use airlock_net::{Network, NetworkConfig};
+//! let net = Network::new(NetworkConfig {
+//!     allow_hosts: vec!["api.example.com".into()],
+//!     ..Default::default()
+//! })?;
+//! net.start(sock); // the host end of QEMU's `-netdev stream` socket
+//! net.allow("*.github.com")?;
+//! # Ok(()) }
+//! ```
+
+pub mod audit;
+pub mod dns;
+pub mod policy;
+pub mod proxy;
+pub mod stack;
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
+
+pub use audit::{Audit, Event, Record};
+pub use policy::{AllowRule, HostPattern, Policy, PolicyError, Verdict};
+pub use proxy::Secret;
+
+/// Errors setting up a sandbox network.
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    /// A rule, pin or range is malformed.
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// The TLS interception could not be set up.
+    #[error("{0}")]
+    Proxy(String),
+    /// Host I/O (the audit file).
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// A sandbox's network policy.
+#[derive(Clone, Default)]
+pub struct NetworkConfig {
+    /// Allow rules (see [`policy`]).
+    pub allow_hosts: Vec<String>,
+    /// Names pinned to addresses.
+    pub add_hosts: Vec<(String, IpAddr)>,
+    /// Private ranges names may resolve to.
+    pub allow_private: Vec<String>,
+    /// Secrets to substitute in flight.
+    pub secrets: Vec<Secret>,
+    /// Extra PEM roots for upstream TLS.
+    pub upstream_ca: Vec<PathBuf>,
+    /// Audit log file (JSON lines).
+    pub audit_file: Option<PathBuf>,
+}
+
+/// State shared by the netstack, the DNS server and the proxy tasks.
+pub(crate) struct Shared {
+    pub(crate) policy: RwLock<Policy>,
+    pub(crate) table: Mutex<dns::Synthetic>,
+    pub(crate) audit: Audit,
+    pub(crate) proxy: Arc<proxy::ProxyContext>,
+}
+
+/// One sandbox's network: policy, DNS table, CA and audit log. Dropping it stops the stack.
+pub struct Network {
+    shared: Arc<Shared>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Network {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Network")
+            .field("rules", &self.rules())
+            .finish()
+    }
+}
+
+impl Network {
+    /// Checks the configuration and prepares everything but the NIC.
+    pub fn new(cfg: NetworkConfig) -> Result<Network, NetError> {
+        let policy = Policy::new(&cfg.allow_hosts, &cfg.add_hosts, &cfg.allow_private)?;
+        for s in &cfg.secrets {
+            for h in &s.hosts {
+                h.parse::<HostPattern>()
+                    .map_err(|e| NetError::Proxy(format!("secret {}: {e}", s.name)))?;
+            }
+        }
+        let audit = Audit::new(cfg.audit_file.as_deref())?;
+        let proxy = proxy::ProxyContext::new(cfg.secrets, &cfg.upstream_ca, audit.clone())
+            .map_err(|e| NetError::Proxy(e.to_string()))?;
+        Ok(Network {
+            shared: Arc::new(Shared {
+                policy: RwLock::new(policy),
+                table: Mutex::new(dns::Synthetic::default()),
+                audit,
+                proxy: Arc::new(proxy),
+            }),
+            task: Mutex::new(None),
+        })
+    }
+
+    /// Serves the guest NIC on `sock` (the host end of QEMU's netdev stream socket).
+    pub fn start(&self, sock: tokio::net::UnixStream) {
+        let t = tokio::spawn(stack::run(sock, self.shared.clone()));
+        if let Some(old) = self.task.lock().unwrap().replace(t) {
+            old.abort();
+        }
+    }
+
+    /// PEM of the per-sandbox CA the guest must trust.
+    pub fn ca_pem(&self) -> String {
+        self.shared.proxy.ca_pem()
+    }
+
+    /// `(name, placeholder)` of each secret, for the guest's environment.
+    pub fn placeholders(&self) -> Vec<(String, String)> {
+        self.shared.proxy.placeholders()
+    }
+
+    /// Adds an allow rule now; existing connections are unaffected.
+    pub fn allow(&self, rule: &str) -> Result<(), NetError> {
+        let r = self.shared.policy.write().unwrap().allow(rule)?;
+        self.shared.audit.record(Event::Policy {
+            action: "allow".into(),
+            rule: r.to_string(),
+        });
+        Ok(())
+    }
+
+    /// Removes an allow rule; new connections and DNS answers stop matching it at once.
+    /// Returns whether it was there.
+    pub fn remove(&self, rule: &str) -> Result<bool, NetError> {
+        let found = self.shared.policy.write().unwrap().remove(rule)?;
+        if found {
+            self.shared.audit.record(Event::Policy {
+                action: "remove".into(),
+                rule: rule.to_string(),
+            });
+        }
+        Ok(found)
+    }
+
+    /// The allow rules in force.
+    pub fn rules(&self) -> Vec<String> {
+        self.shared
+            .policy
+            .read()
+            .unwrap()
+            .rules()
+            .iter()
+            .map(|r| r.to_string())
+            .collect()
+    }
+
+    /// The audit log (subscribe for events).
+    pub fn audit(&self) -> &Audit {
+        &self.shared.audit
+    }
+}
+
+impl Drop for Network {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.lock().unwrap().take() {
+            t.abort();
+        }
+    }
+}
