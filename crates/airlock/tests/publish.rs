@@ -197,3 +197,55 @@ fn publish_reaches_python_http_server_in_debian() {
         sha.split_whitespace().next()
     );
 }
+
+/// Forwards ride the control channel, not the NIC: with `--no-network` the guest has no
+/// network device at all, and `-p` still works.
+#[test]
+fn publish_works_with_no_network() {
+    let rt = tempfile::tempdir().unwrap();
+    let mut child = airlock(
+        &rt,
+        &[
+            "--no-network",
+            "-p",
+            "0:80",
+            "--",
+            "sh",
+            "-c",
+            "mkdir -p /www && echo sealed-ok > /www/i && ls /sys/class/net && exec httpd -f -p 80 -h /www",
+        ],
+    )
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    err.read_line(&mut line).unwrap();
+    let addr = line
+        .strip_prefix("airlock: publishing ")
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no published address on stderr: {line:?}"))
+        .to_string();
+    let mut ifaces = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut ifaces)
+        .unwrap();
+    let mut body = None;
+    for _ in 0..100 {
+        let o = curl(&["--fail", &format!("http://{addr}/i")]);
+        if o.status.success() {
+            body = Some(o.stdout);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let _ = child.wait();
+    assert_eq!(ifaces.trim(), "lo", "--no-network guest has a NIC");
+    assert_eq!(
+        body.expect("curl through -p never answered"),
+        b"sealed-ok\n"
+    );
+}
