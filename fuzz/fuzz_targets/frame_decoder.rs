@@ -3,7 +3,10 @@
 //! never buffer more than one maximal frame.
 #![no_main]
 
-use airlock_proto::{Decoder, ExecError, ExitStatus, Hello, Kind, Ready, Started, Window, HEADER_LEN, MAX_PAYLOAD};
+use airlock_proto::{
+    ConnectError, Decoder, ExecError, ExitStatus, Hello, Kind, Ready, Started, StreamReset, Window,
+    HEADER_LEN, MAX_PAYLOAD,
+};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -17,7 +20,7 @@ fuzz_target!(|data: &[u8]| {
             match d.next_frame() {
                 Ok(Some(f)) => {
                     match f.kind {
-                        Kind::Stdout | Kind::Stderr => {
+                        Kind::Stdout | Kind::Stderr | Kind::Data => {
                             let _ = w.receive(f.payload.len());
                         }
                         Kind::Credit => {
@@ -30,6 +33,8 @@ fuzz_target!(|data: &[u8]| {
                         Kind::Started => drop(f.parse::<Started>()),
                         Kind::Exit => drop(f.parse::<ExitStatus>()),
                         Kind::ExecFailed => drop(f.parse::<ExecError>()),
+                        Kind::ConnectFailed => drop(f.parse::<ConnectError>()),
+                        Kind::Reset => drop(f.parse::<StreamReset>()),
                         _ => {}
                     }
                     assert!(f.payload.len() <= MAX_PAYLOAD);

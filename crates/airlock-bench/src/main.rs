@@ -5,7 +5,11 @@
 //!
 //! 1. boot: bare `qemu-system-x86_64` booting the same kernel with the same machine options and an
 //!    initramfs whose /init reboots at once, against `airlock run --rootfs <demo> -- true`;
-//! 2. exec: `true` run N times in one sandbox, against spawning `/bin/true` on the host.
+//! 2. exec: `true` run N times in one sandbox, against spawning `/bin/true` on the host;
+//! 3. port forward: HTTP downloads through `Sandbox::forward_port`, against the same server
+//!    running on the host.
+
+mod ports;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -38,13 +42,15 @@ const USAGE: &str =
   --execs N       exec round trips (default 200)
   --rootfs DIR    root filesystem for airlock (default: the one scripts/mkrootfs-busybox builds)
   --write-docs    also rewrite docs/benchmarks.md
-  --net-only      only the network benchmarks (printed, docs untouched)";
+  --net-only      only the network benchmarks (printed, docs untouched)
+  --only-ports    run only the port-forward benchmark (prints its table)";
 
 struct Opts {
     iterations: usize,
     execs: usize,
     rootfs: Option<PathBuf>,
     write_docs: bool,
+    only_ports: bool,
 }
 
 fn parse_args() -> Result<Option<Opts>> {
@@ -53,6 +59,7 @@ fn parse_args() -> Result<Option<Opts>> {
         execs: 200,
         rootfs: None,
         write_docs: false,
+        only_ports: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -68,9 +75,13 @@ fn parse_args() -> Result<Option<Opts>> {
             "--rootfs" => o.rootfs = Some(value("--rootfs")?.into()),
             "--write-docs" => o.write_docs = true,
             "--net-only" => {}
+            "--only-ports" => o.only_ports = true,
             "-h" | "--help" => return Ok(None),
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
+    }
+    if o.only_ports && o.write_docs {
+        bail!("--only-ports prints one table; --write-docs needs the full run");
     }
     if o.iterations == 0 || o.execs == 0 {
         bail!("--iterations and --execs must be at least 1");
@@ -571,6 +582,11 @@ fn docs(o: &Opts, accel: &AccelChoice, qemu: &str, e: &Execs, tables: &str) -> S
          - Exec: one sandbox started through the Rust API, 5 uncounted runs, then `true` run \
          sequentially, each timed from request to exit status. Host baseline: `/bin/true` spawned \
          and waited for with `std::process::Command`.\n\
+         - Port forward: one sandbox (Rust API) runs busybox `httpd -f -p 80`; \
+         `Sandbox::forward_port(127.0.0.1:0, 80)` publishes it; the baseline is busybox httpd on \
+         the host serving files of the same sizes. One in-process client (tokio, HTTP/1.0, a new \
+         connection per request) alternates between the two after one uncounted download of \
+         each; times run from connect to the last byte.\n\
          - Percentiles are nearest-rank (each is a time actually observed).\n\n\
          ## Where the time goes under TCG (measured 2026-11-23, `AIRLOCK_LOG=debug` phase timings)\n\n\
          - Host side before QEMU starts (assets, cached rootfs, sparse scratch copy): ~13 ms.\n\
@@ -634,16 +650,24 @@ async fn main() -> Result<()> {
         println!("{}", net::section(&rootfs).await?);
         return Ok(());
     }
+    if o.only_ports {
+        let p = ports::bench(o.iterations, &rootfs).await?;
+        println!("{}", ports::table(o.iterations, &p));
+        return Ok(());
+    }
     let boot = bench_boot(&o, accel.accel, &rootfs).await?;
     eprintln!("exec round trips: {}", o.execs);
     let execs = bench_exec(&o, &rootfs).await?;
 
     let (small, large) = bench_images(&o).await?;
     let (skopeo, first) = bench_first_run(&o).await?;
+    eprintln!("port forward");
+    let fwd = ports::bench(o.iterations, &rootfs).await?;
 
     let t = tables(&o, &boot, &execs)
         + &image_table(&o, &small, &large)
         + &first_run_table(&o, &skopeo, &first)
+        + &ports::table(o.iterations, &fwd)
         + &net::section(&rootfs).await?;
     println!("\n{t}");
     if o.write_docs {

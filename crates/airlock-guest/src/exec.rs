@@ -417,6 +417,11 @@ impl Registry {
         self.tx.send(Frame::json(Kind::Exit, e.stream, &status));
     }
 
+    /// Whether `stream` is a running exec.
+    pub fn owns(&self, stream: u32) -> bool {
+        self.by_stream.lock().unwrap().contains_key(&stream)
+    }
+
     /// Handles a host frame for an existing stream.
     pub fn handle(&self, stream: u32, frame: Frame) {
         let Some(e) = self.by_stream.lock().unwrap().get(&stream).cloned() else {

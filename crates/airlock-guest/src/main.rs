@@ -2,13 +2,14 @@
 //!
 //! It mounts the sandbox root (read-only image + per-sandbox writable layer), switches into
 //! it, then serves the host over one virtio-serial port: exec with streamed stdio, signals,
-//! terminals, and power-off. It is a static binary with no dependency on the image's userland.
+//! terminals, forwarded TCP connections to guest-local ports, and power-off. It is a static binary with no dependency on the image's userland.
 //!
 //! Threads, not async: one reader of the port, one writer, a reaper, and a few threads per
 //! exec. That keeps PID 1's duties (reaping every orphan) simple and explicit.
 
 mod exec;
 mod net;
+mod ports;
 mod setup;
 mod user;
 
@@ -68,6 +69,8 @@ fn run() -> Result<(), String> {
         std::thread::spawn(move || execs.reap_loop());
     }
 
+    let ports = Arc::new(ports::Ports::new(tx.clone()));
+
     tx.send(Frame::json(
         Kind::Hello,
         CONTROL_STREAM,
@@ -76,7 +79,7 @@ fn run() -> Result<(), String> {
             agent: env!("CARGO_PKG_VERSION").to_string(),
         },
     ));
-    read_loop(port, &tx, &execs)
+    read_loop(port, &tx, &execs, &ports)
 }
 
 fn write_loop(mut port: File, rx: Receiver<Frame>) {
@@ -98,7 +101,12 @@ fn write_loop(mut port: File, rx: Receiver<Frame>) {
     }
 }
 
-fn read_loop(mut port: File, tx: &Tx, execs: &Arc<exec::Registry>) -> Result<(), String> {
+fn read_loop(
+    mut port: File,
+    tx: &Tx,
+    execs: &Arc<exec::Registry>,
+    ports: &Arc<ports::Ports>,
+) -> Result<(), String> {
     let mut dec = Decoder::new();
     let mut buf = vec![0u8; 64 * 1024];
     let mut hostname = String::new();
@@ -141,6 +149,8 @@ fn read_loop(mut port: File, tx: &Tx, execs: &Arc<exec::Registry>) -> Result<(),
                     log(&format!("ignoring {:?} on the control stream", frame.kind));
                 }
                 (Kind::Exec, s) => execs.start(s, &frame, &hostname),
+                (Kind::Connect, s) => ports.start(s, &frame, execs.owns(s)),
+                (_, s) if ports.owns(s) => ports.handle(s, frame),
                 (_, s) => execs.handle(s, frame),
             }
         }

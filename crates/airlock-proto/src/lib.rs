@@ -2,7 +2,7 @@
 //!
 //! One byte stream (a virtio-serial port) carries length-prefixed frames. Each frame belongs to a
 //! *stream*: stream 0 is the control stream (hello, init, shutdown), every other stream is one
-//! exec opened by the host. Data frames are raw bytes; control payloads are JSON so that adding
+//! exec or one forwarded TCP connection ([`Kind::Connect`]) opened by the host. Data frames are raw bytes; control payloads are JSON so that adding
 //! an optional field never breaks an older peer.
 //!
 //! # Threat notes
@@ -68,6 +68,21 @@ pub enum Kind {
     Shutdown = 15,
     /// Either way, JSON [`ProtocolError`]: the peer sent something it should not have.
     Error = 16,
+    /// host → guest, opens a stream, JSON [`ConnectRequest`]: connect to a guest-local TCP port.
+    Connect = 17,
+    /// guest → host, empty: the connection is up; [`Kind::Data`] may flow both ways.
+    Connected = 18,
+    /// guest → host, JSON [`ConnectError`]: the connection could not be made; last frame.
+    ConnectFailed = 19,
+    /// Both ways on a port stream, raw bytes (at most [`MAX_CHUNK`]), within the receiver's
+    /// window; the receiver returns [`Kind::Credit`] as it consumes them.
+    Data = 20,
+    /// Both ways on a port stream, empty: the sender sends no more data (TCP half-close).
+    /// The stream ends once both sides sent it.
+    Eof = 21,
+    /// Both ways on a port stream, JSON [`StreamReset`]: abort the connection; last frame
+    /// the sender sends, and the receiver forgets the stream.
+    Reset = 22,
 }
 
 impl Kind {
@@ -91,6 +106,12 @@ impl Kind {
             14 => ExecFailed,
             15 => Shutdown,
             16 => Error,
+            17 => Connect,
+            18 => Connected,
+            19 => ConnectFailed,
+            20 => Data,
+            21 => Eof,
+            22 => Reset,
             _ => return None,
         })
     }
@@ -480,6 +501,48 @@ pub struct ProtocolError {
     pub message: String,
 }
 
+/// Open a TCP connection to a port inside the guest (a port forward's one connection).
+///
+/// The agent connects to `127.0.0.1:port`, then to `[::1]:port` if that is refused, so a
+/// server bound to the IPv4 or IPv6 loopback or to a wildcard address is reached. Servers bound
+/// only to another guest address are not: forwards reach what the guest serves locally.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConnectRequest {
+    /// TCP port inside the guest.
+    pub port: u16,
+}
+
+/// Why a [`ConnectRequest`] failed.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ConnectErrorKind {
+    /// Nothing listens on the port.
+    Refused,
+    /// The connection did not complete in time.
+    TimedOut,
+    /// The request is invalid (port 0, stream already in use).
+    Invalid,
+    /// Anything else.
+    Other,
+}
+
+/// A [`ConnectRequest`] failed.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ConnectError {
+    /// Class of failure.
+    pub kind: ConnectErrorKind,
+    /// Human-readable reason.
+    pub message: String,
+}
+
+/// Why a port stream was aborted.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct StreamReset {
+    /// Human-readable reason.
+    #[serde(default)]
+    pub message: String,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -593,6 +656,34 @@ mod tests {
     }
 
     #[test]
+    fn port_forward_kinds_round_trip() {
+        for v in 17..=22u8 {
+            let k = Kind::from_u8(v).unwrap();
+            assert_eq!(k as u8, v);
+        }
+        assert_eq!(Kind::from_u8(23), None);
+        let f = Frame::json(Kind::Connect, 5, &ConnectRequest { port: 8080 });
+        let got = decode_all(&f.encode()).unwrap();
+        assert_eq!(got[0].parse::<ConnectRequest>().unwrap().port, 8080);
+        // Ports out of u16 range or missing are payload errors, not panics.
+        for bad in [&br#"{"port":70000}"#[..], br#"{}"#, br#"{"port":-1}"#] {
+            assert!(Frame::new(Kind::Connect, 5, bad.to_vec())
+                .parse::<ConnectRequest>()
+                .is_err());
+        }
+        let e: ConnectError = Frame::new(
+            Kind::ConnectFailed,
+            5,
+            br#"{"kind":"refused","message":"connection refused"}"#.to_vec(),
+        )
+        .parse()
+        .unwrap();
+        assert_eq!(e.kind, ConnectErrorKind::Refused);
+        let r: StreamReset = Frame::new(Kind::Reset, 5, b"{}".to_vec()).parse().unwrap();
+        assert_eq!(r.message, "");
+    }
+
+    #[test]
     fn window_accounting() {
         let mut w = Window::default();
         assert_eq!(
@@ -634,13 +725,15 @@ mod tests {
             // Bias towards plausible headers so the payload paths run too.
             if bytes.len() >= HEADER_LEN && next() % 2 == 0 {
                 bytes[0..4].copy_from_slice(&((next() % 300) as u32).to_le_bytes());
-                bytes[8] = (next() % 18) as u8;
+                bytes[8] = (next() % 24) as u8;
                 bytes[9..12].copy_from_slice(&[0, 0, 0]);
             }
             for chunk in bytes.chunks(1 + (next() % 17) as usize) {
                 d.push(chunk);
                 while let Ok(Some(f)) = d.next_frame() {
                     let _ = f.parse::<ExecRequest>();
+                    let _ = f.parse::<ConnectError>();
+                    let _ = f.parse::<StreamReset>();
                     let _ = f.parse_credit();
                 }
             }

@@ -6,13 +6,16 @@
 //! output may only use the window the host granted ([`Window::receive`]), so a guest that
 //! floods output stalls itself instead of growing host memory; frames of kinds the guest may
 //! not send, or that violate the window, end the sandbox with [`Conn::fail`]. Frames for
-//! streams the host does not know (already finished or never opened) are dropped.
+//! streams the host does not know (already finished or never opened) are dropped. Port-forward
+//! streams accept each one-shot frame (Connected, Eof) once and no data after Eof, so a guest
+//! cannot queue unbounded events either.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use airlock_proto::{
-    Decoder, ExecError, ExitStatus, Frame, Hello, Kind, Ready, Started, Window, CONTROL_STREAM,
+    ConnectError, Decoder, ExecError, ExitStatus, Frame, Hello, Kind, Ready, Started, StreamReset,
+    Window, CONTROL_STREAM,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
@@ -33,6 +36,31 @@ pub enum ExecEvent {
     Failed(ExecError),
 }
 
+/// What a port-forward stream delivers to its [`crate::GuestStream`], in order.
+#[derive(Debug)]
+pub(crate) enum PortEvent {
+    /// The guest connected to the port.
+    Connected,
+    /// The guest could not connect; nothing follows.
+    Failed(ConnectError),
+    /// Bytes from the guest server.
+    Data(Vec<u8>),
+    /// The guest server closed its sending side.
+    Eof,
+    /// The guest aborted the connection; nothing follows.
+    Reset(String),
+}
+
+/// Who a stream belongs to.
+enum Events {
+    Exec(mpsc::UnboundedSender<ExecEvent>),
+    Port {
+        events: mpsc::UnboundedSender<PortEvent>,
+        connected: bool,
+        eof: bool,
+    },
+}
+
 /// Control-stream messages the start-up sequence waits for.
 #[derive(Debug)]
 pub enum ControlEvent {
@@ -41,18 +69,31 @@ pub enum ControlEvent {
 }
 
 pub(crate) struct StreamState {
-    events: mpsc::UnboundedSender<ExecEvent>,
+    events: Events,
     /// Guest → host data still allowed.
     recv: Window,
     /// Host → guest stdin still allowed, shared with the stdin writer.
     pub(crate) send: Arc<SendWindow>,
 }
 
-/// Stdin credit for one stream.
+/// Stdin (or port data) credit for one stream.
 #[derive(Default)]
 pub(crate) struct SendWindow {
     pub(crate) window: Mutex<Window>,
     pub(crate) notify: Notify,
+    /// A poll-based writer ([`crate::GuestStream`]) waiting for credit.
+    pub(crate) waker: Mutex<Option<std::task::Waker>>,
+    /// Set when the guest reset a port stream, so a waiting writer fails.
+    pub(crate) reset: Mutex<Option<String>>,
+}
+
+impl SendWindow {
+    fn wake(&self) {
+        self.notify.notify_one();
+        if let Some(w) = self.waker.lock().unwrap().take() {
+            w.wake();
+        }
+    }
 }
 
 /// The connection to one guest agent.
@@ -121,8 +162,12 @@ impl Conn {
                 false
             }
         });
-        // Dropping the senders ends every exec's event stream; owners then read the reason.
-        self.streams.lock().unwrap().clear();
+        // Dropping the senders ends every stream's events; owners then read the reason.
+        // Writers waiting for credit are woken to see it too.
+        let gone: Vec<_> = self.streams.lock().unwrap().drain().collect();
+        for (_, s) in gone {
+            s.send.wake();
+        }
     }
 
     /// Registers a new stream before its Exec frame is sent.
@@ -131,16 +176,35 @@ impl Conn {
         id: u32,
     ) -> (mpsc::UnboundedReceiver<ExecEvent>, Arc<SendWindow>) {
         let (tx, rx) = mpsc::unbounded_channel();
+        (rx, self.insert_stream(id, Events::Exec(tx)))
+    }
+
+    /// Registers a new port-forward stream before its Connect frame is sent.
+    pub(crate) fn open_port_stream(
+        &self,
+        id: u32,
+    ) -> (mpsc::UnboundedReceiver<PortEvent>, Arc<SendWindow>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let events = Events::Port {
+            events: tx,
+            connected: false,
+            eof: false,
+        };
+        (rx, self.insert_stream(id, events))
+    }
+
+    fn insert_stream(&self, id: u32, events: Events) -> Arc<SendWindow> {
         let send = Arc::new(SendWindow::default());
-        self.streams.lock().unwrap().insert(
-            id,
-            StreamState {
-                events: tx,
-                recv: Window::default(),
-                send: send.clone(),
-            },
-        );
-        (rx, send)
+        let state = StreamState {
+            events,
+            recv: Window::default(),
+            send: send.clone(),
+        };
+        // A stream registered after the connection ended would never see its end.
+        if self.closed_reason().is_none() {
+            self.streams.lock().unwrap().insert(id, state);
+        }
+        send
     }
 
     /// Output bytes of a stream received from the guest and not yet consumed by its owner.
@@ -190,6 +254,71 @@ impl Conn {
         let Some(s) = streams.get_mut(&f.stream) else {
             return Ok(());
         };
+        if f.kind == Kind::Credit {
+            let n = f.parse_credit().map_err(|e| e.to_string())?;
+            s.send
+                .window
+                .lock()
+                .unwrap()
+                .grant(n)
+                .map_err(|e| format!("stream {}: {e}", f.stream))?;
+            s.send.wake();
+            return Ok(());
+        }
+        if f.kind == Kind::Error {
+            tracing::warn!(
+                stream = f.stream,
+                "guest protocol error: {}",
+                String::from_utf8_lossy(&f.payload)
+            );
+            return Ok(());
+        }
+        let events = match &mut s.events {
+            Events::Exec(events) => events,
+            Events::Port {
+                events,
+                connected,
+                eof,
+            } => {
+                let (ev, last) = match f.kind {
+                    Kind::Connected if !*connected => {
+                        *connected = true;
+                        (PortEvent::Connected, false)
+                    }
+                    Kind::ConnectFailed if !*connected => (
+                        PortEvent::Failed(f.parse().map_err(|e| e.to_string())?),
+                        true,
+                    ),
+                    Kind::Data if *connected && !*eof => {
+                        s.recv
+                            .receive(f.payload.len())
+                            .map_err(|e| format!("stream {}: {e}", f.stream))?;
+                        (PortEvent::Data(f.payload), false)
+                    }
+                    Kind::Eof if *connected && !*eof => {
+                        *eof = true;
+                        (PortEvent::Eof, false)
+                    }
+                    Kind::Reset => {
+                        let r: StreamReset = f.parse().map_err(|e| e.to_string())?;
+                        *s.send.reset.lock().unwrap() = Some(r.message.clone());
+                        s.send.wake();
+                        (PortEvent::Reset(r.message), true)
+                    }
+                    k => {
+                        return Err(format!(
+                            "guest sent {k:?} on port stream {}, which is not allowed there now",
+                            f.stream
+                        ))
+                    }
+                };
+                let _ = events.send(ev);
+                if last {
+                    streams.remove(&f.stream);
+                }
+                return Ok(());
+            }
+        };
         let ev = match f.kind {
             Kind::Stdout | Kind::Stderr => {
                 s.recv
@@ -204,31 +333,17 @@ impl Conn {
             Kind::Started => {
                 ExecEvent::Started(f.parse::<Started>().map_err(|e| e.to_string())?.pid)
             }
-            Kind::Credit => {
-                let n = f.parse_credit().map_err(|e| e.to_string())?;
-                s.send
-                    .window
-                    .lock()
-                    .unwrap()
-                    .grant(n)
-                    .map_err(|e| format!("stream {}: {e}", f.stream))?;
-                s.send.notify.notify_one();
-                return Ok(());
-            }
             Kind::Exit => ExecEvent::Exit(f.parse().map_err(|e| e.to_string())?),
             Kind::ExecFailed => ExecEvent::Failed(f.parse().map_err(|e| e.to_string())?),
-            Kind::Error => {
-                tracing::warn!(
-                    stream = f.stream,
-                    "guest protocol error: {}",
-                    String::from_utf8_lossy(&f.payload)
-                );
-                return Ok(());
+            k => {
+                return Err(format!(
+                    "guest sent {k:?} on exec stream {}, which is not allowed there",
+                    f.stream
+                ))
             }
-            k => return Err(format!("guest sent {k:?}, which only the host may send")),
         };
         let last = matches!(ev, ExecEvent::Exit(_) | ExecEvent::Failed(_));
-        let _ = s.events.send(ev);
+        let _ = events.send(ev);
         if last {
             streams.remove(&f.stream);
         }
@@ -296,5 +411,125 @@ async fn write_loop(
             conn.fail(format!("control channel write: {e}"));
             return;
         }
+    }
+}
+
+/// A hostile guest's frames against the real host connection: each rule breach ends the
+/// sandbox, frames for unknown streams are dropped.
+#[cfg(test)]
+mod hostile_guest {
+    use super::*;
+    use airlock_proto::{ConnectErrorKind, INITIAL_WINDOW, MAX_CHUNK};
+    use tokio::io::AsyncWriteExt;
+
+    /// The host connection with port stream 5 open, and the guest's end of the channel.
+    async fn setup() -> (
+        Arc<Conn>,
+        mpsc::UnboundedReceiver<PortEvent>,
+        tokio::net::UnixStream,
+    ) {
+        let (host, guest) = tokio::net::UnixStream::pair().unwrap();
+        let (conn, _ctl) = Conn::start(host);
+        let (rx, _) = conn.open_port_stream(5);
+        (conn, rx, guest)
+    }
+
+    async fn send(guest: &mut tokio::net::UnixStream, frames: &[Frame]) {
+        let mut b = Vec::new();
+        for f in frames {
+            f.encode_into(&mut b);
+        }
+        guest.write_all(&b).await.unwrap();
+    }
+
+    async fn closed(conn: &Conn) -> String {
+        let mut w = conn.closed_watch();
+        let ended = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            w.wait_for(|c| c.is_some()),
+        )
+        .await;
+        assert!(ended.is_ok(), "the host must end the connection");
+        drop(ended);
+        conn.closed_reason().unwrap()
+    }
+
+    fn data(n: usize) -> Frame {
+        Frame::new(Kind::Data, 5, vec![0; n])
+    }
+
+    #[tokio::test]
+    async fn data_beyond_the_window_ends_the_sandbox() {
+        let (conn, _rx, mut g) = setup().await;
+        let mut frames = vec![Frame::new(Kind::Connected, 5, vec![])];
+        frames.extend((0..INITIAL_WINDOW as usize / MAX_CHUNK).map(|_| data(MAX_CHUNK)));
+        frames.push(data(1));
+        send(&mut g, &frames).await;
+        assert!(closed(&conn).await.contains("window"));
+    }
+
+    #[tokio::test]
+    async fn data_before_connected_or_after_eof_ends_the_sandbox() {
+        let (conn, _rx, mut g) = setup().await;
+        send(&mut g, &[data(10)]).await;
+        assert!(closed(&conn).await.contains("guest violated"));
+
+        let (conn, mut rx, mut g) = setup().await;
+        let eof = Frame::new(Kind::Eof, 5, vec![]);
+        send(
+            &mut g,
+            &[Frame::new(Kind::Connected, 5, vec![]), eof, data(10)],
+        )
+        .await;
+        assert!(closed(&conn).await.contains("Data"));
+        assert!(matches!(rx.recv().await, Some(PortEvent::Connected)));
+        assert!(matches!(rx.recv().await, Some(PortEvent::Eof)));
+    }
+
+    #[tokio::test]
+    async fn repeated_one_shot_frames_and_exec_kinds_end_the_sandbox() {
+        for bad in [
+            Frame::new(Kind::Connected, 5, vec![]),
+            Frame::new(Kind::Stdout, 5, vec![1]),
+            Frame::json(Kind::Exit, 5, &ExitStatus::default()),
+            Frame::json(Kind::Connect, 5, &airlock_proto::ConnectRequest { port: 1 }),
+            Frame::new(Kind::Reset, 5, b"not json".to_vec()),
+        ] {
+            let (conn, _rx, mut g) = setup().await;
+            send(
+                &mut g,
+                &[Frame::new(Kind::Connected, 5, vec![]), bad.clone()],
+            )
+            .await;
+            let why = closed(&conn).await;
+            assert!(why.contains("guest violated"), "{:?}: {why}", bad.kind);
+        }
+    }
+
+    #[tokio::test]
+    async fn unknown_streams_are_ignored_and_failures_are_delivered() {
+        let (conn, mut rx, mut g) = setup().await;
+        let refused = airlock_proto::ConnectError {
+            kind: ConnectErrorKind::Refused,
+            message: "connection refused".into(),
+        };
+        send(
+            &mut g,
+            &[
+                Frame::new(Kind::Data, 99, vec![0; MAX_CHUNK]),
+                Frame::new(Kind::Eof, 1234, vec![]),
+                Frame::json(Kind::ConnectFailed, 5, &refused),
+                // The stream is gone after its last frame: more for it is dropped.
+                Frame::new(Kind::Connected, 5, vec![]),
+            ],
+        )
+        .await;
+        match rx.recv().await {
+            Some(PortEvent::Failed(e)) => assert_eq!(e, refused),
+            other => panic!("{other:?}"),
+        }
+        assert!(rx.recv().await.is_none(), "nothing after the last frame");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(conn.closed_reason(), None);
     }
 }

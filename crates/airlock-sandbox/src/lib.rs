@@ -19,6 +19,7 @@ mod clock;
 mod conn;
 pub mod imagefs;
 pub mod network;
+mod ports;
 pub mod rootfs;
 mod state;
 
@@ -34,9 +35,10 @@ use airlock_proto::{
 };
 use tokio::sync::mpsc;
 
-pub use airlock_proto::{ExecError, ExitStatus, WinSize};
+pub use airlock_proto::{ConnectError, ConnectErrorKind, ExecError, ExitStatus, WinSize};
 pub use conn::ExecEvent;
 pub use network::{NetworkSpec, SecretSpec};
+pub use ports::{GuestStream, PortForward, MAX_FORWARD_CONNECTIONS};
 pub use rootfs::RootfsSource;
 
 /// Errors of the sandbox API. Each says what happened and, where it can, what to do.
@@ -81,6 +83,14 @@ pub enum Error {
     /// The command could not be started in the guest.
     #[error("{}", .0.message)]
     Exec(ExecError),
+    /// A connection to a port inside the sandbox could not be made.
+    #[error("{}{}", .error.message, if .error.kind == ConnectErrorKind::Refused { format!(": is a server listening on port {} inside the sandbox?", .port) } else { String::new() })]
+    Connect {
+        /// The guest port.
+        port: u16,
+        /// What the guest agent reported.
+        error: ConnectError,
+    },
     /// Host I/O.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -205,7 +215,8 @@ pub struct Sandbox {
     conn: Arc<conn::Conn>,
     vm: Box<dyn Vm>,
     state: state::StateDir,
-    next_stream: AtomicU32,
+    /// Shared with port forwards, which open streams on their own.
+    next_stream: Arc<AtomicU32>,
     kernel_release: String,
     network: Option<airlock_net::Network>,
 }
@@ -356,7 +367,7 @@ impl Sandbox {
             conn: conn.clone(),
             vm,
             state,
-            next_stream: AtomicU32::new(1),
+            next_stream: Arc::new(AtomicU32::new(1)),
             kernel_release: String::new(),
             network,
         };
@@ -550,6 +561,63 @@ impl Sandbox {
             events,
             done: false,
         })
+    }
+
+    /// Opens a TCP connection to `guest_port` on the sandbox's loopback (127.0.0.1, then ::1),
+    /// carried over the control channel: it needs no guest network at all. A port nothing
+    /// listens on is an [`Error::Connect`] with [`ConnectErrorKind::Refused`].
+    ///
+    /// ```no_run
+    /// # async fn demo(sb: &airlock_sandbox::Sandbox) -> Result<(), Box<dyn std::error::Error>> {
+    /// use tokio::io::AsyncReadExt;
+    /// let mut s = sb.connect(6379).await?;
+    /// let mut greeting = [0u8; 16];
+    /// s.read_exact(&mut greeting).await?;
+    /// # Ok(()) }
+    /// ```
+    pub async fn connect(&self, guest_port: u16) -> Result<GuestStream, Error> {
+        ports::connect(&self.conn, &self.next_stream, guest_port).await
+    }
+
+    /// Listens on `bind` on the host and forwards every connection to `guest_port` inside the
+    /// sandbox (as [`Sandbox::connect`]). Port 0 picks a free port: read it from
+    /// [`PortForward::local_addr`]. A port in use is an [`Error::Io`] with `AddrInUse`.
+    ///
+    /// ```no_run
+    /// # async fn demo(sb: &airlock_sandbox::Sandbox) -> Result<(), airlock_sandbox::Error> {
+    /// let fwd = sb.forward_port("127.0.0.1:8080".parse().unwrap(), 80).await?;
+    /// // curl http://127.0.0.1:8080/ now reaches the guest's port 80.
+    /// # drop(fwd);
+    /// # Ok(()) }
+    /// ```
+    pub async fn forward_port(
+        &self,
+        bind: std::net::SocketAddr,
+        guest_port: u16,
+    ) -> Result<PortForward, Error> {
+        self.forward_listener(std::net::TcpListener::bind(bind)?, guest_port)
+    }
+
+    /// As [`Sandbox::forward_port`] on a listener bound already (so a caller can fail on a
+    /// port in use before booting the sandbox).
+    ///
+    /// ```no_run
+    /// # async fn demo(sb: &airlock_sandbox::Sandbox) -> Result<(), airlock_sandbox::Error> {
+    /// let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    /// let fwd = sb.forward_listener(l, 80)?;
+    /// # Ok(()) }
+    /// ```
+    pub fn forward_listener(
+        &self,
+        listener: std::net::TcpListener,
+        guest_port: u16,
+    ) -> Result<PortForward, Error> {
+        ports::forward(
+            self.conn.clone(),
+            self.next_stream.clone(),
+            listener,
+            guest_port,
+        )
     }
 
     /// Runs a command to completion and collects its output. A command that cannot start is

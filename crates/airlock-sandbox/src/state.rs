@@ -43,13 +43,16 @@ impl StateDir {
         let path = root.join(id);
         std::fs::create_dir(&path)
             .map_err(|e| Error::Setup(format!("create {}: {e}", path.display())))?;
-        let lock = File::create(path.join("lock"))?;
+        // Locked before it gets the name a concurrent sweep looks for, or another sandbox
+        // starting at the same moment could take the lock first and remove this directory.
+        let lock = File::create(path.join("lock.new"))?;
         if !try_lock(&lock) {
             return Err(Error::Setup(format!(
                 "{} is locked by another process",
                 path.display()
             )));
         }
+        std::fs::rename(path.join("lock.new"), path.join("lock"))?;
         Ok(StateDir { path, _lock: lock })
     }
 

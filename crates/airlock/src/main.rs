@@ -133,6 +133,11 @@ struct RunArgs {
     /// Hostname inside the sandbox (default: the sandbox id).
     #[arg(long)]
     hostname: Option<String>,
+    /// Publish a sandbox port on the host: [ADDR:]HOST:GUEST (ADDR defaults to 127.0.0.1;
+    /// HOST 0 picks a free port). Carried over the control channel, so it works with any
+    /// guest network policy. Repeatable.
+    #[arg(short = 'p', long = "publish", value_name = "[ADDR:]HOST:GUEST", value_parser = parse_publish)]
+    publish: Vec<Publish>,
     /// Extra guest kernel command-line word (diagnostics, e.g. `printk.time=1 loglevel=7`).
     #[arg(long = "kernel-arg", value_name = "ARG", hide = true)]
     kernel_args: Vec<String>,
@@ -190,6 +195,73 @@ fn main() {
     std::process::exit(code);
 }
 
+/// One `-p [ADDR:]HOST:GUEST`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Publish {
+    bind: std::net::SocketAddr,
+    guest: u16,
+}
+
+fn parse_publish(v: &str) -> Result<Publish, String> {
+    const FORM: &str =
+        "use [ADDR:]HOST:GUEST, e.g. 8080:80, 0:80 (any free host port) or 0.0.0.0:8080:80";
+    let port = |p: &str, what: &str, zero_ok: bool| -> Result<u16, String> {
+        match p.parse::<u16>() {
+            Ok(0) if !zero_ok => Err(format!(
+                "{what} port 0 is not a port: give 1-65535 ({FORM})"
+            )),
+            Ok(n) => Ok(n),
+            Err(_) => Err(format!(
+                "{what} port {p:?} is not a number from {}-65535 ({FORM})",
+                u8::from(!zero_ok)
+            )),
+        }
+    };
+    let (rest, guest) = v.rsplit_once(':').ok_or_else(|| format!("{v:?}: {FORM}"))?;
+    let guest = port(guest, "guest", false)?;
+    let (addr, host) = match rest.rsplit_once(':') {
+        Some((a, h)) => (a, h),
+        None => ("127.0.0.1", rest),
+    };
+    let host = port(host, "host", true)?;
+    let addr = addr
+        .strip_prefix('[')
+        .and_then(|a| a.strip_suffix(']'))
+        .unwrap_or(addr);
+    let ip: std::net::IpAddr = addr.parse().map_err(|_| {
+        format!("{addr:?} is not an IP address to listen on ({FORM}; IPv6 as [::1]:8080:80)")
+    })?;
+    Ok(Publish {
+        bind: std::net::SocketAddr::new(ip, host),
+        guest,
+    })
+}
+
+/// Binds every `-p` listener before the sandbox boots, so a port in use fails at once.
+fn bind_published(publish: &[Publish]) -> Result<Vec<(std::net::TcpListener, u16)>, String> {
+    publish
+        .iter()
+        .map(|p| {
+            let l = std::net::TcpListener::bind(p.bind).map_err(|e| match e.kind() {
+                std::io::ErrorKind::AddrInUse => format!(
+                    "-p: {} is already in use on the host: pick another host port, or 0 for any free one",
+                    p.bind
+                ),
+                std::io::ErrorKind::AddrNotAvailable => format!(
+                    "-p: {} is not an address of this host: use 127.0.0.1 or 0.0.0.0",
+                    p.bind.ip()
+                ),
+                std::io::ErrorKind::PermissionDenied => format!(
+                    "-p: not allowed to listen on {} (ports below 1024 need privileges): pick a port above 1023",
+                    p.bind
+                ),
+                _ => format!("-p: cannot listen on {}: {e}", p.bind),
+            })?;
+            Ok((l, p.guest))
+        })
+        .collect()
+}
+
 fn parse_env(items: &[String]) -> Result<Vec<(String, String)>, String> {
     items
         .iter()
@@ -237,6 +309,13 @@ async fn run(a: RunArgs) -> i32 {
             return EXIT_SANDBOX_FAILED;
         }
     };
+    let listeners = match bind_published(&a.publish) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("airlock: {e}");
+            return EXIT_SANDBOX_FAILED;
+        }
+    };
 
     // Signals that arrive while booting must not kill airlock before it can clean up.
     let mut signals = match term::Signals::new() {
@@ -256,6 +335,24 @@ async fn run(a: RunArgs) -> i32 {
         },
         s = signals.next_terminating() => return 128 + s,
     };
+    let mut forwards = Vec::new();
+    for ((listener, guest), p) in listeners.into_iter().zip(&a.publish) {
+        match sb.forward_listener(listener, guest) {
+            Ok(f) => {
+                if p.bind.port() == 0 {
+                    eprintln!(
+                        "airlock: publishing {} -> sandbox port {guest}",
+                        f.local_addr()
+                    );
+                }
+                forwards.push(f);
+            }
+            Err(e) => {
+                eprintln!("airlock: -p {}:{guest}: {e}", p.bind);
+                return EXIT_SANDBOX_FAILED;
+            }
+        }
+    }
 
     let tty = a
         .tty
@@ -270,6 +367,7 @@ async fn run(a: RunArgs) -> i32 {
     let code = run_command(&sb, spec, a.interactive, a.timeout, &mut signals).await;
     // The sandbox is thrown away with its writable layer, so there is nothing to flush:
     // killing the VM (what dropping it does) is faster than a guest shutdown.
+    drop(forwards);
     drop(sb);
     tracing::debug!(code, "sandbox removed");
     code
@@ -464,6 +562,64 @@ mod tests {
             vec![("A".into(), "b=c".into())]
         );
         assert!(parse_env(&["=x".into()]).is_err());
+    }
+
+    #[test]
+    fn publish_specs() {
+        let p = |s: &str| parse_publish(s);
+        assert_eq!(
+            p("8080:80").unwrap().bind,
+            "127.0.0.1:8080".parse().unwrap()
+        );
+        assert_eq!(p("8080:80").unwrap().guest, 80);
+        assert_eq!(p("0:80").unwrap().bind.port(), 0);
+        assert_eq!(
+            p("0.0.0.0:8080:80").unwrap().bind,
+            "0.0.0.0:8080".parse().unwrap()
+        );
+        assert_eq!(
+            p("[::1]:8080:80").unwrap().bind,
+            "[::1]:8080".parse().unwrap()
+        );
+        assert_eq!(
+            p("::1:8080:80").unwrap().bind,
+            "[::1]:8080".parse().unwrap()
+        );
+        for bad in [
+            "80",
+            "8080:0",
+            "8080:70000",
+            "x:80",
+            "8080:",
+            "host:8080:80",
+            "-1:80",
+            "",
+        ] {
+            let e = p(bad).unwrap_err();
+            assert!(
+                e.contains("[ADDR:]HOST:GUEST") || e.contains("e.g."),
+                "{bad}: {e}"
+            );
+        }
+        let c = Cli::try_parse_from([
+            "airlock",
+            "run",
+            "--rootfs",
+            "/r",
+            "-p",
+            "8080:80",
+            "--publish",
+            "0:22",
+            "--",
+            "true",
+        ])
+        .unwrap();
+        let Cmd::Run(r) = c.cmd else { panic!() };
+        assert_eq!(r.publish.len(), 2);
+        assert!(Cli::try_parse_from([
+            "airlock", "run", "--rootfs", "/r", "-p", "80", "--", "true"
+        ])
+        .is_err());
     }
 
     impl Cli {
