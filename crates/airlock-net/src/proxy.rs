@@ -218,6 +218,9 @@ async fn serve_inner<S: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
     let patient = intercepted || target.port == 443;
     let wait = if patient { HELLO_TIMEOUT } else { SILENCE };
     match timeout(wait, read_some(&mut guest, &mut buf)).await {
+        // The guest half-closed before saying anything: a server-speaks-first exchange
+        // (`nc host port </dev/null`) still gets its answer, unless TLS was expected.
+        Ok(Ok(0)) if !patient => return passthrough(guest, buf, &target, &ctx).await,
         Ok(Ok(0)) | Ok(Err(_)) => return,
         Ok(Ok(_)) => {}
         Err(_) if patient => {
