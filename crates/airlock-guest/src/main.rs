@@ -124,6 +124,7 @@ fn read_loop(mut port: File, tx: &Tx, execs: &Arc<exec::Registry>) -> Result<(),
                 (Kind::Init, CONTROL_STREAM) => {
                     let init: Init = frame.parse().map_err(|e| e.to_string())?;
                     setup::apply_init(&init);
+                    setup::mount_shares(&init)?;
                     hostname = init.hostname.clone();
                     tx.send(Frame::json(
                         Kind::Ready,

@@ -356,6 +356,47 @@ pub struct Init {
     /// Host wall clock, nanoseconds since the Unix epoch: the guest steps its clock to it.
     #[serde(default)]
     pub time_unix_ns: u64,
+    /// virtio-fs shares to mount, in order.
+    #[serde(default)]
+    pub shares: Vec<ShareMount>,
+    /// Named volumes (virtio-blk, ext4) to mount.
+    #[serde(default)]
+    pub volumes: Vec<VolumeMount>,
+}
+
+/// How a share appears in the guest.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ShareMode {
+    /// Read-only share under an overlay whose upper layer is on the sandbox's writable disk:
+    /// the guest may write, the host tree never changes.
+    #[default]
+    Overlay,
+    /// Live read-write.
+    Rw,
+    /// Read-only.
+    Ro,
+}
+
+/// One virtio-fs share to mount.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ShareMount {
+    /// virtio-fs tag.
+    pub tag: String,
+    /// Absolute guest path.
+    pub target: String,
+    /// Mode.
+    #[serde(default)]
+    pub mode: ShareMode,
+}
+
+/// One volume (an ext4 virtio-blk disk found by its serial) to mount.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VolumeMount {
+    /// virtio-blk serial.
+    pub serial: String,
+    /// Absolute guest path.
+    pub target: String,
 }
 
 /// The sandbox is ready for commands.
