@@ -25,6 +25,8 @@ use crate::rules::{Op, RuleSet, Verdict};
 use crate::{FsEvent, FsEventSink};
 
 const ROOT: u64 = 1;
+/// Never set on the host: a guest-made setuid file would run as the host user outside.
+const SET_ID_BITS: u32 = libc::S_ISUID | libc::S_ISGID;
 /// Deepest path the bookkeeping follows (a loop or a hostile chain ends here).
 const MAX_DEPTH: usize = 4096;
 
@@ -353,6 +355,7 @@ impl FileSystem for GuardFs {
         }
         if valid.contains(SetattrValid::MODE) {
             self.check(Op::Chmod, inode, None)?;
+            attr.st_mode &= !SET_ID_BITS;
         }
         if valid.intersects(SetattrValid::UID | SetattrValid::GID) {
             self.check(Op::Chown, inode, None)?;
@@ -409,9 +412,14 @@ impl FileSystem for GuardFs {
             _ => return Err(eperm()),
         }
         self.check(Op::Create, parent, Some(name))?;
-        let e = self
-            .inner
-            .mknod(&host_ctx(ctx), parent, name, mode, rdev, umask)?;
+        let e = self.inner.mknod(
+            &host_ctx(ctx),
+            parent,
+            name,
+            mode & !SET_ID_BITS,
+            rdev,
+            umask,
+        )?;
         Ok(self.entry_out(e, parent, name))
     }
 
@@ -515,6 +523,7 @@ impl FileSystem for GuardFs {
         if self.would_deny(Op::Write, parent, name) {
             args.flags |= libc::O_EXCL as u32;
         }
+        args.mode &= !SET_ID_BITS;
         let (e, h, o, p) = self.inner.create(&host_ctx(ctx), parent, name, args)?;
         Ok((self.entry_out(e, parent, name), h, o, p))
     }

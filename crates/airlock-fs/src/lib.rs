@@ -83,16 +83,9 @@ pub enum Error {
     },
 }
 
-/// A running virtio-fs server for one share. It serves one VMM connection and ends when the
-/// VMM disconnects; dropping it also ends a server no VMM ever connected to.
-pub struct FsServer {
-    socket: PathBuf,
-    done: Arc<AtomicBool>,
-}
-
-impl FsServer {
-    /// Listens on `socket` (created; QEMU connects to it) and serves `cfg` on a new thread.
-    pub fn start(cfg: ShareConfig, socket: &Path, sink: Option<FsEventSink>) -> Result<FsServer, Error> {
+/// The policy-wrapped passthrough filesystem for `cfg` (what [`FsServer`] serves; public so the
+/// confinement can be tested with hostile requests directly).
+pub fn guard_for(cfg: &ShareConfig, sink: Option<FsEventSink>) -> Result<guard::GuardFs, Error> {
         let dir_err = |why: String| Error::Dir {
             path: cfg.host_dir.clone(),
             why,
@@ -123,7 +116,7 @@ impl FsServer {
         };
         let inner = PassthroughFs::<()>::new(pcfg).map_err(|e| srv_err(e.to_string()))?;
         inner.import().map_err(|e| dir_err(e.to_string()))?;
-        let fs = Arc::new(guard::GuardFs::new(
+        Ok(guard::GuardFs::new(
             inner,
             cfg.access,
             cfg.ids,
@@ -131,7 +124,24 @@ impl FsServer {
             &cfg.guest_path,
             &cfg.tag,
             sink,
-        ));
+        ))
+}
+
+/// A running virtio-fs server for one share. It serves one VMM connection and ends when the
+/// VMM disconnects; dropping it also ends a server no VMM ever connected to.
+pub struct FsServer {
+    socket: PathBuf,
+    done: Arc<AtomicBool>,
+}
+
+impl FsServer {
+    /// Listens on `socket` (created; QEMU connects to it) and serves `cfg` on a new thread.
+    pub fn start(cfg: ShareConfig, socket: &Path, sink: Option<FsEventSink>) -> Result<FsServer, Error> {
+        let fs = Arc::new(guard_for(&cfg, sink)?);
+        let srv_err = |why: String| Error::Server {
+            tag: cfg.tag.clone(),
+            why,
+        };
         let backend = Arc::new(vu::FsBackend::new(fs));
         let mut daemon = VhostUserDaemon::new(
             format!("airlock-fs-{}", cfg.tag),
