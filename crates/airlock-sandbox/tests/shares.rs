@@ -342,3 +342,35 @@ print(os.path.getsize('/workspace/big'))
 
 #[allow(dead_code)]
 fn unused(_: PathBuf) {}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn volume_persists_across_sandboxes_one_at_a_time() {
+    let data = tempfile::tempdir().unwrap();
+    // SAFETY: set before any sandbox of this test reads it; the volume dir is only read here.
+    unsafe { std::env::set_var("AIRLOCK_DATA_DIR", data.path()) };
+    airlock_sandbox::shares::volume_create("cache", 64).unwrap();
+    assert!(airlock_sandbox::shares::volume_create("cache", 64).is_err());
+    let vol = || airlock_sandbox::VolumeMount {
+        name: "cache".into(),
+        guest: "/data".into(),
+    };
+    let mut spec = SandboxSpec::new(rootfs());
+    spec.volumes = vec![vol()];
+    let sb = Sandbox::start(spec.clone()).await.unwrap();
+    sh_ok(&sb, "echo persisted > /data/f; mkdir /data/d; sync").await;
+    // In use: a second sandbox and rm are refused with a clear error.
+    let err = Sandbox::start(spec.clone()).await.unwrap_err().to_string();
+    assert!(err.contains("in use"), "{err}");
+    assert!(airlock_sandbox::shares::volume_remove("cache").is_err());
+    let ls = airlock_sandbox::shares::volume_list().unwrap();
+    assert!(ls[0].in_use && ls[0].size_mib == 64);
+    sb.stop().await.unwrap();
+    let sb = Sandbox::start(spec).await.unwrap();
+    assert_eq!(sh_ok(&sb, "cat /data/f; test -d /data/d && echo dir").await, "persisted\ndir\n");
+    sb.stop().await.unwrap();
+    let ls = airlock_sandbox::shares::volume_list().unwrap();
+    assert!(!ls[0].in_use);
+    assert!(ls[0].used_bytes < 64 << 20, "sparse");
+    airlock_sandbox::shares::volume_remove("cache").unwrap();
+    assert!(airlock_sandbox::shares::volume_list().unwrap().is_empty());
+}
