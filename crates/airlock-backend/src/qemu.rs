@@ -54,10 +54,16 @@ impl Qemu {
     pub fn args(cfg: &VmConfig, control_fd: RawFd) -> Vec<String> {
         let mut a: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
-        push(&[
-            "-M",
-            "microvm,acpi=off,x-option-roms=off,isa-serial=on,rtc=on",
-        ]);
+        // Without ACPI the guest sees only the first IOAPIC: virtio-mmio transports get legacy
+        // IRQs counting down from 12, and the fifth one lands on the RTC's IRQ 8, which the
+        // guest's RTC driver will not share (that device then fails to probe). The guest
+        // clock comes from the host (`Init`), so with five or more devices the RTC goes.
+        let machine = if virtio_device_count(cfg) >= 5 {
+            "microvm,acpi=off,x-option-roms=off,isa-serial=on,rtc=off"
+        } else {
+            "microvm,acpi=off,x-option-roms=off,isa-serial=on,rtc=on"
+        };
+        push(&["-M", machine]);
         push(&[
             "-nodefaults",
             "-no-user-config",
@@ -142,6 +148,11 @@ impl Qemu {
         ]);
         a
     }
+}
+
+/// virtio-mmio devices [`Qemu::args`] creates: control port, disks, shares, rng.
+pub fn virtio_device_count(cfg: &VmConfig) -> usize {
+    2 + cfg.disks.len() + cfg.fs_devices.len() + usize::from(cfg.bench_9p.is_some())
 }
 
 /// QEMU's option syntax doubles commas inside values.
@@ -363,7 +374,18 @@ mod tests {
             cmdline_extra: String::new(),
             cpus: 1,
             memory_mib: 256,
-            disks: vec![],
+            disks: vec![
+                DiskConfig {
+                    path: "/d/root".into(),
+                    read_only: true,
+                    serial: "airlock-root".into(),
+                },
+                DiskConfig {
+                    path: "/d/scratch".into(),
+                    read_only: false,
+                    serial: "airlock-scratch".into(),
+                },
+            ],
             control: a.into(),
             console_log: "/s/console.log".into(),
             accel: Accel::Tcg,
@@ -376,7 +398,9 @@ mod tests {
         };
         let args = Qemu::args(&cfg, 101).join(" ");
         assert!(args.contains("-object memory-backend-file,id=mem,size=256M,mem-path=/dev/shm/x.mem,share=on -machine memory-backend=mem"), "{args}");
+        assert!(args.contains("rtc=off"), "the fifth device would take the RTC's IRQ: {args}");
         assert!(args.contains("-chardev socket,id=fs0,path=/r/fs0.sock -device vhost-user-fs-device,chardev=fs0,tag=airlock-fs0"), "{args}");
         assert!(args.contains("-sandbox on"));
+        assert!(args.contains("rtc=on"), "four devices keep the RTC: {args}");
     }
 }

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 // loopback and a busybox image made with umoci.
 #[path = "../../airlock-image/tests/common/mod.rs"]
 mod common;
+mod fsbench;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -36,13 +37,15 @@ const USAGE: &str =
   --iterations N  boots of each kind (default 7)
   --execs N       exec round trips (default 200)
   --rootfs DIR    root filesystem for airlock (default: the one scripts/mkrootfs-busybox builds)
-  --write-docs    also rewrite docs/benchmarks.md";
+  --write-docs    also rewrite docs/benchmarks.md
+  --only-fs       only the workspace (virtio-fs) benchmark; prints its section";
 
 struct Opts {
     iterations: usize,
     execs: usize,
     rootfs: Option<PathBuf>,
     write_docs: bool,
+    only_fs: bool,
 }
 
 fn parse_args() -> Result<Option<Opts>> {
@@ -51,6 +54,7 @@ fn parse_args() -> Result<Option<Opts>> {
         execs: 200,
         rootfs: None,
         write_docs: false,
+        only_fs: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -65,6 +69,7 @@ fn parse_args() -> Result<Option<Opts>> {
             "--execs" => o.execs = value("--execs")?.parse().context("--execs")?,
             "--rootfs" => o.rootfs = Some(value("--rootfs")?.into()),
             "--write-docs" => o.write_docs = true,
+            "--only-fs" => o.only_fs = true,
             "-h" | "--help" => return Ok(None),
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
@@ -623,6 +628,11 @@ async fn main() -> Result<()> {
         Some(r) => r.clone(),
         None => demo_rootfs()?,
     };
+    let debian = airlock_sandbox::assets::cache_dir().join("debian-rootfs");
+    if o.only_fs {
+        println!("{}", fsbench::run(o.iterations, &rootfs, &debian).await?);
+        return Ok(());
+    }
     let accel = airlock_backend::detect_accel(airlock_sandbox::accel_from_env()?);
     let qemu = Qemu::default().version().map_err(anyhow::Error::msg)?;
     eprintln!("accelerator: {} ({}); {qemu}", accel.accel, accel.reason);
@@ -636,7 +646,9 @@ async fn main() -> Result<()> {
 
     let t = tables(&o, &boot, &execs)
         + &image_table(&o, &small, &large)
-        + &first_run_table(&o, &skopeo, &first);
+        + &first_run_table(&o, &skopeo, &first)
+        + "\n"
+        + &fsbench::run(o.iterations, &rootfs, &debian).await?;
     println!("\n{t}");
     if o.write_docs {
         let dir = repo_root().join("docs");
