@@ -77,7 +77,14 @@ pub struct PathTable {
 impl PathTable {
     /// Records that `inode` was returned to the guest as `parent/name`.
     pub fn remember(&mut self, inode: u64, parent: u64, name: &[u8]) {
-        if inode == ROOT || inode == 0 || name == b"." || name == b".." {
+        if inode == ROOT || inode == 0 {
+            return;
+        }
+        if name == b"." || name == b".." {
+            // Another reference to a directory we already know by its real name.
+            if let Some(n) = self.nodes.get_mut(&inode) {
+                n.nlookup = n.nlookup.saturating_add(1);
+            }
             return;
         }
         let n = self.nodes.entry(inode).or_insert(Node {
@@ -705,6 +712,11 @@ mod tests {
         t.remember(3, 2, b"b");
         assert_eq!(t.path(3).unwrap(), b"/a/b");
         t.renamed(ROOT, b"a", ROOT, b"z");
+        assert_eq!(t.path(3).unwrap(), b"/z/b");
+        // A ".." lookup is one more reference to the parent, not a new name.
+        t.remember(2, 3, b"..");
+        assert_eq!(t.path(3).unwrap(), b"/z/b");
+        t.forget(2, 1);
         assert_eq!(t.path(3).unwrap(), b"/z/b");
         t.forget(2, 1);
         assert!(t.path(3).is_none(), "unknown parent fails closed");

@@ -9,6 +9,7 @@
 
 mod exec;
 mod setup;
+mod shares;
 mod user;
 
 use std::fs::File;

@@ -390,6 +390,16 @@ pub struct ShareMount {
     pub mode: ShareMode,
 }
 
+/// What happened to a path in an overlay share (output of the agent's `share-diff` builtin,
+/// one JSON object per line).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ShareChange {
+    /// `added`, `modified` or `deleted`.
+    pub kind: String,
+    /// Guest path.
+    pub path: String,
+}
+
 /// One volume (an ext4 virtio-blk disk found by its serial) to mount.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VolumeMount {

@@ -291,3 +291,185 @@ mod tests {
         }
     }
 }
+
+/// Most bytes of `share_diff` output the host accepts.
+const MAX_DIFF_BYTES: usize = 64 << 20;
+
+/// A change in an overlay share.
+pub use airlock_proto::ShareChange;
+
+impl crate::Sandbox {
+    /// What the guest changed in its overlay shares (`added`, `modified`, `deleted` guest
+    /// paths; directories that existed are not listed, their changed children are). Runs in
+    /// the guest agent; the host tree is never touched.
+    pub async fn share_diff(&self) -> Result<Vec<ShareChange>, Error> {
+        let mut spec = crate::ExecSpec::new(Vec::<String>::new());
+        spec.builtin = Some("share-diff".into());
+        let mut buf = Vec::new();
+        let stderr = self
+            .builtin_stream(spec, |chunk| {
+                buf.extend_from_slice(chunk);
+                if buf.len() > MAX_DIFF_BYTES {
+                    return Err(Error::Protocol("share diff larger than 64 MiB".into()));
+                }
+                Ok(())
+            })
+            .await?;
+        if let Some(e) = stderr {
+            return Err(Error::Setup(format!("share diff: {e}")));
+        }
+        buf.split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                serde_json::from_slice::<ShareChange>(l)
+                    .map_err(|e| Error::Protocol(format!("bad share diff line from the guest: {e}")))
+            })
+            .collect()
+    }
+
+    /// Copies `guest_path` (a file or a directory tree) out of the sandbox to `host_dest`,
+    /// which must not exist yet. Only regular files and directories are written on the host
+    /// (symlinks, devices and anything else the guest sends are skipped), each strictly
+    /// inside `host_dest`; at most `max_bytes` are accepted.
+    pub async fn copy_out(
+        &self,
+        guest_path: &str,
+        host_dest: &std::path::Path,
+        max_bytes: u64,
+    ) -> Result<CopyOutSummary, Error> {
+        if host_dest.symlink_metadata().is_ok() {
+            return Err(Error::Setup(format!(
+                "{} already exists: give a new path",
+                host_dest.display()
+            )));
+        }
+        let parent = match host_dest.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let mut tarball = tempfile_in(&parent)?;
+        let mut spec = crate::ExecSpec::new([guest_path]);
+        spec.builtin = Some("copy-out".into());
+        let mut total = 0u64;
+        let stderr = self
+            .builtin_stream(spec, |chunk| {
+                use std::io::Write;
+                total += chunk.len() as u64;
+                if total > max_bytes {
+                    return Err(Error::Setup(format!(
+                        "{guest_path} is larger than the {max_bytes}-byte limit"
+                    )));
+                }
+                tarball.write_all(chunk).map_err(Error::Io)
+            })
+            .await?;
+        if let Some(e) = stderr {
+            return Err(Error::Setup(format!("copy out: {e}")));
+        }
+        let dest = host_dest.to_path_buf();
+        tokio::task::spawn_blocking(move || unpack_plain(tarball, &dest))
+            .await
+            .map_err(|e| Error::Setup(e.to_string()))?
+    }
+
+    /// Runs a builtin, feeding stdout to `sink`; returns its stderr if it failed.
+    async fn builtin_stream(
+        &self,
+        spec: crate::ExecSpec,
+        mut sink: impl FnMut(&[u8]) -> Result<(), Error>,
+    ) -> Result<Option<String>, Error> {
+        let mut e = self.exec(spec).await?;
+        let mut err = Vec::new();
+        loop {
+            match e.next().await? {
+                Some(crate::ExecEvent::Stdout(b)) => sink(&b)?,
+                Some(crate::ExecEvent::Stderr(b)) => {
+                    if err.len() < 64 << 10 {
+                        err.extend_from_slice(&b);
+                    }
+                }
+                Some(crate::ExecEvent::Exit(s)) => {
+                    return Ok((s.code != Some(0))
+                        .then(|| String::from_utf8_lossy(&err).trim().to_string()));
+                }
+                Some(crate::ExecEvent::Failed(f)) => return Err(Error::Exec(f)),
+                Some(crate::ExecEvent::Started(_)) => {}
+                None => return Err(Error::Protocol("builtin ended without a status".into())),
+            }
+        }
+    }
+}
+
+/// What [`crate::Sandbox::copy_out`] wrote.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CopyOutSummary {
+    /// Regular files written.
+    pub files: u64,
+    /// Directories made.
+    pub dirs: u64,
+    /// Entries skipped (symlinks, devices, unsafe names).
+    pub skipped: u64,
+}
+
+fn tempfile_in(dir: &std::path::Path) -> Result<File, Error> {
+    // O_TMPFILE: never visible by name, gone when dropped.
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_TMPFILE)
+        .open(dir)
+        .map_err(|e| Error::Setup(format!("temporary file in {}: {e}", dir.display())))
+}
+
+use std::os::unix::fs::OpenOptionsExt;
+
+/// Unpacks only plain files and directories with relative, `..`-free names under `dest`.
+/// Nothing else is created, so no entry can redirect a later one through a link.
+fn unpack_plain(mut tarball: File, dest: &std::path::Path) -> Result<CopyOutSummary, Error> {
+    use std::io::{Seek, SeekFrom};
+    use std::path::Component;
+    tarball.seek(SeekFrom::Start(0))?;
+    let mut ar = tar::Archive::new(tarball);
+    let mut sum = CopyOutSummary::default();
+    let bad = |e: std::io::Error| Error::Protocol(format!("bad archive from the guest: {e}"));
+    std::fs::create_dir(dest).ok();
+    let mut first = true;
+    for entry in ar.entries().map_err(bad)? {
+        let mut entry = entry.map_err(bad)?;
+        let path = entry.path().map_err(bad)?.into_owned();
+        // The archive's top entry is the copied thing itself; dest takes its place.
+        let rel: PathBuf = path.components().skip(1).collect();
+        let safe = path
+            .components()
+            .all(|c| matches!(c, Component::Normal(_)));
+        if !safe {
+            sum.skipped += 1;
+            continue;
+        }
+        let target = dest.join(&rel);
+        let kind = entry.header().entry_type();
+        if kind.is_dir() {
+            std::fs::create_dir_all(&target)?;
+            sum.dirs += 1;
+        } else if kind.is_file() {
+            if first && rel.as_os_str().is_empty() {
+                // A single file: dest is the file.
+                std::fs::remove_dir(dest)?;
+            }
+            if let Some(p) = target.parent() {
+                std::fs::create_dir_all(p)?;
+            }
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&target)?;
+            std::io::copy(&mut entry, &mut f)?;
+            sum.files += 1;
+        } else {
+            sum.skipped += 1;
+        }
+        first = false;
+    }
+    Ok(sum)
+}

@@ -107,6 +107,39 @@ async fn overlay_share_leaves_host_bit_identical() {
     assert!(out.starts_with("hello from the host\nnew\n"), "{out}");
     // The guest sees its own changes.
     sh_ok(&sb, "test -f /w/renamed && ! test -e /w/src/deep/x && echo more >> /w/README && grep more /w/README").await;
+    // What changed, and copying it out.
+    let mut diff: Vec<(String, String)> = sb
+        .share_diff()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.kind, c.path))
+        .collect();
+    diff.sort();
+    let want: Vec<(String, String)> = [
+        ("added", "/w/renamed"),
+        ("deleted", "/w/src/deep/x"),
+        ("modified", "/w/README"),
+    ]
+    .iter()
+    .map(|(k, p)| (k.to_string(), p.to_string()))
+    .collect();
+    assert_eq!(diff, want);
+    let out = tempfile::tempdir().unwrap();
+    let sum = sb.copy_out("/w/README", &out.path().join("R"), 1 << 20).await.unwrap();
+    assert_eq!(sum.files, 1);
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("R")).unwrap(),
+        "hello from the host\nmore\n"
+    );
+    let sum = sb.copy_out("/w/src", &out.path().join("src"), 1 << 20).await.unwrap();
+    assert_eq!((sum.files, sum.skipped), (1, 1), "main.c copied, the symlink skipped");
+    assert!(out.path().join("src/main.c").is_file() && out.path().join("src/deep").is_dir());
+    assert!(sb.copy_out("/w/README", &out.path().join("R"), 1 << 20).await.is_err(), "dest exists");
+    assert!(sb.copy_out("/w/README", &out.path().join("small"), 4).await.is_err(), "size cap");
+    // No entropy or other device lost its IRQ to the extra virtio device.
+    let dmesg = sh_ok(&sb, "dmesg").await;
+    assert!(!dmesg.contains("probe of"), "{dmesg}");
     sb.stop().await.unwrap();
     assert_eq!(tree_hash(tmp.path()), before, "overlay changed the host tree");
 }
