@@ -237,7 +237,6 @@ pub struct Sandbox {
     _volumes: Vec<shares::VolumeLease>,
     /// Shared guest-RAM file, removed once QEMU has it mapped.
     ram_file: Option<PathBuf>,
-    shares: Vec<airlock_proto::ShareMount>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -432,7 +431,6 @@ impl Sandbox {
             _fs: fs_servers,
             _volumes: volume_leases,
             ram_file,
-            shares: share_mounts.clone(),
         };
         sb.watch_vm();
 

@@ -446,7 +446,11 @@ fn unpack_plain(mut tarball: File, dest: &std::path::Path) -> Result<CopyOutSumm
             sum.skipped += 1;
             continue;
         }
-        let target = dest.join(&rel);
+        let target = if rel.as_os_str().is_empty() {
+            dest.to_path_buf()
+        } else {
+            dest.join(&rel)
+        };
         let kind = entry.header().entry_type();
         if kind.is_dir() {
             std::fs::create_dir_all(&target)?;
