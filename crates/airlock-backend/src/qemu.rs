@@ -355,7 +355,10 @@ mod tests {
             bench_9p: None,
         };
         let args = Qemu::args(&cfg, 101).join(" ");
-        assert!(!args.contains("memory-backend"), "no shares, no shared RAM: {args}");
+        assert!(
+            !args.contains("memory-backend"),
+            "no shares, no shared RAM: {args}"
+        );
         assert!(args.contains("-accel tcg,thread=multi"));
         assert!(args.contains("-nodefaults -no-user-config -no-reboot"));
         assert!(args.contains("socket,id=ctl,fd=101"));
@@ -399,7 +402,10 @@ mod tests {
         };
         let args = Qemu::args(&cfg, 101).join(" ");
         assert!(args.contains("-object memory-backend-file,id=mem,size=256M,mem-path=/dev/shm/x.mem,share=on -machine memory-backend=mem"), "{args}");
-        assert!(args.contains("rtc=off"), "the fifth device would take the RTC's IRQ: {args}");
+        assert!(
+            args.contains("rtc=off"),
+            "the fifth device would take the RTC's IRQ: {args}"
+        );
         assert!(args.contains("-chardev socket,id=fs0,path=/r/fs0.sock -device vhost-user-fs-device,chardev=fs0,tag=airlock-fs0"), "{args}");
         assert!(args.contains("-sandbox on"));
     }

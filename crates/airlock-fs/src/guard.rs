@@ -15,7 +15,9 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use fuse_backend_rs::abi::fuse_abi::{stat64, statvfs64, CreateIn, FsOptions, OpenOptions, SetattrValid};
+use fuse_backend_rs::abi::fuse_abi::{
+    stat64, statvfs64, CreateIn, FsOptions, OpenOptions, SetattrValid,
+};
 use fuse_backend_rs::api::filesystem::{
     Context, DirEntry, Entry, FileSystem, ZeroCopyReader, ZeroCopyWriter,
 };
@@ -391,7 +393,13 @@ impl FileSystem for GuardFs {
         self.inner.readlink(&host_ctx(ctx), inode)
     }
 
-    fn symlink(&self, ctx: &Context, linkname: &CStr, parent: u64, name: &CStr) -> io::Result<Entry> {
+    fn symlink(
+        &self,
+        ctx: &Context,
+        linkname: &CStr,
+        parent: u64,
+        name: &CStr,
+    ) -> io::Result<Entry> {
         self.writable()?;
         name_ok(name, false)?;
         if linkname.to_bytes().len() > 4095 {
@@ -430,11 +438,20 @@ impl FileSystem for GuardFs {
         Ok(self.entry_out(e, parent, name))
     }
 
-    fn mkdir(&self, ctx: &Context, parent: u64, name: &CStr, mode: u32, umask: u32) -> io::Result<Entry> {
+    fn mkdir(
+        &self,
+        ctx: &Context,
+        parent: u64,
+        name: &CStr,
+        mode: u32,
+        umask: u32,
+    ) -> io::Result<Entry> {
         self.writable()?;
         name_ok(name, false)?;
         self.check(Op::Mkdir, parent, Some(name))?;
-        let e = self.inner.mkdir(&host_ctx(ctx), parent, name, mode, umask)?;
+        let e = self
+            .inner
+            .mkdir(&host_ctx(ctx), parent, name, mode, umask)?;
         Ok(self.entry_out(e, parent, name))
     }
 
@@ -546,8 +563,16 @@ impl FileSystem for GuardFs {
         lock_owner: Option<u64>,
         flags: u32,
     ) -> io::Result<usize> {
-        self.inner
-            .read(&host_ctx(ctx), inode, handle, w, size, offset, lock_owner, flags)
+        self.inner.read(
+            &host_ctx(ctx),
+            inode,
+            handle,
+            w,
+            size,
+            offset,
+            lock_owner,
+            flags,
+        )
     }
 
     fn write(
@@ -625,7 +650,12 @@ impl FileSystem for GuardFs {
         self.inner.statfs(&host_ctx(ctx), inode)
     }
 
-    fn opendir(&self, ctx: &Context, inode: u64, flags: u32) -> io::Result<(Option<u64>, OpenOptions)> {
+    fn opendir(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        flags: u32,
+    ) -> io::Result<(Option<u64>, OpenOptions)> {
         self.check(Op::List, inode, None)?;
         self.inner.opendir(&host_ctx(ctx), inode, flags)
     }
@@ -683,8 +713,16 @@ impl FileSystem for GuardFs {
         self.inner.access(&host_ctx(ctx), inode, mask)
     }
 
-    fn lseek(&self, ctx: &Context, inode: u64, handle: u64, offset: u64, whence: u32) -> io::Result<u64> {
-        self.inner.lseek(&host_ctx(ctx), inode, handle, offset, whence)
+    fn lseek(
+        &self,
+        ctx: &Context,
+        inode: u64,
+        handle: u64,
+        offset: u64,
+        whence: u32,
+    ) -> io::Result<u64> {
+        self.inner
+            .lseek(&host_ctx(ctx), inode, handle, offset, whence)
     }
 }
 

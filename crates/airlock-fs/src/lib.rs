@@ -86,45 +86,45 @@ pub enum Error {
 /// The policy-wrapped passthrough filesystem for `cfg` (what [`FsServer`] serves; public so the
 /// confinement can be tested with hostile requests directly).
 pub fn guard_for(cfg: &ShareConfig, sink: Option<FsEventSink>) -> Result<guard::GuardFs, Error> {
-        let dir_err = |why: String| Error::Dir {
-            path: cfg.host_dir.clone(),
-            why,
-        };
-        let meta = std::fs::metadata(&cfg.host_dir).map_err(|e| dir_err(e.to_string()))?;
-        if !meta.is_dir() {
-            return Err(dir_err("not a directory".into()));
-        }
-        let root = cfg
-            .host_dir
-            .canonicalize()
-            .map_err(|e| dir_err(e.to_string()))?;
-        let root = root
-            .to_str()
-            .ok_or_else(|| dir_err("the path is not UTF-8".into()))?
-            .to_string();
-        let srv_err = |why: String| Error::Server {
-            tag: cfg.tag.clone(),
-            why,
-        };
-        let pcfg = Config {
-            root_dir: root,
-            do_import: true,
-            xattr: false,
-            writeback: false,
-            cache_policy: CachePolicy::Auto,
-            ..Default::default()
-        };
-        let inner = PassthroughFs::<()>::new(pcfg).map_err(|e| srv_err(e.to_string()))?;
-        inner.import().map_err(|e| dir_err(e.to_string()))?;
-        Ok(guard::GuardFs::new(
-            inner,
-            cfg.access,
-            cfg.ids,
-            RuleSet::new(cfg.rules.clone()),
-            &cfg.guest_path,
-            &cfg.tag,
-            sink,
-        ))
+    let dir_err = |why: String| Error::Dir {
+        path: cfg.host_dir.clone(),
+        why,
+    };
+    let meta = std::fs::metadata(&cfg.host_dir).map_err(|e| dir_err(e.to_string()))?;
+    if !meta.is_dir() {
+        return Err(dir_err("not a directory".into()));
+    }
+    let root = cfg
+        .host_dir
+        .canonicalize()
+        .map_err(|e| dir_err(e.to_string()))?;
+    let root = root
+        .to_str()
+        .ok_or_else(|| dir_err("the path is not UTF-8".into()))?
+        .to_string();
+    let srv_err = |why: String| Error::Server {
+        tag: cfg.tag.clone(),
+        why,
+    };
+    let pcfg = Config {
+        root_dir: root,
+        do_import: true,
+        xattr: false,
+        writeback: false,
+        cache_policy: CachePolicy::Auto,
+        ..Default::default()
+    };
+    let inner = PassthroughFs::<()>::new(pcfg).map_err(|e| srv_err(e.to_string()))?;
+    inner.import().map_err(|e| dir_err(e.to_string()))?;
+    Ok(guard::GuardFs::new(
+        inner,
+        cfg.access,
+        cfg.ids,
+        RuleSet::new(cfg.rules.clone()),
+        &cfg.guest_path,
+        &cfg.tag,
+        sink,
+    ))
 }
 
 /// A running virtio-fs server for one share. It serves one VMM connection and ends when the
@@ -136,7 +136,11 @@ pub struct FsServer {
 
 impl FsServer {
     /// Listens on `socket` (created; QEMU connects to it) and serves `cfg` on a new thread.
-    pub fn start(cfg: ShareConfig, socket: &Path, sink: Option<FsEventSink>) -> Result<FsServer, Error> {
+    pub fn start(
+        cfg: ShareConfig,
+        socket: &Path,
+        sink: Option<FsEventSink>,
+    ) -> Result<FsServer, Error> {
         let fs = Arc::new(guard_for(&cfg, sink)?);
         let srv_err = |why: String| Error::Server {
             tag: cfg.tag.clone(),

@@ -76,13 +76,13 @@ impl fmt::Display for Op {
 impl FromStr for Op {
     type Err = String;
     fn from_str(s: &str) -> Result<Op, String> {
-        Op::ALL
-            .into_iter()
-            .find(|o| o.name() == s)
-            .ok_or_else(|| {
-                let names: Vec<_> = Op::ALL.iter().map(|o| o.name()).collect();
-                format!("unknown operation {s:?} (one of: {}, all)", names.join(", "))
-            })
+        Op::ALL.into_iter().find(|o| o.name() == s).ok_or_else(|| {
+            let names: Vec<_> = Op::ALL.iter().map(|o| o.name()).collect();
+            format!(
+                "unknown operation {s:?} (one of: {}, all)",
+                names.join(", ")
+            )
+        })
     }
 }
 
@@ -130,21 +130,29 @@ impl FromStr for FsRule {
     fn from_str(s: &str) -> Result<FsRule, String> {
         const USAGE: &str = "expected 'deny|audit OPS GLOB', e.g. 'deny write,create,remove /workspace/.git/hooks/**'";
         let mut it = s.split_whitespace();
-        let (Some(action), Some(ops), Some(glob), None) = (it.next(), it.next(), it.next(), it.next())
+        let (Some(action), Some(ops), Some(glob), None) =
+            (it.next(), it.next(), it.next(), it.next())
         else {
             return Err(format!("file rule {s:?}: {USAGE}"));
         };
         let action = match action {
             "deny" => Action::Deny,
             "audit" => Action::Audit,
-            other => return Err(format!("file rule {s:?}: unknown action {other:?}; {USAGE}")),
+            other => {
+                return Err(format!(
+                    "file rule {s:?}: unknown action {other:?}; {USAGE}"
+                ))
+            }
         };
         let mut list = Vec::new();
         for o in ops.split(',') {
             if o == "all" {
                 list.extend(Op::ALL);
             } else {
-                list.push(o.parse::<Op>().map_err(|e| format!("file rule {s:?}: {e}"))?);
+                list.push(
+                    o.parse::<Op>()
+                        .map_err(|e| format!("file rule {s:?}: {e}"))?,
+                );
             }
         }
         if !glob.starts_with('/') {
@@ -220,12 +228,26 @@ mod tests {
 
     #[test]
     fn parse_and_match() {
-        let r: FsRule = "deny write,create,remove /workspace/.git/hooks/**".parse().unwrap();
+        let r: FsRule = "deny write,create,remove /workspace/.git/hooks/**"
+            .parse()
+            .unwrap();
         let set = RuleSet::new(vec![r, "audit read /workspace/*.env".parse().unwrap()]);
-        assert_eq!(set.check(Op::Write, b"/workspace/.git/hooks/pre-commit"), Verdict::Deny);
-        assert_eq!(set.check(Op::Create, b"/workspace/.git/hooks/a/b"), Verdict::Deny);
-        assert_eq!(set.check(Op::Read, b"/workspace/.git/hooks/pre-commit"), Verdict::Allow);
-        assert_eq!(set.check(Op::Write, b"/workspace/.git/config"), Verdict::Allow);
+        assert_eq!(
+            set.check(Op::Write, b"/workspace/.git/hooks/pre-commit"),
+            Verdict::Deny
+        );
+        assert_eq!(
+            set.check(Op::Create, b"/workspace/.git/hooks/a/b"),
+            Verdict::Deny
+        );
+        assert_eq!(
+            set.check(Op::Read, b"/workspace/.git/hooks/pre-commit"),
+            Verdict::Allow
+        );
+        assert_eq!(
+            set.check(Op::Write, b"/workspace/.git/config"),
+            Verdict::Allow
+        );
         assert_eq!(set.check(Op::Read, b"/workspace/x.env"), Verdict::Audit);
         assert_eq!(set.check(Op::Read, b"/workspace/d/x.env"), Verdict::Allow);
         assert_eq!(set.check(Op::Read, b"/workspace/\xff.env"), Verdict::Audit);

@@ -107,7 +107,10 @@ fn outside_untouched(f: &Fixture) {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(names, vec![std::ffi::OsString::from("secret")]);
-    assert_eq!(std::fs::read_to_string(f.outside.join("secret")).unwrap(), SECRET);
+    assert_eq!(
+        std::fs::read_to_string(f.outside.join("secret")).unwrap(),
+        SECRET
+    );
 }
 
 #[test]
@@ -117,7 +120,7 @@ fn dotdot_at_root_is_the_root() {
     let up = lookup(&f, ROOT, "..").unwrap();
     assert_eq!(up, dot);
     let sub = lookup(&f, ROOT, "sub").unwrap();
-    assert_eq!(lookup(&f, lookup(&f, sub, "..").unwrap(), "file").is_ok(), true);
+    assert!(lookup(&f, lookup(&f, sub, "..").unwrap(), "file").is_ok());
 }
 
 #[test]
@@ -132,13 +135,19 @@ fn names_with_slashes_or_dots_are_refused() {
             libc::EINVAL,
             "create {n:?}"
         );
-        assert_eq!(errno(f.fs.mkdir(&ctx(), ROOT, &c(n), 0o755, 0)), libc::EINVAL);
+        assert_eq!(
+            errno(f.fs.mkdir(&ctx(), ROOT, &c(n), 0o755, 0)),
+            libc::EINVAL
+        );
         assert_eq!(errno(f.fs.unlink(&ctx(), ROOT, &c(n))), libc::EINVAL);
         assert_eq!(
             errno(f.fs.rename(&ctx(), ROOT, &c("file"), ROOT, &c(n), 0)),
             libc::EINVAL
         );
-        assert_eq!(errno(f.fs.symlink(&ctx(), &c("/x"), ROOT, &c(n))), libc::EINVAL);
+        assert_eq!(
+            errno(f.fs.symlink(&ctx(), &c("/x"), ROOT, &c(n))),
+            libc::EINVAL
+        );
     }
     let long = "a".repeat(256);
     assert_ne!(errno(lookup(&f, ROOT, &long)), 0);
@@ -152,12 +161,20 @@ fn symlinks_are_never_followed_on_the_host() {
     for link in ["abs-link", "rel-dir-link", "chain"] {
         let ino = lookup(&f, ROOT, link).unwrap();
         // Opening the link itself: refused, never the target.
-        assert_eq!(errno(f.fs.open(&ctx(), ino, libc::O_RDONLY as u32, 0)), libc::EACCES);
+        assert_eq!(
+            errno(f.fs.open(&ctx(), ino, libc::O_RDONLY as u32, 0)),
+            libc::EACCES
+        );
         // Walking through it as a directory: not a directory on the host.
         assert_ne!(errno(lookup(&f, ino, "secret")), 0, "{link}");
         // Creating through it.
         assert_ne!(
-            errno(f.fs.create(&ctx(), ino, &c("planted"), create_args(libc::O_WRONLY, 0o644))),
+            errno(f.fs.create(
+                &ctx(),
+                ino,
+                &c("planted"),
+                create_args(libc::O_WRONLY, 0o644)
+            )),
             0
         );
         assert_ne!(errno(f.fs.opendir(&ctx(), ino, 0)), 0, "opendir {link}");
@@ -177,8 +194,7 @@ fn symlink_swap_race_stays_inside() {
     std::fs::rename(f.share.join("race"), f.share.join("race-old")).unwrap();
     std::os::unix::fs::symlink(&f.outside, f.share.join("race")).unwrap();
     assert_ne!(errno(lookup(&f, held, "secret")), 0);
-    f.fs
-        .create(&ctx(), held, &c("made"), create_args(libc::O_WRONLY, 0o644))
+    f.fs.create(&ctx(), held, &c("made"), create_args(libc::O_WRONLY, 0o644))
         .unwrap();
     assert!(f.share.join("race-old/made").exists());
     // A fresh lookup of the name finds the symlink, and walking it is refused.
@@ -202,10 +218,16 @@ fn no_device_nodes_fifos_or_special_files() {
     }
     // A FIFO (the host's own) is never opened: that would block the server.
     let fifo = lookup(&f, ROOT, "fifo").unwrap();
-    assert_eq!(errno(f.fs.open(&ctx(), fifo, libc::O_RDONLY as u32, 0)), libc::EACCES);
+    assert_eq!(
+        errno(f.fs.open(&ctx(), fifo, libc::O_RDONLY as u32, 0)),
+        libc::EACCES
+    );
     // Nor a directory through open().
     let sub = lookup(&f, ROOT, "sub").unwrap();
-    assert_eq!(errno(f.fs.open(&ctx(), sub, libc::O_RDONLY as u32, 0)), libc::EACCES);
+    assert_eq!(
+        errno(f.fs.open(&ctx(), sub, libc::O_RDONLY as u32, 0)),
+        libc::EACCES
+    );
 }
 
 #[test]
@@ -217,16 +239,23 @@ fn hardlinks_cannot_name_outside_files() {
     assert!(!f.share.join("stolen").exists());
     let file = lookup(&f, ROOT, "file").unwrap();
     f.fs.link(&ctx(), file, ROOT, &c("file2")).unwrap();
-    assert_eq!(std::fs::read_to_string(f.share.join("file2")).unwrap(), "inside");
+    assert_eq!(
+        std::fs::read_to_string(f.share.join("file2")).unwrap(),
+        "inside"
+    );
     outside_untouched(&f);
 }
 
 #[test]
 fn ownership_maps_to_the_sandbox_user_and_no_setuid() {
     let f = fixture(Access::ReadWrite, &[]);
-    let (e, _, _, _) = f
-        .fs
-        .create(&ctx(), ROOT, &c("made"), create_args(libc::O_WRONLY, 0o4755 | libc::S_IFREG))
+    let (e, _, _, _) =
+        f.fs.create(
+            &ctx(),
+            ROOT,
+            &c("made"),
+            create_args(libc::O_WRONLY, 0o4755 | libc::S_IFREG),
+        )
         .unwrap();
     // Inside: the sandbox user. Outside: the host user, no setuid bit.
     assert_eq!((e.attr.st_uid, e.attr.st_gid), (1000, 1000));
@@ -236,14 +265,30 @@ fn ownership_maps_to_the_sandbox_user_and_no_setuid() {
     // chmod u+s is stripped; chown to the sandbox user maps back; to anyone else is refused.
     let mut attr: stat64 = unsafe { std::mem::zeroed() };
     attr.st_mode = 0o4755;
-    f.fs.setattr(&ctx(), e.inode, attr, None, SetattrValid::MODE).unwrap();
-    assert_eq!(std::fs::metadata(f.share.join("made")).unwrap().permissions().mode() & 0o7777, 0o755);
+    f.fs.setattr(&ctx(), e.inode, attr, None, SetattrValid::MODE)
+        .unwrap();
+    assert_eq!(
+        std::fs::metadata(f.share.join("made"))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777,
+        0o755
+    );
     attr.st_uid = 1000;
     attr.st_gid = 1000;
-    f.fs
-        .setattr(&ctx(), e.inode, attr, None, SetattrValid::UID | SetattrValid::GID)
-        .unwrap();
-    assert_eq!(std::fs::metadata(f.share.join("made")).unwrap().uid(), current_ids().0);
+    f.fs.setattr(
+        &ctx(),
+        e.inode,
+        attr,
+        None,
+        SetattrValid::UID | SetattrValid::GID,
+    )
+    .unwrap();
+    assert_eq!(
+        std::fs::metadata(f.share.join("made")).unwrap().uid(),
+        current_ids().0
+    );
     attr.st_uid = 4242;
     assert_eq!(
         errno(f.fs.setattr(&ctx(), e.inode, attr, None, SetattrValid::UID)),
@@ -273,7 +318,10 @@ fn read_only_share_refuses_every_change() {
     ];
     assert!(results.iter().all(|&e| e == libc::EROFS), "{results:?}");
     assert!(f.fs.open(&ctx(), file, libc::O_RDONLY as u32, 0).is_ok());
-    assert_eq!(std::fs::read_to_string(f.share.join("file")).unwrap(), "inside");
+    assert_eq!(
+        std::fs::read_to_string(f.share.join("file")).unwrap(),
+        "inside"
+    );
 }
 
 #[test]
@@ -289,10 +337,19 @@ fn rules_deny_with_eacces_and_log() {
     );
     std::fs::write(f.share.join("sub/existing"), "orig").unwrap();
     let ex = lookup(&f, sub, "existing").unwrap();
-    assert_eq!(errno(f.fs.open(&ctx(), ex, libc::O_WRONLY as u32, 0)), libc::EACCES);
-    assert_eq!(errno(f.fs.unlink(&ctx(), sub, &c("existing"))), libc::EACCES);
+    assert_eq!(
+        errno(f.fs.open(&ctx(), ex, libc::O_WRONLY as u32, 0)),
+        libc::EACCES
+    );
+    assert_eq!(
+        errno(f.fs.unlink(&ctx(), sub, &c("existing"))),
+        libc::EACCES
+    );
     // A second name for a protected file would dodge the rule.
-    assert_eq!(errno(f.fs.link(&ctx(), ex, ROOT, &c("alias"))), libc::EACCES);
+    assert_eq!(
+        errno(f.fs.link(&ctx(), ex, ROOT, &c("alias"))),
+        libc::EACCES
+    );
     assert!(f.fs.open(&ctx(), ex, libc::O_RDONLY as u32, 0).is_ok());
     let file = lookup(&f, ROOT, "file").unwrap();
     assert!(f.fs.open(&ctx(), file, libc::O_RDONLY as u32, 0).is_ok());
@@ -304,8 +361,14 @@ fn rules_deny_with_eacces_and_log() {
         (Op::Write, "/w/sub/existing", true),
         (Op::Read, "/w/file", false),
     ];
-    let got: Vec<_> = ev.iter().map(|e| (e.op, e.path.as_str(), e.denied)).collect();
+    let got: Vec<_> = ev
+        .iter()
+        .map(|e| (e.op, e.path.as_str(), e.denied))
+        .collect();
     assert_eq!(got, want);
-    assert_eq!(std::fs::read_to_string(f.share.join("sub/existing")).unwrap(), "orig");
+    assert_eq!(
+        std::fs::read_to_string(f.share.join("sub/existing")).unwrap(),
+        "orig"
+    );
     assert!(!f.share.join("sub/hook").exists());
 }

@@ -276,7 +276,9 @@ fn valid_target(t: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("share target {t:?} must be an absolute path other than /"))
+        Err(format!(
+            "share target {t:?} must be an absolute path other than /"
+        ))
     }
 }
 
@@ -289,7 +291,13 @@ fn share_scratch() -> Result<String, String> {
     }
     match disk_by_serial(SCRATCH_SERIAL) {
         Some(dev) => do_mount(&dev, &dir, "ext4", MsFlags::MS_NOATIME, None)?,
-        None => do_mount("scratch", &dir, "tmpfs", MsFlags::empty(), Some("mode=0755"))?,
+        None => do_mount(
+            "scratch",
+            &dir,
+            "tmpfs",
+            MsFlags::empty(),
+            Some("mode=0755"),
+        )?,
     }
     fs::create_dir_all(format!("{dir}/shares")).map_err(|e| format!("mkdir shares: {e}"))?;
     Ok(dir)
@@ -323,7 +331,13 @@ pub fn mount_shares(init: &Init) -> Result<(), String> {
                     fs::create_dir_all(d).map_err(|e| format!("mkdir {d}: {e}"))?;
                 }
                 let opts = format!("lowerdir={lower},upperdir={upper},workdir={work}");
-                do_mount("overlay", &s.target, "overlay", MsFlags::empty(), Some(&opts))?;
+                do_mount(
+                    "overlay",
+                    &s.target,
+                    "overlay",
+                    MsFlags::empty(),
+                    Some(&opts),
+                )?;
             }
         }
     }

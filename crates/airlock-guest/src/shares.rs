@@ -36,7 +36,9 @@ fn walk(
     for n in names {
         *budget = budget.checked_sub(1).ok_or("too many changes to list")?;
         let (u, l, t) = (upper.join(&n), lower.join(&n), target.join(&n));
-        let Ok(m) = std::fs::symlink_metadata(&u) else { continue };
+        let Ok(m) = std::fs::symlink_metadata(&u) else {
+            continue;
+        };
         let in_lower = std::fs::symlink_metadata(&l).ok();
         if m.file_type().is_char_device() && m.rdev() == 0 {
             emit(out, "deleted", &t)?;
@@ -48,7 +50,15 @@ fn walk(
             }
             walk(&u, &l, &t, out, budget)?;
         } else {
-            emit(out, if in_lower.is_some() { "modified" } else { "added" }, &t)?;
+            emit(
+                out,
+                if in_lower.is_some() {
+                    "modified"
+                } else {
+                    "added"
+                },
+                &t,
+            )?;
         }
     }
     Ok(())
@@ -92,5 +102,6 @@ pub fn copy_out(path: &str, out: &mut File) -> Result<(), String> {
     } else {
         b.append_path_with_name(p, &name)
     };
-    r.and_then(|_| b.finish()).map_err(|e| format!("{path}: {e}"))
+    r.and_then(|_| b.finish())
+        .map_err(|e| format!("{path}: {e}"))
 }

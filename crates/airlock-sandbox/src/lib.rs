@@ -37,8 +37,8 @@ use tokio::sync::mpsc;
 
 pub use airlock_proto::{ExecError, ExitStatus, WinSize};
 pub use conn::ExecEvent;
-pub use rootfs::RootfsSource;
 pub use network::{NetworkSpec, SecretSpec};
+pub use rootfs::RootfsSource;
 pub use shares::{FsEvent, FsRule, Mount, Share, ShareMode, VolumeMount};
 
 /// Errors of the sandbox API. Each says what happened and, where it can, what to do.
@@ -379,8 +379,12 @@ impl Sandbox {
                 rules: spec.fs_rules.clone(),
             };
             fs_servers.push(
-                airlock_fs::FsServer::start(cfg, &socket, shares::event_sink(spec.fs_events.clone()))
-                    .map_err(|e| Error::Setup(e.to_string()))?,
+                airlock_fs::FsServer::start(
+                    cfg,
+                    &socket,
+                    shares::event_sink(spec.fs_events.clone()),
+                )
+                .map_err(|e| Error::Setup(e.to_string()))?,
             );
             fs_devices.push(airlock_backend::FsDevice {
                 socket,
@@ -393,8 +397,8 @@ impl Sandbox {
             });
         }
         // Shared RAM on tmpfs (never written back to a disk), named for this sandbox.
-        let ram_file = (!fs_devices.is_empty())
-            .then(|| PathBuf::from(format!("/dev/shm/airlock-{id}.ram")));
+        let ram_file =
+            (!fs_devices.is_empty()).then(|| PathBuf::from(format!("/dev/shm/airlock-{id}.ram")));
 
         let (host_end, vm_end) = std::os::unix::net::UnixStream::pair()?;
         host_end.set_nonblocking(true)?;

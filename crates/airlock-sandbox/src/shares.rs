@@ -146,7 +146,10 @@ pub fn volumes_dir() -> Result<PathBuf, Error> {
 fn volume_paths(name: &str) -> Result<(PathBuf, PathBuf), Error> {
     volume_name_ok(name).map_err(Error::Setup)?;
     let d = volumes_dir()?;
-    Ok((d.join(format!("{name}.ext4")), d.join(format!("{name}.lock"))))
+    Ok((
+        d.join(format!("{name}.ext4")),
+        d.join(format!("{name}.lock")),
+    ))
 }
 
 /// Creates an empty sparse ext4 volume.
@@ -163,8 +166,13 @@ pub fn volume_create(name: &str, size_mib: u64) -> Result<VolumeInfo, Error> {
         )));
     }
     std::fs::create_dir_all(img.parent().unwrap())?;
-    let args = ["-E", "lazy_itable_init=1,nodiscard,root_owner=0:0", "-L", "airlock-vol"]
-        .map(Into::into);
+    let args = [
+        "-E",
+        "lazy_itable_init=1,nodiscard,root_owner=0:0",
+        "-L",
+        "airlock-vol",
+    ]
+    .map(Into::into);
     crate::rootfs::mkfs_ext4(&args, &img, &format!("{size_mib}M")).map_err(Error::Setup)?;
     volume_info(name)
 }
@@ -172,8 +180,11 @@ pub fn volume_create(name: &str, size_mib: u64) -> Result<VolumeInfo, Error> {
 fn volume_info(name: &str) -> Result<VolumeInfo, Error> {
     use std::os::unix::fs::MetadataExt;
     let (img, lock) = volume_paths(name)?;
-    let m = std::fs::metadata(&img)
-        .map_err(|_| Error::Setup(format!("no volume {name} (create it with: airlock volume create {name})")))?;
+    let m = std::fs::metadata(&img).map_err(|_| {
+        Error::Setup(format!(
+            "no volume {name} (create it with: airlock volume create {name})"
+        ))
+    })?;
     let in_use = match File::open(&lock) {
         Ok(f) => !try_lock(&f, false),
         Err(_) => false,
@@ -275,9 +286,13 @@ mod tests {
                 mode: ShareMode::Overlay
             })
         );
-        let Mount::Share(s) = "/x:/w:rw".parse().unwrap() else { panic!() };
+        let Mount::Share(s) = "/x:/w:rw".parse().unwrap() else {
+            panic!()
+        };
         assert_eq!(s.mode, ShareMode::Rw);
-        let Mount::Share(s) = "/x:/w:ro".parse().unwrap() else { panic!() };
+        let Mount::Share(s) = "/x:/w:ro".parse().unwrap() else {
+            panic!()
+        };
         assert_eq!(s.mode, ShareMode::Ro);
         assert_eq!(
             "cache:/data".parse::<Mount>().unwrap(),
@@ -286,7 +301,16 @@ mod tests {
                 guest: "/data".into()
             })
         );
-        for bad in ["/x", "/x:rel", "/x:/", "/x:/a/../b", "/x:/w:rx", "ca che:/d", "c:/d:rw", "a:b:c:d"] {
+        for bad in [
+            "/x",
+            "/x:rel",
+            "/x:/",
+            "/x:/a/../b",
+            "/x:/w:rx",
+            "ca che:/d",
+            "c:/d:rw",
+            "a:b:c:d",
+        ] {
             assert!(bad.parse::<Mount>().is_err(), "{bad}");
         }
     }
@@ -321,8 +345,9 @@ impl crate::Sandbox {
         buf.split(|b| *b == b'\n')
             .filter(|l| !l.is_empty())
             .map(|l| {
-                serde_json::from_slice::<ShareChange>(l)
-                    .map_err(|e| Error::Protocol(format!("bad share diff line from the guest: {e}")))
+                serde_json::from_slice::<ShareChange>(l).map_err(|e| {
+                    Error::Protocol(format!("bad share diff line from the guest: {e}"))
+                })
             })
             .collect()
     }
@@ -439,9 +464,7 @@ fn unpack_plain(mut tarball: File, dest: &std::path::Path) -> Result<CopyOutSumm
         let path = entry.path().map_err(bad)?.into_owned();
         // The archive's top entry is the copied thing itself; dest takes its place.
         let rel: PathBuf = path.components().skip(1).collect();
-        let safe = path
-            .components()
-            .all(|c| matches!(c, Component::Normal(_)));
+        let safe = path.components().all(|c| matches!(c, Component::Normal(_)));
         if !safe {
             sum.skipped += 1;
             continue;

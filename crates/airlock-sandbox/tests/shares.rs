@@ -2,9 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use airlock_sandbox::{
-    ExecSpec, FsRule, RootfsSource, Sandbox, SandboxSpec, Share, ShareMode,
-};
+use airlock_sandbox::{ExecSpec, FsRule, RootfsSource, Sandbox, SandboxSpec, Share, ShareMode};
 
 fn rootfs() -> RootfsSource {
     let root = std::env::var("AIRLOCK_TEST_ROOTFS").unwrap_or_else(|_| {
@@ -25,7 +23,10 @@ fn share(host: &Path, guest: &str, mode: ShareMode) -> Share {
 }
 
 async fn sh(sb: &Sandbox, script: &str) -> (i32, String, String) {
-    let out = sb.output(ExecSpec::new(["sh", "-c", script])).await.unwrap();
+    let out = sb
+        .output(ExecSpec::new(["sh", "-c", script]))
+        .await
+        .unwrap();
     (
         out.status.code.unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -48,7 +49,12 @@ fn tree_hash(root: &Path) -> String {
         h.update(rel.as_os_str().as_encoded_bytes());
         h.update(format!(":{:o}:{}:{}:{}\n", m.mode(), m.uid(), m.len(), m.mtime()).as_bytes());
         if m.file_type().is_symlink() {
-            h.update(std::fs::read_link(p).unwrap().as_os_str().as_encoded_bytes());
+            h.update(
+                std::fs::read_link(p)
+                    .unwrap()
+                    .as_os_str()
+                    .as_encoded_bytes(),
+            );
         } else if m.is_file() {
             h.update(std::fs::read(p).unwrap());
         } else if m.is_dir() {
@@ -89,8 +95,14 @@ async fn rw_share_round_trip_reaches_host() {
     assert!(out.starts_with("hello from the host\nnew\n"), "{out}");
     sh_ok(&sb, "echo from-guest > /w/guest-file; sync").await;
     sb.stop().await.unwrap();
-    assert_eq!(std::fs::read_to_string(tmp.path().join("renamed")).unwrap(), "new\n");
-    assert_eq!(std::fs::read_to_string(tmp.path().join("guest-file")).unwrap(), "from-guest\n");
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("renamed")).unwrap(),
+        "new\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(tmp.path().join("guest-file")).unwrap(),
+        "from-guest\n"
+    );
     assert!(!tmp.path().join("src/deep/x").exists());
     assert!(!tmp.path().join("d1").exists());
 }
@@ -126,22 +138,46 @@ async fn overlay_share_leaves_host_bit_identical() {
     .collect();
     assert_eq!(diff, want);
     let out = tempfile::tempdir().unwrap();
-    let sum = sb.copy_out("/w/README", &out.path().join("R"), 1 << 20).await.unwrap();
+    let sum = sb
+        .copy_out("/w/README", &out.path().join("R"), 1 << 20)
+        .await
+        .unwrap();
     assert_eq!(sum.files, 1);
     assert_eq!(
         std::fs::read_to_string(out.path().join("R")).unwrap(),
         "hello from the host\nmore\n"
     );
-    let sum = sb.copy_out("/w/src", &out.path().join("src"), 1 << 20).await.unwrap();
-    assert_eq!((sum.files, sum.skipped), (1, 1), "main.c copied, the symlink skipped");
+    let sum = sb
+        .copy_out("/w/src", &out.path().join("src"), 1 << 20)
+        .await
+        .unwrap();
+    assert_eq!(
+        (sum.files, sum.skipped),
+        (1, 1),
+        "main.c copied, the symlink skipped"
+    );
     assert!(out.path().join("src/main.c").is_file() && out.path().join("src/deep").is_dir());
-    assert!(sb.copy_out("/w/README", &out.path().join("R"), 1 << 20).await.is_err(), "dest exists");
-    assert!(sb.copy_out("/w/README", &out.path().join("small"), 4).await.is_err(), "size cap");
+    assert!(
+        sb.copy_out("/w/README", &out.path().join("R"), 1 << 20)
+            .await
+            .is_err(),
+        "dest exists"
+    );
+    assert!(
+        sb.copy_out("/w/README", &out.path().join("small"), 4)
+            .await
+            .is_err(),
+        "size cap"
+    );
     // No entropy or other device lost its IRQ to the extra virtio device.
     let dmesg = sh_ok(&sb, "dmesg").await;
     assert!(!dmesg.contains("probe of"), "{dmesg}");
     sb.stop().await.unwrap();
-    assert_eq!(tree_hash(tmp.path()), before, "overlay changed the host tree");
+    assert_eq!(
+        tree_hash(tmp.path()),
+        before,
+        "overlay changed the host tree"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -152,8 +188,17 @@ async fn ro_share_refuses_writes() {
     let mut spec = SandboxSpec::new(rootfs());
     spec.shares = vec![share(tmp.path(), "/w", ShareMode::Ro)];
     let sb = Sandbox::start(spec).await.unwrap();
-    assert_eq!(sh_ok(&sb, "cat /w/src/main.c").await, "int main(){return 0;}\n");
-    for cmd in ["echo x > /w/new", "rm /w/README", "mv /w/README /w/R", "mkdir /w/d", "echo x >> /w/README"] {
+    assert_eq!(
+        sh_ok(&sb, "cat /w/src/main.c").await,
+        "int main(){return 0;}\n"
+    );
+    for cmd in [
+        "echo x > /w/new",
+        "rm /w/README",
+        "mv /w/README /w/R",
+        "mkdir /w/d",
+        "echo x >> /w/README",
+    ] {
         let (code, _, err) = sh(&sb, cmd).await;
         assert_ne!(code, 0, "{cmd} succeeded on a read-only share");
         assert!(err.contains("Read-only"), "{cmd}: {err}");
@@ -198,7 +243,11 @@ async fn rw_ownership_root_and_non_root_guest_user() {
         sb.stop().await.unwrap();
         for f in ["made", "dir", "dir/f"] {
             let m = std::fs::metadata(tmp.path().join(f)).unwrap();
-            assert_eq!((m.uid(), m.gid()), host_ids, "{f} on the host belongs to the host user");
+            assert_eq!(
+                (m.uid(), m.gid()),
+                host_ids,
+                "{f} on the host belongs to the host user"
+            );
         }
     }
 }
@@ -207,13 +256,19 @@ async fn rw_ownership_root_and_non_root_guest_user() {
 async fn file_rules_deny_in_the_guest_and_emit_events() {
     let tmp = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(tmp.path().join(".git/hooks")).unwrap();
-    std::fs::write(tmp.path().join(".git/hooks/pre-commit"), "#!/bin/sh\nexit 0\n").unwrap();
+    std::fs::write(
+        tmp.path().join(".git/hooks/pre-commit"),
+        "#!/bin/sh\nexit 0\n",
+    )
+    .unwrap();
     std::fs::write(tmp.path().join("notes"), "n").unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::channel(64);
     let mut spec = SandboxSpec::new(rootfs());
     spec.shares = vec![share(tmp.path(), "/workspace", ShareMode::Rw)];
     spec.fs_rules = vec![
-        "deny write,create,remove /workspace/.git/hooks/**".parse::<FsRule>().unwrap(),
+        "deny write,create,remove /workspace/.git/hooks/**"
+            .parse::<FsRule>()
+            .unwrap(),
         "audit read /workspace/notes".parse().unwrap(),
     ];
     spec.fs_events = Some(tx);
@@ -239,13 +294,26 @@ async fn file_rules_deny_in_the_guest_and_emit_events() {
         got.push((e.op.name().to_string(), e.path, e.denied));
     }
     let has = |op: &str, path: &str, denied: bool| {
-        got.iter().any(|(o, p, d)| o == op && p == path && *d == denied)
+        got.iter()
+            .any(|(o, p, d)| o == op && p == path && *d == denied)
     };
-    assert!(has("write", "/workspace/.git/hooks/pre-commit", true), "{got:?}");
-    assert!(has("create", "/workspace/.git/hooks/post-checkout", true), "{got:?}");
-    assert!(has("remove", "/workspace/.git/hooks/pre-commit", true), "{got:?}");
+    assert!(
+        has("write", "/workspace/.git/hooks/pre-commit", true),
+        "{got:?}"
+    );
+    assert!(
+        has("create", "/workspace/.git/hooks/post-checkout", true),
+        "{got:?}"
+    );
+    assert!(
+        has("remove", "/workspace/.git/hooks/pre-commit", true),
+        "{got:?}"
+    );
     assert!(has("read", "/workspace/notes", false), "{got:?}");
-    assert!(got.iter().all(|(_, p, _)| !p.ends_with("/other")), "{got:?}");
+    assert!(
+        got.iter().all(|(_, p, _)| !p.ends_with("/other")),
+        "{got:?}"
+    );
 }
 
 /// The escape suite, from inside a real guest: each case tries to read or write something
@@ -306,8 +374,17 @@ async fn escape_suite_from_the_guest() {
     for e in std::fs::read_dir(&share_dir).unwrap() {
         let e = e.unwrap();
         let m = std::fs::symlink_metadata(e.path()).unwrap();
-        assert!(!m.file_type().is_block_device() && !m.file_type().is_char_device(), "{:?}", e.path());
-        assert_eq!(m.mode() & 0o6000, 0, "{:?} is setuid/setgid on the host", e.path());
+        assert!(
+            !m.file_type().is_block_device() && !m.file_type().is_char_device(),
+            "{:?}",
+            e.path()
+        );
+        assert_eq!(
+            m.mode() & 0o6000,
+            0,
+            "{:?} is setuid/setgid on the host",
+            e.path()
+        );
     }
 }
 
@@ -364,13 +441,30 @@ print(os.path.getsize('/workspace/big'))
     let mut e = ExecSpec::new(["python3", "-c", py]);
     e.cwd = Some("/workspace".into());
     let out = sb.output(e).await.unwrap();
-    assert_eq!(out.status.code, Some(0), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), (5u64 * (1 << 30) + 4).to_string());
+    assert_eq!(
+        out.status.code,
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        (5u64 * (1 << 30) + 4).to_string()
+    );
     sb.stop().await.unwrap();
     assert!(tmp.path().join(".git/HEAD").is_file());
-    assert_eq!(&std::fs::read(tmp.path().join("mm")).unwrap()[..5], b"hello");
-    assert_eq!(std::fs::metadata(tmp.path().join("big")).unwrap().len(), 5 * (1 << 30) + 4);
-    assert_eq!(std::fs::read(tmp.path().join("pgdata/wal")).unwrap().len(), 8192);
+    assert_eq!(
+        &std::fs::read(tmp.path().join("mm")).unwrap()[..5],
+        b"hello"
+    );
+    assert_eq!(
+        std::fs::metadata(tmp.path().join("big")).unwrap().len(),
+        5 * (1 << 30) + 4
+    );
+    assert_eq!(
+        std::fs::read(tmp.path().join("pgdata/wal")).unwrap().len(),
+        8192
+    );
 }
 
 #[allow(dead_code)]
@@ -399,7 +493,10 @@ async fn volume_persists_across_sandboxes_one_at_a_time() {
     assert!(ls[0].in_use && ls[0].size_mib == 64);
     sb.stop().await.unwrap();
     let sb = Sandbox::start(spec).await.unwrap();
-    assert_eq!(sh_ok(&sb, "cat /data/f; test -d /data/d && echo dir").await, "persisted\ndir\n");
+    assert_eq!(
+        sh_ok(&sb, "cat /data/f; test -d /data/d && echo dir").await,
+        "persisted\ndir\n"
+    );
     sb.stop().await.unwrap();
     let ls = airlock_sandbox::shares::volume_list().unwrap();
     assert!(!ls[0].in_use);

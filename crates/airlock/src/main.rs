@@ -352,7 +352,9 @@ fn share_owner(user: Option<&str>, rootfs: Option<&std::path::Path>) -> (u32, u3
         Err(_) => match lookup("etc/passwd", u, 2) {
             Some((n, g)) => (n, g),
             None => {
-                tracing::warn!("cannot resolve user {u} on the host: shared files appear owned by root");
+                tracing::warn!(
+                    "cannot resolve user {u} on the host: shared files appear owned by root"
+                );
                 return (0, 0);
             }
         },
@@ -378,9 +380,12 @@ fn volume(cmd: VolumeCmd) -> Result<(), String> {
         VolumeCmd::Ls { json } => {
             let list = shares::volume_list().map_err(|e| e.to_string())?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&list).map_err(|e| e.to_string())?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&list).map_err(|e| e.to_string())?
+                );
             } else {
-                println!("{:<24} {:>10} {:>10} {}", "NAME", "SIZE_MB", "USED_MB", "IN_USE");
+                println!("{:<24} {:>10} {:>10} IN_USE", "NAME", "SIZE_MB", "USED_MB");
                 for v in list {
                     println!(
                         "{:<24} {:>10} {:>10} {}",
