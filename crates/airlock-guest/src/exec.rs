@@ -94,7 +94,7 @@ impl Registry {
                 Ok(())
             }
             Some("share-diff") => {
-                self.builtin_output(stream, |out| crate::shares::diff(out));
+                self.builtin_output(stream, crate::shares::diff);
                 Ok(())
             }
             Some("copy-out") if req.argv.len() == 1 => {
