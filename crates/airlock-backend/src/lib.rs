@@ -21,6 +21,15 @@ pub struct DiskConfig {
     pub serial: String,
 }
 
+/// One virtio-fs device served by a vhost-user backend (Airlock's own, in-process).
+#[derive(Debug, Clone)]
+pub struct FsDevice {
+    /// Unix socket the backend listens on.
+    pub socket: PathBuf,
+    /// Mount tag the guest uses.
+    pub tag: String,
+}
+
 /// Everything a backend needs to start a sandbox VM.
 #[derive(Debug)]
 pub struct VmConfig {
@@ -45,6 +54,14 @@ pub struct VmConfig {
     pub accel: Accel,
     /// The NIC, if the sandbox has one.
     pub nic: Option<NicConfig>,
+    /// virtio-fs devices. When there are any, guest RAM lives in `shared_memory_file`
+    /// (shared memory the vhost-user backends map).
+    pub fs_devices: Vec<FsDevice>,
+    /// Backing file for guest RAM when it must be shared (tmpfs; the caller removes it).
+    pub shared_memory_file: Option<PathBuf>,
+    /// Benchmark-only: a QEMU virtio-9p share `(host dir, tag)` to compare virtio-fs against.
+    #[doc(hidden)]
+    pub bench_9p: Option<(PathBuf, String)>,
 }
 
 /// A virtio-net NIC whose frames go over a stream socket (each frame behind a 4-byte

@@ -55,10 +55,16 @@ impl Qemu {
     pub fn args(cfg: &VmConfig, control_fd: RawFd, nic_fd: Option<RawFd>) -> Vec<String> {
         let mut a: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
-        push(&[
-            "-M",
-            "microvm,acpi=off,x-option-roms=off,isa-serial=on,rtc=on",
-        ]);
+        // Without ACPI the guest sees only the first IOAPIC: virtio-mmio transports get legacy
+        // IRQs counting down from 12, and the fifth one lands on the RTC's IRQ 8, which the
+        // guest's RTC driver will not share (that device then fails to probe). The guest
+        // clock comes from the host (`Init`), so with five or more devices the RTC goes.
+        let machine = if virtio_device_count(cfg) >= 5 {
+            "microvm,acpi=off,x-option-roms=off,isa-serial=on,rtc=off"
+        } else {
+            "microvm,acpi=off,x-option-roms=off,isa-serial=on,rtc=on"
+        };
+        push(&["-M", machine]);
         push(&[
             "-nodefaults",
             "-no-user-config",
@@ -74,6 +80,17 @@ impl Qemu {
         }
         let mem = format!("{}M", cfg.memory_mib);
         push(&["-smp", &cpus, "-m", &mem]);
+        if !cfg.fs_devices.is_empty() {
+            // vhost-user backends map guest RAM, so it must be a shared file mapping (a file
+            // rather than memfd so a later snapshot can reuse it).
+            if let Some(f) = &cfg.shared_memory_file {
+                let obj = format!(
+                    "memory-backend-file,id=mem,size={mem},mem-path={},share=on",
+                    qemu_escape(&f.to_string_lossy())
+                );
+                push(&["-object", &obj, "-machine", "memory-backend=mem"]);
+            }
+        }
         let cmdline = format!("{BASE_CMDLINE} {}", cfg.cmdline_extra);
         push(&[
             "-kernel",
@@ -106,6 +123,25 @@ impl Qemu {
             let dev = format!("virtio-blk-device,drive=d{i},serial={}", d.serial);
             push(&["-drive", &drive, "-device", &dev]);
         }
+        for (i, fs) in cfg.fs_devices.iter().enumerate() {
+            let chr = format!(
+                "socket,id=fs{i},path={}",
+                qemu_escape(&fs.socket.to_string_lossy())
+            );
+            let dev = format!(
+                "vhost-user-fs-device,chardev=fs{i},tag={}",
+                qemu_escape(&fs.tag)
+            );
+            push(&["-chardev", &chr, "-device", &dev]);
+        }
+        if let Some((dir, tag)) = &cfg.bench_9p {
+            let fsdev = format!(
+                "local,id=p9,path={},security_model=none",
+                qemu_escape(&dir.to_string_lossy())
+            );
+            let dev = format!("virtio-9p-device,fsdev=p9,mount_tag={}", qemu_escape(tag));
+            push(&["-fsdev", &fsdev, "-device", &dev]);
+        }
         push(&["-device", "virtio-rng-device"]);
         if let (Some(nic), Some(fd)) = (&cfg.nic, nic_fd) {
             let m = nic.mac;
@@ -122,6 +158,14 @@ impl Qemu {
         ]);
         a
     }
+}
+
+/// virtio-mmio devices [`Qemu::args`] creates: control port, disks, shares, rng, NIC.
+pub fn virtio_device_count(cfg: &VmConfig) -> usize {
+    2 + cfg.disks.len()
+        + cfg.fs_devices.len()
+        + usize::from(cfg.bench_9p.is_some())
+        + usize::from(cfg.nic.is_some())
 }
 
 /// QEMU's option syntax doubles commas inside values.
@@ -334,8 +378,15 @@ mod tests {
             console_log: "/s/console.log".into(),
             accel: Accel::Tcg,
             nic: None,
+            fs_devices: vec![],
+            shared_memory_file: None,
+            bench_9p: None,
         };
         let args = Qemu::args(&cfg, 101, None).join(" ");
+        assert!(
+            !args.contains("memory-backend"),
+            "no shares, no shared RAM: {args}"
+        );
         assert!(args.contains("-accel tcg,thread=multi"));
         assert!(args.contains("-nodefaults -no-user-config -no-reboot"));
         assert!(args.contains("socket,id=ctl,fd=101"));
@@ -343,5 +394,48 @@ mod tests {
         assert!(args.contains("readonly=on"));
         assert!(args.contains("-sandbox on"));
         assert!(args.contains("airlock.x=1"));
+        assert!(args.contains("rtc=on"), "few devices keep the RTC: {args}");
+    }
+
+    #[test]
+    fn virtio_fs_devices_use_shared_file_ram() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let cfg = VmConfig {
+            kernel: "/k/vmlinux".into(),
+            initrd: "/k/initrd".into(),
+            cmdline_extra: String::new(),
+            cpus: 1,
+            memory_mib: 256,
+            disks: vec![
+                DiskConfig {
+                    path: "/d/root".into(),
+                    read_only: true,
+                    serial: "airlock-root".into(),
+                },
+                DiskConfig {
+                    path: "/d/scratch".into(),
+                    read_only: false,
+                    serial: "airlock-scratch".into(),
+                },
+            ],
+            control: a.into(),
+            console_log: "/s/console.log".into(),
+            accel: Accel::Tcg,
+            fs_devices: vec![crate::FsDevice {
+                socket: "/r/fs0.sock".into(),
+                tag: "airlock-fs0".into(),
+            }],
+            shared_memory_file: Some("/dev/shm/x.mem".into()),
+            bench_9p: None,
+            nic: None,
+        };
+        let args = Qemu::args(&cfg, 101, None).join(" ");
+        assert!(args.contains("-object memory-backend-file,id=mem,size=256M,mem-path=/dev/shm/x.mem,share=on -machine memory-backend=mem"), "{args}");
+        assert!(
+            args.contains("rtc=off"),
+            "the fifth device would take the RTC's IRQ: {args}"
+        );
+        assert!(args.contains("-chardev socket,id=fs0,path=/r/fs0.sock -device vhost-user-fs-device,chardev=fs0,tag=airlock-fs0"), "{args}");
+        assert!(args.contains("-sandbox on"));
     }
 }

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 // loopback and a busybox image made with umoci.
 #[path = "../../airlock-image/tests/common/mod.rs"]
 mod common;
+mod fsbench;
 mod net;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -43,7 +44,8 @@ const USAGE: &str =
   --rootfs DIR    root filesystem for airlock (default: the one scripts/mkrootfs-busybox builds)
   --write-docs    also rewrite docs/benchmarks.md
   --net-only      only the network benchmarks (printed, docs untouched)
-  --only-ports    run only the port-forward benchmark (prints its table)";
+  --only-ports    run only the port-forward benchmark (prints its table)
+  --only-fs       only the workspace (virtio-fs) benchmark; prints its section";
 
 struct Opts {
     iterations: usize,
@@ -51,6 +53,7 @@ struct Opts {
     rootfs: Option<PathBuf>,
     write_docs: bool,
     only_ports: bool,
+    only_fs: bool,
 }
 
 fn parse_args() -> Result<Option<Opts>> {
@@ -60,6 +63,7 @@ fn parse_args() -> Result<Option<Opts>> {
         rootfs: None,
         write_docs: false,
         only_ports: false,
+        only_fs: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -76,6 +80,7 @@ fn parse_args() -> Result<Option<Opts>> {
             "--write-docs" => o.write_docs = true,
             "--net-only" => {}
             "--only-ports" => o.only_ports = true,
+            "--only-fs" => o.only_fs = true,
             "-h" | "--help" => return Ok(None),
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
@@ -642,6 +647,11 @@ async fn main() -> Result<()> {
         Some(r) => r.clone(),
         None => demo_rootfs()?,
     };
+    let debian = airlock_sandbox::assets::cache_dir().join("debian-rootfs");
+    if o.only_fs {
+        println!("{}", fsbench::run(o.iterations, &rootfs, &debian).await?);
+        return Ok(());
+    }
     let accel = airlock_backend::detect_accel(airlock_sandbox::accel_from_env()?);
     let qemu = Qemu::default().version().map_err(anyhow::Error::msg)?;
     eprintln!("accelerator: {} ({}); {qemu}", accel.accel, accel.reason);
@@ -668,7 +678,9 @@ async fn main() -> Result<()> {
         + &image_table(&o, &small, &large)
         + &first_run_table(&o, &skopeo, &first)
         + &ports::table(o.iterations, &fwd)
-        + &net::section(&rootfs).await?;
+        + &net::section(&rootfs).await?
+        + "\n"
+        + &fsbench::run(o.iterations, &rootfs, &debian).await?;
     println!("\n{t}");
     if o.write_docs {
         let dir = repo_root().join("docs");

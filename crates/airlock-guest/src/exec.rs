@@ -93,6 +93,15 @@ impl Registry {
                 self.apply_layer(stream);
                 Ok(())
             }
+            Some("share-diff") => {
+                self.builtin_output(stream, crate::shares::diff);
+                Ok(())
+            }
+            Some("copy-out") if req.argv.len() == 1 => {
+                let path = req.argv[0].clone();
+                self.builtin_output(stream, move |out| crate::shares::copy_out(&path, out));
+                Ok(())
+            }
             Some(b) => Err((
                 ExecErrorKind::Invalid,
                 format!("builtin {b:?} is not available in this VM"),
@@ -277,6 +286,64 @@ impl Registry {
             std::thread::spawn(move || reg.pump_stdin(&e, sink, stdin_rx));
         }
         Ok(())
+    }
+
+    /// Runs an in-agent builtin whose output streams to the host like a process's: `f` writes
+    /// stdout into a pipe pumped within the stream's window; an error goes to stderr, exit 1.
+    fn builtin_output<F>(self: &Arc<Self>, stream: u32, f: F)
+    where
+        F: FnOnce(&mut File) -> Result<(), String> + Send + 'static,
+    {
+        let pipes = (nix::unistd::pipe(), nix::unistd::pipe());
+        let ((out_r, out_w), (err_r, err_w)) = match pipes {
+            (Ok(o), Ok(e)) => (o, e),
+            _ => return self.fail(stream, ExecErrorKind::Other, "pipe failed".into()),
+        };
+        let entry = Arc::new(Entry {
+            stream,
+            pid: 0,
+            out: Mutex::new(Window::default()),
+            out_cv: Condvar::new(),
+            stdin_window: Mutex::new(Window::default()),
+            stdin: Mutex::new(None),
+            pty: None,
+            progress: Mutex::new(Progress {
+                exit: None,
+                readers_left: 2,
+                done: false,
+            }),
+        });
+        self.by_stream.lock().unwrap().insert(stream, entry.clone());
+        self.tx
+            .send(Frame::json(Kind::Started, stream, &Started { pid: 0 }));
+        for (kind, fd) in [(Kind::Stdout, out_r), (Kind::Stderr, err_r)] {
+            let (reg, e) = (self.clone(), entry.clone());
+            std::thread::spawn(move || reg.pump_output(&e, kind, File::from(fd)));
+        }
+        let reg = self.clone();
+        std::thread::spawn(move || {
+            let mut out = File::from(out_w);
+            let mut err = File::from(err_w);
+            let code = match f(&mut out) {
+                Ok(()) => 0,
+                Err(msg) => {
+                    let _ = writeln!(err, "{msg}");
+                    1
+                }
+            };
+            drop((out, err));
+            let finish = {
+                let mut p = entry.progress.lock().unwrap();
+                p.exit = Some(ExitStatus {
+                    code: Some(code),
+                    signal: None,
+                });
+                p.readers_left == 0 && !std::mem::replace(&mut p.done, true)
+            };
+            if finish {
+                reg.finish(&entry);
+            }
+        });
     }
 
     /// The `apply-layer` builtin: stdin is an uncompressed layer tar applied onto `/`.

@@ -11,6 +11,7 @@ mod exec;
 mod net;
 mod ports;
 mod setup;
+mod shares;
 mod user;
 
 use std::fs::File;
@@ -133,6 +134,7 @@ fn read_loop(
                 (Kind::Init, CONTROL_STREAM) => {
                     let init: Init = frame.parse().map_err(|e| e.to_string())?;
                     setup::apply_init(&init);
+                    setup::mount_shares(&init)?;
                     hostname = init.hostname.clone();
                     tx.send(Frame::json(
                         Kind::Ready,

@@ -275,3 +275,93 @@ pub fn power_off() -> ! {
         std::thread::sleep(Duration::from_secs(1));
     }
 }
+
+/// Where the guest keeps share plumbing (lower mounts, the second view of the writable disk).
+const SHARE_RUN: &str = "/run/airlock";
+
+fn valid_target(t: &str) -> Result<(), String> {
+    let ok = t.starts_with('/')
+        && t.len() < 4096
+        && t != "/"
+        && !t.split('/').any(|c| c == ".." || c == ".");
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "share target {t:?} must be an absolute path other than /"
+        ))
+    }
+}
+
+/// Mounts the writable disk a second time (same superblock) where overlay shares keep their
+/// upper layers, so share changes are on the sandbox's writable layer and leave with it.
+fn share_scratch() -> Result<String, String> {
+    let dir = format!("{SHARE_RUN}/scratch");
+    if Path::new(&dir).join("shares").is_dir() {
+        return Ok(dir);
+    }
+    match disk_by_serial(SCRATCH_SERIAL) {
+        Some(dev) => do_mount(&dev, &dir, "ext4", MsFlags::MS_NOATIME, None)?,
+        None => do_mount(
+            "scratch",
+            &dir,
+            "tmpfs",
+            MsFlags::empty(),
+            Some("mode=0755"),
+        )?,
+    }
+    fs::create_dir_all(format!("{dir}/shares")).map_err(|e| format!("mkdir shares: {e}"))?;
+    Ok(dir)
+}
+
+/// Upper directory of overlay share `i` (for diffs).
+pub fn share_upper(i: usize) -> String {
+    format!("{SHARE_RUN}/scratch/shares/{i}/upper")
+}
+
+/// Lower (read-only host view) of overlay share `i`.
+pub fn share_lower(i: usize) -> String {
+    format!("{SHARE_RUN}/fs/{i}")
+}
+
+/// Mounts the virtio-fs shares and volumes the host announced.
+pub fn mount_shares(init: &Init) -> Result<(), String> {
+    use airlock_proto::ShareMode;
+    for (i, s) in init.shares.iter().enumerate() {
+        valid_target(&s.target)?;
+        match s.mode {
+            ShareMode::Rw => do_mount(&s.tag, &s.target, "virtiofs", MsFlags::empty(), None)?,
+            ShareMode::Ro => do_mount(&s.tag, &s.target, "virtiofs", MsFlags::MS_RDONLY, None)?,
+            ShareMode::Overlay => {
+                let lower = share_lower(i);
+                do_mount(&s.tag, &lower, "virtiofs", MsFlags::MS_RDONLY, None)?;
+                let scratch = share_scratch()?;
+                let upper = format!("{scratch}/shares/{i}/upper");
+                let work = format!("{scratch}/shares/{i}/work");
+                for d in [&upper, &work] {
+                    fs::create_dir_all(d).map_err(|e| format!("mkdir {d}: {e}"))?;
+                }
+                let opts = format!("lowerdir={lower},upperdir={upper},workdir={work}");
+                do_mount(
+                    "overlay",
+                    &s.target,
+                    "overlay",
+                    MsFlags::empty(),
+                    Some(&opts),
+                )?;
+            }
+        }
+    }
+    *SHARES.lock().unwrap() = init.shares.clone();
+    for v in &init.volumes {
+        valid_target(&v.target)?;
+        let dev = disk_by_serial(&v.serial)
+            .ok_or_else(|| format!("volume disk {} not found", v.serial))?;
+        do_mount(&dev, &v.target, "ext4", MsFlags::MS_NOATIME, None)?;
+    }
+    Ok(())
+}
+
+/// The shares this sandbox mounted (for diffs).
+pub static SHARES: std::sync::Mutex<Vec<airlock_proto::ShareMount>> =
+    std::sync::Mutex::new(Vec::new());

@@ -387,6 +387,57 @@ pub struct Init {
     /// Environment every command gets (below its own), e.g. secret placeholders.
     #[serde(default)]
     pub env: Vec<(String, String)>,
+    /// virtio-fs shares to mount, in order.
+    #[serde(default)]
+    pub shares: Vec<ShareMount>,
+    /// Named volumes (virtio-blk, ext4) to mount.
+    #[serde(default)]
+    pub volumes: Vec<VolumeMount>,
+}
+
+/// How a share appears in the guest.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ShareMode {
+    /// Read-only share under an overlay whose upper layer is on the sandbox's writable disk:
+    /// the guest may write, the host tree never changes.
+    #[default]
+    Overlay,
+    /// Live read-write.
+    Rw,
+    /// Read-only.
+    Ro,
+}
+
+/// One virtio-fs share to mount.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ShareMount {
+    /// virtio-fs tag.
+    pub tag: String,
+    /// Absolute guest path.
+    pub target: String,
+    /// Mode.
+    #[serde(default)]
+    pub mode: ShareMode,
+}
+
+/// What happened to a path in an overlay share (output of the agent's `share-diff` builtin,
+/// one JSON object per line).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ShareChange {
+    /// `added`, `modified` or `deleted`.
+    pub kind: String,
+    /// Guest path.
+    pub path: String,
+}
+
+/// One volume (an ext4 virtio-blk disk found by its serial) to mount.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct VolumeMount {
+    /// virtio-blk serial.
+    pub serial: String,
+    /// Absolute guest path.
+    pub target: String,
 }
 
 /// Static configuration of the guest's NIC (no DHCP: the host knows it all in advance).

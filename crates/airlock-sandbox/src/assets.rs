@@ -195,7 +195,11 @@ pub fn initramfs(agent: &Path) -> Result<PathBuf, Error> {
 /// Writes via a temporary file and a rename, so concurrent writers and crashes never leave a
 /// half-written cache entry behind.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
+    // Unique per writer, threads of one process included (parallel tests start sandboxes at
+    // once after an agent rebuild).
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp{}-{n}", std::process::id()));
     let r = (|| {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;

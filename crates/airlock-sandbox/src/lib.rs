@@ -21,6 +21,7 @@ pub mod imagefs;
 pub mod network;
 mod ports;
 pub mod rootfs;
+pub mod shares;
 mod state;
 
 use std::path::PathBuf;
@@ -40,6 +41,7 @@ pub use conn::ExecEvent;
 pub use network::{NetworkSpec, SecretSpec};
 pub use ports::{GuestStream, PortForward, MAX_FORWARD_CONNECTIONS};
 pub use rootfs::RootfsSource;
+pub use shares::{FsEvent, FsRule, Mount, Share, ShareMode, VolumeMount};
 
 /// Errors of the sandbox API. Each says what happened and, where it can, what to do.
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +141,22 @@ pub struct SandboxSpec {
     pub kernel_args: Vec<String>,
     /// Network policy (default: sealed).
     pub network: NetworkSpec,
+    /// Host directories shared over virtio-fs.
+    pub shares: Vec<Share>,
+    /// Named volumes to mount (each used by one sandbox at a time).
+    pub volumes: Vec<VolumeMount>,
+    /// File rules enforced by the share server (guest paths).
+    pub fs_rules: Vec<FsRule>,
+    /// Receives file-rule events (every denial and every `audit` match). Bounded: when the
+    /// receiver falls behind, further events are dropped (and counted in the log) rather than
+    /// let a guest grow host memory.
+    pub fs_events: Option<tokio::sync::mpsc::Sender<FsEvent>>,
+    /// uid/gid of the sandbox user: files of the invoking host user appear as theirs inside
+    /// `rw`/`ro`/overlay shares, and theirs become the host user's (default 0:0).
+    pub share_owner: (u32, u32),
+    /// Benchmark only: also expose this host directory over QEMU's virtio-9p with this tag.
+    #[doc(hidden)]
+    pub bench_9p: Option<(PathBuf, String)>,
     /// Image-builder VM: boot with only this empty ext4 as the agent's root (no image).
     pub(crate) builder_target: Option<PathBuf>,
 }
@@ -156,6 +174,12 @@ impl SandboxSpec {
             ready_timeout: Duration::from_secs(60),
             kernel_args: Vec::new(),
             network: NetworkSpec::default(),
+            shares: Vec::new(),
+            volumes: Vec::new(),
+            fs_rules: Vec::new(),
+            fs_events: None,
+            share_owner: (0, 0),
+            bench_9p: None,
             builder_target: None,
         }
     }
@@ -219,6 +243,12 @@ pub struct Sandbox {
     next_stream: Arc<AtomicU32>,
     kernel_release: String,
     network: Option<airlock_net::Network>,
+    /// virtio-fs servers, one per share (they end when QEMU disconnects).
+    _fs: Vec<airlock_fs::FsServer>,
+    /// Held volume locks.
+    _volumes: Vec<shares::VolumeLease>,
+    /// Shared guest-RAM file, removed once QEMU has it mapped.
+    ram_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -338,6 +368,66 @@ impl Sandbox {
             }
             None => None,
         };
+        let mut disks = disks;
+        let mut volume_leases = Vec::new();
+        let mut volume_mounts = Vec::new();
+        for (i, v) in spec.volumes.iter().enumerate() {
+            let lease = shares::VolumeLease::acquire(&v.name)?;
+            let serial = format!("airlock-vol{i}");
+            disks.push(DiskConfig {
+                path: lease.image.clone(),
+                read_only: false,
+                serial: serial.clone(),
+            });
+            volume_mounts.push(airlock_proto::VolumeMount {
+                serial,
+                target: v.guest.clone(),
+            });
+            volume_leases.push(lease);
+        }
+        let mut fs_servers = Vec::new();
+        let mut fs_devices = Vec::new();
+        let mut share_mounts = Vec::new();
+        // SAFETY: geteuid/getegid cannot fail.
+        let host_ids = unsafe { (libc::geteuid(), libc::getegid()) };
+        for (i, sh) in spec.shares.iter().enumerate() {
+            let tag = format!("airlock-fs{i}");
+            let socket = state.path().join(format!("fs{i}.sock"));
+            let cfg = airlock_fs::ShareConfig {
+                host_dir: sh.host.clone(),
+                guest_path: sh.guest.clone(),
+                tag: tag.clone(),
+                access: match sh.mode {
+                    ShareMode::Rw => airlock_fs::Access::ReadWrite,
+                    ShareMode::Ro | ShareMode::Overlay => airlock_fs::Access::ReadOnly,
+                },
+                ids: airlock_fs::IdMap {
+                    host: host_ids,
+                    guest: spec.share_owner,
+                },
+                rules: spec.fs_rules.clone(),
+            };
+            fs_servers.push(
+                airlock_fs::FsServer::start(
+                    cfg,
+                    &socket,
+                    shares::event_sink(spec.fs_events.clone()),
+                )
+                .map_err(|e| Error::Setup(e.to_string()))?,
+            );
+            fs_devices.push(airlock_backend::FsDevice {
+                socket,
+                tag: tag.clone(),
+            });
+            share_mounts.push(airlock_proto::ShareMount {
+                tag,
+                target: sh.guest.clone(),
+                mode: sh.mode,
+            });
+        }
+        // Shared RAM on tmpfs (never written back to a disk), named for this sandbox.
+        let ram_file =
+            (!fs_devices.is_empty()).then(|| PathBuf::from(format!("/dev/shm/airlock-{id}.ram")));
 
         let (host_end, vm_end) = std::os::unix::net::UnixStream::pair()?;
         host_end.set_nonblocking(true)?;
@@ -357,6 +447,9 @@ impl Sandbox {
             console_log: state.console_log(),
             accel: accel.accel,
             nic,
+            fs_devices,
+            shared_memory_file: ram_file.clone(),
+            bench_9p: spec.bench_9p.clone(),
         };
         tracing::debug!(%id, accel = %accel.accel, "starting sandbox");
         let vm = backend.launch(cfg)?;
@@ -370,6 +463,9 @@ impl Sandbox {
             next_stream: Arc::new(AtomicU32::new(1)),
             kernel_release: String::new(),
             network,
+            _fs: fs_servers,
+            _volumes: volume_leases,
+            ram_file,
         };
         sb.watch_vm();
 
@@ -405,6 +501,8 @@ impl Sandbox {
                             net: net_init.clone(),
                             ca_pem: ca_pem.clone(),
                             env: base_env.clone(),
+                            shares: share_mounts.clone(),
+                            volumes: volume_mounts.clone(),
                         };
                         conn.send(Frame::json(Kind::Init, CONTROL_STREAM, &init))
                             .await
@@ -430,6 +528,7 @@ impl Sandbox {
         match res {
             Ok(kernel) => {
                 sb.kernel_release = kernel;
+                sb.drop_ram_file();
                 Ok(sb)
             }
             Err(Error::NotReady { secs, .. }) => {
@@ -443,6 +542,13 @@ impl Sandbox {
                 Err(sb.death_error().await)
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// QEMU keeps its mapping of the shared RAM file; the name only has to outlive its open.
+    fn drop_ram_file(&mut self) {
+        if let Some(f) = self.ram_file.take() {
+            let _ = std::fs::remove_file(f);
         }
     }
 
@@ -672,6 +778,7 @@ impl Sandbox {
 impl Drop for Sandbox {
     fn drop(&mut self) {
         self.vm.kill();
+        self.drop_ram_file();
         self.conn.fail("sandbox stopped".into());
         // state::StateDir removes the directory when dropped, after this.
     }

@@ -51,6 +51,32 @@ enum Cmd {
     /// Manage stored images.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Manage named volumes (persistent ext4 disks for `run -v NAME:/path`).
+    #[command(subcommand)]
+    Volume(VolumeCmd),
+}
+
+#[derive(Subcommand)]
+enum VolumeCmd {
+    /// Create an empty volume (sparse: it uses host disk only as it fills).
+    Create {
+        /// Volume name.
+        name: String,
+        /// Size in MB.
+        #[arg(long, value_name = "MB", default_value_t = airlock_sandbox::shares::DEFAULT_VOLUME_MIB)]
+        size: u64,
+    },
+    /// List volumes.
+    Ls {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a volume and its data (refused while a sandbox uses it).
+    Rm {
+        /// Volume name.
+        name: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -138,6 +164,16 @@ struct RunArgs {
     /// guest network policy. Repeatable.
     #[arg(short = 'p', long = "publish", value_name = "[ADDR:]HOST:GUEST", value_parser = parse_publish)]
     publish: Vec<Publish>,
+    /// Share a host directory or mount a volume: HOSTDIR:GUESTPATH (overlay: the guest may
+    /// write, the host tree stays untouched), HOSTDIR:GUESTPATH:rw (live), HOSTDIR:GUESTPATH:ro,
+    /// or VOLUME:GUESTPATH.
+    #[arg(short = 'v', long = "volume", value_name = "SRC:DEST[:MODE]")]
+    volumes: Vec<airlock_sandbox::Mount>,
+    /// File rule for shares, enforced on the host: 'deny|audit OPS GLOB', e.g.
+    /// 'deny write,create,remove /workspace/.git/hooks/**'. Denials and audited operations
+    /// are reported on stderr.
+    #[arg(long = "fs-rule", value_name = "RULE")]
+    fs_rules: Vec<airlock_sandbox::FsRule>,
     /// Extra guest kernel command-line word (diagnostics, e.g. `printk.time=1 loglevel=7`).
     #[arg(long = "kernel-arg", value_name = "ARG", hide = true)]
     kernel_args: Vec<String>,
@@ -191,6 +227,7 @@ fn main() {
                 .map(|rec| println!("{}\n{}", rec.reference, rec.manifest_digest)),
         ),
         Cmd::Run(a) => runtime().block_on(run(*a)),
+        Cmd::Volume(v) => done(volume(v)),
     };
     std::process::exit(code);
 }
@@ -316,6 +353,26 @@ async fn run(a: RunArgs) -> i32 {
             return EXIT_SANDBOX_FAILED;
         }
     };
+    let user = a.user.clone().or(image_user);
+    for m in &a.volumes {
+        match m {
+            airlock_sandbox::Mount::Share(s) => spec.shares.push(s.clone()),
+            airlock_sandbox::Mount::Volume(v) => spec.volumes.push(v.clone()),
+        }
+    }
+    spec.share_owner = share_owner(user.as_deref(), a.rootfs.as_deref());
+    spec.fs_rules = a.fs_rules.clone();
+    if !a.fs_rules.is_empty() {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<airlock_sandbox::FsEvent>(1024);
+        spec.fs_events = Some(tx);
+        tokio::spawn(async move {
+            while let Some(e) = rx.recv().await {
+                let verdict = if e.denied { "denied" } else { "audit" };
+                eprintln!("airlock: file rule: {verdict} {} {}", e.op, e.path);
+            }
+        });
+    }
+    let has_volumes = !spec.volumes.is_empty();
 
     // Signals that arrive while booting must not kill airlock before it can clean up.
     let mut signals = match term::Signals::new() {
@@ -361,16 +418,96 @@ async fn run(a: RunArgs) -> i32 {
     let mut spec = ExecSpec::new(argv);
     spec.env = env;
     spec.cwd = a.workdir.clone().or(image_cwd);
-    spec.user = a.user.clone().or(image_user);
+    spec.user = user;
     spec.tty = tty;
     spec.stdin = a.interactive;
     let code = run_command(&sb, spec, a.interactive, a.timeout, &mut signals).await;
     // The sandbox is thrown away with its writable layer, so there is nothing to flush:
-    // killing the VM (what dropping it does) is faster than a guest shutdown.
+    // killing the VM (what dropping it does) is faster than a guest shutdown. Volumes outlive
+    // it, so then the guest shuts down cleanly (disks synced).
     drop(forwards);
-    drop(sb);
+    if has_volumes {
+        let _ = sb.stop().await;
+    } else {
+        drop(sb);
+    }
     tracing::debug!(code, "sandbox removed");
     code
+}
+
+/// uid:gid that owns shared files inside: the command's user when numeric, or found in the
+/// `--rootfs` directory's /etc/passwd and /etc/group; otherwise root.
+fn share_owner(user: Option<&str>, rootfs: Option<&std::path::Path>) -> (u32, u32) {
+    let Some(user) = user.filter(|u| !u.is_empty()) else {
+        return (0, 0);
+    };
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let lookup = |file: &str, name: &str, field: usize| -> Option<(u32, Option<u32>)> {
+        let text = std::fs::read_to_string(rootfs?.join(file)).ok()?;
+        text.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.first() == Some(&name)).then(|| {
+                let id = f.get(field)?.parse().ok()?;
+                Some((id, f.get(3).and_then(|g| g.parse().ok())))
+            })?
+        })
+    };
+    let (uid, pgid) = match u.parse::<u32>() {
+        Ok(n) => (n, None),
+        Err(_) => match lookup("etc/passwd", u, 2) {
+            Some((n, g)) => (n, g),
+            None => {
+                tracing::warn!(
+                    "cannot resolve user {u} on the host: shared files appear owned by root"
+                );
+                return (0, 0);
+            }
+        },
+    };
+    let gid = match g {
+        Some(g) => g
+            .parse::<u32>()
+            .ok()
+            .or_else(|| lookup("etc/group", g, 2).map(|(n, _)| n))
+            .unwrap_or(uid),
+        None => pgid.unwrap_or(uid),
+    };
+    (uid, gid)
+}
+
+fn volume(cmd: VolumeCmd) -> Result<(), String> {
+    use airlock_sandbox::shares;
+    match cmd {
+        VolumeCmd::Create { name, size } => {
+            let v = shares::volume_create(&name, size).map_err(|e| e.to_string())?;
+            println!("{}", v.name);
+        }
+        VolumeCmd::Ls { json } => {
+            let list = shares::volume_list().map_err(|e| e.to_string())?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&list).map_err(|e| e.to_string())?
+                );
+            } else {
+                println!("{:<24} {:>10} {:>10} IN_USE", "NAME", "SIZE_MB", "USED_MB");
+                for v in list {
+                    println!(
+                        "{:<24} {:>10} {:>10} {}",
+                        v.name,
+                        v.size_mib,
+                        v.used_bytes >> 20,
+                        if v.in_use { "yes" } else { "no" }
+                    );
+                }
+            }
+        }
+        VolumeCmd::Rm { name } => shares::volume_remove(&name).map_err(|e| e.to_string())?,
+    }
+    Ok(())
 }
 
 type Root = (

@@ -1,0 +1,107 @@
+//! Builtins over overlay shares: what changed (`share-diff`) and copying out (`copy-out`).
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::fs::FileTypeExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use airlock_proto::{ShareChange, ShareMode};
+
+use crate::setup::{share_lower, share_upper, SHARES};
+
+/// Most entries a diff walks (bounds the work a huge upper layer can cause).
+const MAX_ENTRIES: usize = 1_000_000;
+
+fn emit(out: &mut File, kind: &str, path: &Path) -> Result<(), String> {
+    let c = ShareChange {
+        kind: kind.into(),
+        path: path.to_string_lossy().into_owned(),
+    };
+    let mut line = serde_json::to_vec(&c).map_err(|e| e.to_string())?;
+    line.push(b'\n');
+    out.write_all(&line).map_err(|e| format!("write: {e}"))
+}
+
+fn walk(
+    upper: &Path,
+    lower: &Path,
+    target: &Path,
+    out: &mut File,
+    budget: &mut usize,
+) -> Result<(), String> {
+    let rd = std::fs::read_dir(upper).map_err(|e| format!("{}: {e}", upper.display()))?;
+    let mut names: Vec<_> = rd.flatten().map(|e| e.file_name()).collect();
+    names.sort();
+    for n in names {
+        *budget = budget.checked_sub(1).ok_or("too many changes to list")?;
+        let (u, l, t) = (upper.join(&n), lower.join(&n), target.join(&n));
+        let Ok(m) = std::fs::symlink_metadata(&u) else {
+            continue;
+        };
+        let in_lower = std::fs::symlink_metadata(&l).ok();
+        if m.file_type().is_char_device() && m.rdev() == 0 {
+            emit(out, "deleted", &t)?;
+        } else if m.is_dir() {
+            match &in_lower {
+                Some(lm) if lm.is_dir() => {}
+                Some(_) => emit(out, "modified", &t)?,
+                None => emit(out, "added", &t)?,
+            }
+            walk(&u, &l, &t, out, budget)?;
+        } else {
+            emit(
+                out,
+                if in_lower.is_some() {
+                    "modified"
+                } else {
+                    "added"
+                },
+                &t,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// Lists the changes in every overlay share as JSON lines.
+pub fn diff(out: &mut File) -> Result<(), String> {
+    let shares = SHARES.lock().unwrap().clone();
+    let mut budget = MAX_ENTRIES;
+    for (i, s) in shares.iter().enumerate() {
+        if s.mode != ShareMode::Overlay {
+            continue;
+        }
+        let upper = share_upper(i);
+        walk(
+            Path::new(&upper),
+            Path::new(&share_lower(i)),
+            Path::new(&s.target),
+            out,
+            &mut budget,
+        )?;
+    }
+    Ok(())
+}
+
+/// Writes `path` (a file or a directory tree, symlinks kept as links) as a tar to `out`.
+pub fn copy_out(path: &str, out: &mut File) -> Result<(), String> {
+    let p = Path::new(path);
+    if !p.is_absolute() {
+        return Err(format!("{path}: give an absolute guest path"));
+    }
+    let m = std::fs::symlink_metadata(p).map_err(|e| format!("{path}: {e}"))?;
+    let name = p
+        .file_name()
+        .map(|n| n.to_os_string())
+        .unwrap_or_else(|| "root".into());
+    let mut b = tar::Builder::new(out);
+    b.follow_symlinks(false);
+    let r = if m.is_dir() {
+        b.append_dir_all(&name, p)
+    } else {
+        b.append_path_with_name(p, &name)
+    };
+    r.and_then(|_| b.finish())
+        .map_err(|e| format!("{path}: {e}"))
+}
