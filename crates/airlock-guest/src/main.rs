@@ -8,6 +8,7 @@
 //! exec. That keeps PID 1's duties (reaping every orphan) simple and explicit.
 
 mod exec;
+mod files;
 mod setup;
 mod user;
 
@@ -140,6 +141,7 @@ fn read_loop(mut port: File, tx: &Tx, execs: &Arc<exec::Registry>) -> Result<(),
                     log(&format!("ignoring {:?} on the control stream", frame.kind));
                 }
                 (Kind::Exec, s) => execs.start(s, &frame, &hostname),
+                (Kind::FileOp, s) => files::start(execs, s, &frame),
                 (_, s) => execs.handle(s, frame),
             }
         }

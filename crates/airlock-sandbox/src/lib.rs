@@ -17,6 +17,7 @@
 pub mod assets;
 mod clock;
 mod conn;
+mod files;
 pub mod imagefs;
 pub mod network;
 pub mod rootfs;
@@ -36,8 +37,9 @@ use tokio::sync::mpsc;
 
 pub use airlock_proto::{ExecError, ExitStatus, WinSize};
 pub use conn::ExecEvent;
-pub use rootfs::RootfsSource;
+pub use files::{FileInfo, READ_FILE_MAX};
 pub use network::{NetworkSpec, SecretSpec};
+pub use rootfs::RootfsSource;
 
 /// Errors of the sandbox API. Each says what happened and, where it can, what to do.
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +83,9 @@ pub enum Error {
     /// The command could not be started in the guest.
     #[error("{}", .0.message)]
     Exec(ExecError),
+    /// A file operation failed in the guest (the message names the path).
+    #[error("{}", .0.message)]
+    File(ExecError),
     /// Host I/O.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -512,6 +517,13 @@ impl Sandbox {
                 Err(_) => return Err(self.death_error().await),
             }
         }
+    }
+
+    /// Kills the VM now, from a shared reference (for a sandbox other tasks still hold);
+    /// everything waiting on it fails. Dropping the last owner removes the state.
+    pub fn kill(&self) {
+        self.vm.kill();
+        self.conn.fail("sandbox killed".into());
     }
 
     /// Why the sandbox can no longer run commands, if it cannot.
