@@ -64,25 +64,17 @@ impl Sandbox {
         })
     }
 
-    /// Waits for the end of a file operation, handing data to `on_data`.
-    async fn file_result(
-        &self,
-        exec: &mut Exec,
-        mut on_data: impl AsyncFnMut(Vec<u8>) -> Result<(), Error>,
-    ) -> Result<(), Error> {
-        loop {
-            match exec.next().await {
-                Ok(Some(ExecEvent::Stdout(b))) => on_data(b).await?,
-                Ok(Some(ExecEvent::Exit(s))) if s.code == Some(0) => return Ok(()),
-                Ok(Some(ExecEvent::Failed(e))) => return Err(Error::File(e)),
-                Ok(Some(other)) => {
-                    return Err(Error::Protocol(format!(
-                        "guest sent {other:?} on a file stream"
-                    )))
-                }
-                Ok(None) => return Err(Error::Protocol("file operation ended early".into())),
-                Err(_) => return Err(self.death_error().await),
-            }
+    /// The next data chunk of a file operation; `None` once it succeeded.
+    async fn file_next(&self, exec: &mut Exec) -> Result<Option<Vec<u8>>, Error> {
+        match exec.next().await {
+            Ok(Some(ExecEvent::Stdout(b))) => Ok(Some(b)),
+            Ok(Some(ExecEvent::Exit(s))) if s.code == Some(0) => Ok(None),
+            Ok(Some(ExecEvent::Failed(e))) => Err(Error::File(e)),
+            Ok(Some(other)) => Err(Error::Protocol(format!(
+                "guest sent {other:?} on a file stream"
+            ))),
+            Ok(None) => Err(Error::Protocol("file operation ended early".into())),
+            Err(_) => Err(self.death_error().await),
         }
     }
 
@@ -133,8 +125,10 @@ impl Sandbox {
         loop {
             tokio::select! {
                 r = &mut pump, if sent.is_none() => sent = Some(r?),
-                r = self.file_result(&mut exec, async |_| Ok(())) => {
-                    r?;
+                r = self.file_next(&mut exec) => {
+                    if r?.is_some() {
+                        return Err(Error::Protocol("guest sent data on a write".into()));
+                    }
                     return sent.ok_or_else(|| Error::Protocol("guest finished a write before its end".into()));
                 }
             }
@@ -195,12 +189,10 @@ impl Sandbox {
             })
             .await?;
         let mut total = 0u64;
-        self.file_result(&mut exec, async |b: Vec<u8>| {
+        while let Some(b) = self.file_next(&mut exec).await? {
             total += b.len() as u64;
             w.write_all(&b).await?;
-            Ok(())
-        })
-        .await?;
+        }
         w.flush().await?;
         Ok(total)
     }
@@ -219,7 +211,7 @@ impl Sandbox {
             .await?;
         let mut partial: Vec<u8> = Vec::new();
         let mut files = Vec::new();
-        self.file_result(&mut exec, async |b: Vec<u8>| {
+        while let Some(b) = self.file_next(&mut exec).await? {
             partial.extend_from_slice(&b);
             while let Some(nl) = partial.iter().position(|c| *c == b'\n') {
                 let line: Vec<u8> = partial.drain(..=nl).collect();
@@ -240,9 +232,7 @@ impl Sandbox {
             if partial.len() > LIST_MAX_LINE {
                 return Err(Error::Protocol("listing line from guest too long".into()));
             }
-            Ok(())
-        })
-        .await?;
+        }
         if !partial.is_empty() {
             return Err(Error::Protocol("listing ends mid-line".into()));
         }

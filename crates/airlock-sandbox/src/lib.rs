@@ -712,6 +712,11 @@ pub fn images_in_use() -> std::collections::HashMap<String, Vec<String>> {
     state::images_in_use()
 }
 
+/// Removes the state (writable disk, console log) of sandboxes whose owning process died.
+pub fn prune_state() {
+    state::sweep(&state::runtime_dir());
+}
+
 /// Paths Airlock uses on this host, for diagnostics.
 pub fn paths() -> Vec<(&'static str, PathBuf)> {
     vec![

@@ -4,8 +4,10 @@
 //! killed it; 124 when `--timeout` expired; 125 when the sandbox itself failed; 126 when the
 //! command cannot be executed; 127 when it was not found.
 
+mod detach;
 mod doctor;
 mod image;
+mod launch;
 mod term;
 
 use std::io::Write;
@@ -50,6 +52,129 @@ enum Cmd {
     /// Manage stored images.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Run a command in a running sandbox (started with `run -d`).
+    Exec(ExecArgs),
+    /// List sandboxes started with `run -d`.
+    Ls {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Also stopped and dead sandboxes.
+        #[arg(short = 'a', long)]
+        all: bool,
+    },
+    /// Show a sandbox's settings and state (secret names and hosts, never values).
+    Inspect {
+        /// Sandbox id (or a unique prefix).
+        id: String,
+    },
+    /// Print the output of a detached sandbox's command.
+    Logs {
+        /// Keep printing until the sandbox stops.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Sandbox id.
+        id: String,
+    },
+    /// Stop a running sandbox (its record stays until rm or prune).
+    Kill {
+        /// Sandbox id.
+        id: String,
+    },
+    /// Remove stopped sandboxes.
+    Rm {
+        /// Stop running ones first.
+        #[arg(short = 'f', long)]
+        force: bool,
+        /// Sandbox ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Remove every stopped or dead sandbox.
+    Prune,
+    /// Forward host ports to guest ports for the sandbox's lifetime.
+    PortForward {
+        /// Sandbox id.
+        id: String,
+        /// `[ADDR:]HOST_PORT:GUEST_PORT` (ADDR default 127.0.0.1; HOST_PORT 0 picks one).
+        #[arg(required = true, value_name = "[ADDR:]HOST:GUEST")]
+        specs: Vec<String>,
+    },
+    /// Change a running sandbox's network allow-list.
+    #[command(subcommand)]
+    AllowList(AllowListCmd),
+    /// JSON-RPC 2.0 over stdio, newline-delimited (matchlock-compatible API).
+    Rpc,
+    /// Internal: the supervisor of a detached sandbox.
+    #[command(name = "__supervise", hide = true)]
+    Supervise,
+}
+
+#[derive(Subcommand)]
+enum AllowListCmd {
+    /// Allow more hosts.
+    Add {
+        /// Sandbox id.
+        id: String,
+        /// Allow rules (`host`, `*.domain`, `host:port`, IP, CIDR).
+        #[arg(required = true)]
+        hosts: Vec<String>,
+    },
+    /// Remove allow rules.
+    Rm {
+        /// Sandbox id.
+        id: String,
+        /// Rules to remove.
+        #[arg(required = true)]
+        hosts: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+struct ExecArgs {
+    /// Keep stdin open and forward it.
+    #[arg(short = 'i', long = "interactive")]
+    interactive: bool,
+    /// Allocate a terminal.
+    #[arg(short = 't', long = "tty")]
+    tty: bool,
+    /// Working directory.
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    workdir: Option<String>,
+    /// User: name, uid, name:group or uid:gid.
+    #[arg(short = 'u', long = "user")]
+    user: Option<String>,
+    /// Environment variable K=V (or K from this environment).
+    #[arg(short = 'e', long = "env", value_name = "K=V")]
+    env: Vec<String>,
+    /// Sandbox id (or a unique prefix).
+    id: String,
+    /// Command and arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    cmd: Vec<String>,
+}
+
+/// Network flags of `run -d`.
+#[derive(Args, Default)]
+struct NetArgs {
+    /// Allow outbound connections to HOST (`host`, `*.domain`, `host:port`, IP, CIDR).
+    #[arg(long = "allow-host", value_name = "HOST")]
+    allow_host: Vec<String>,
+    /// Pin NAME to IP (`NAME:IP`).
+    #[arg(long = "add-host", value_name = "NAME:IP")]
+    add_host: Vec<String>,
+    /// Let names resolve into this private range.
+    #[arg(long = "allow-private", value_name = "CIDR")]
+    allow_private: Vec<String>,
+    /// Secret `NAME[=VALUE]@HOST[,HOST...]` (no =VALUE: taken from $NAME, out of `ps`).
+    #[arg(long = "secret", value_name = "NAME@HOSTS")]
+    secret: Vec<String>,
+    /// No network interface at all.
+    #[arg(long = "no-network")]
+    no_network: bool,
+    /// Share a host directory: `HOST:GUEST[:ro]`.
+    #[arg(short = 'v', long = "volume", value_name = "HOST:GUEST")]
+    volume: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -135,7 +260,13 @@ struct RunArgs {
     /// Extra guest kernel command-line word (diagnostics, e.g. `printk.time=1 loglevel=7`).
     #[arg(long = "kernel-arg", value_name = "ARG", hide = true)]
     kernel_args: Vec<String>,
-    /// Command and arguments (default with --image: the image's Entrypoint and Cmd).
+    /// Start in the background: print the sandbox id and return (see exec, ls, kill).
+    #[arg(short = 'd', long = "detach", conflicts_with_all = ["interactive", "tty", "timeout"])]
+    detach: bool,
+    #[command(flatten)]
+    net: NetArgs,
+    /// Command and arguments (default with --image: the image's Entrypoint and Cmd; with -d:
+    /// none, the sandbox idles until killed).
     #[arg(last = true, value_name = "CMD")]
     cmd: Vec<String>,
 }
@@ -182,7 +313,46 @@ fn main() {
             image::import(&tag, file.as_deref())
                 .map(|rec| println!("{}\n{}", rec.reference, rec.manifest_digest)),
         ),
+        Cmd::Run(a) if a.detach => match detach_request(*a) {
+            Ok(req) => detach::run_detached(req),
+            Err(e) => {
+                eprintln!("airlock: {e}");
+                EXIT_SANDBOX_FAILED
+            }
+        },
         Cmd::Run(a) => runtime().block_on(run(*a)),
+        Cmd::Exec(a) => match parse_env(&a.env) {
+            Ok(env) => runtime().block_on(detach::exec(detach::ExecOpts {
+                id: a.id,
+                interactive: a.interactive,
+                tty: a.tty,
+                workdir: a.workdir,
+                user: a.user,
+                env,
+                cmd: a.cmd,
+            })),
+            Err(e) => {
+                eprintln!("airlock: {e}");
+                EXIT_SANDBOX_FAILED
+            }
+        },
+        Cmd::Ls { json, all } => done(detach::ls(json, all)),
+        Cmd::Inspect { id } => done(runtime().block_on(detach::inspect(&id))),
+        Cmd::Logs { follow, id } => done(runtime().block_on(detach::logs(&id, follow))),
+        Cmd::Kill { id } => done(runtime().block_on(detach::kill(&id))),
+        Cmd::Rm { force, ids } => done(runtime().block_on(detach::rm(&ids, force))),
+        Cmd::Prune => done(detach::prune()),
+        Cmd::PortForward { id, specs } => {
+            done(runtime().block_on(detach::port_forward(&id, &specs)))
+        }
+        Cmd::AllowList(AllowListCmd::Add { id, hosts }) => {
+            done(runtime().block_on(detach::allow_list(&id, true, &hosts)))
+        }
+        Cmd::AllowList(AllowListCmd::Rm { id, hosts }) => {
+            done(runtime().block_on(detach::allow_list(&id, false, &hosts)))
+        }
+        Cmd::Rpc => runtime().block_on(launch::rpc()),
+        Cmd::Supervise => runtime().block_on(detach::supervise()),
     };
     std::process::exit(code);
 }
@@ -263,6 +433,99 @@ async fn run(a: RunArgs) -> i32 {
     drop(sb);
     tracing::debug!(code, "sandbox removed");
     code
+}
+
+/// What `run -d` hands its supervisor (the image is pulled here, with progress on this terminal).
+fn detach_request(a: RunArgs) -> Result<detach::SuperviseRequest, String> {
+    let env = parse_env(&a.env)?;
+    let n = &a.net;
+    let mut add_hosts = Vec::new();
+    for h in &n.add_host {
+        let (name, ip) = h
+            .split_once(':')
+            .ok_or_else(|| format!("--add-host {h:?}: expected NAME:IP"))?;
+        add_hosts.push((name.to_string(), ip.to_string()));
+    }
+    let secrets = n
+        .secret
+        .iter()
+        .map(|s| launch::parse_secret(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let launch = launch::Launch {
+        image: a.image.clone(),
+        rootfs: a.rootfs.clone(),
+        platform: Some(a.platform.clone()),
+        insecure_registry: a.insecure_registry.clone(),
+        cpus: a.cpus,
+        memory_mib: a.memory,
+        disk_mib: a.disk_size,
+        accel: a.accel.map(|x| x.to_string()),
+        hostname: a.hostname.clone(),
+        kernel_args: a.kernel_args.clone(),
+        net: launch::Net {
+            disabled: n.no_network,
+            allow_hosts: n.allow_host.clone(),
+            add_hosts,
+            allow_private: n.allow_private.clone(),
+            secrets,
+        },
+        mounts: n.volume.clone(),
+    };
+    let (mut image_env, mut cwd, mut user) = (Vec::new(), None, None);
+    if let Some(name) = &a.image {
+        // Pull now, in the foreground; the supervisor then finds it in the store.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let (_, _, e, c, u) = rt.block_on(resolve_root(&RunArgs {
+            cmd: vec!["true".into()],
+            ..a.clone_for_resolve()
+        }))?;
+        (image_env, cwd, user) = (e, c, u);
+        let _ = name;
+    }
+    let env: Vec<(String, String)> = image_env.into_iter().chain(env).collect();
+    Ok(detach::SuperviseRequest {
+        launch,
+        cmd: a.cmd.clone(),
+        env,
+        workdir: a.workdir.clone().or(cwd),
+        user: a.user.clone().or(user),
+        source: a
+            .image
+            .clone()
+            .or_else(|| a.rootfs.as_ref().map(|p| p.display().to_string()))
+            .unwrap_or_default(),
+    })
+}
+
+impl RunArgs {
+    /// The fields `resolve_root` reads.
+    fn clone_for_resolve(&self) -> RunArgs {
+        RunArgs {
+            image: self.image.clone(),
+            rootfs: self.rootfs.clone(),
+            entrypoint: self.entrypoint.clone(),
+            platform: self.platform.clone(),
+            insecure_registry: self.insecure_registry.clone(),
+            env: Vec::new(),
+            workdir: None,
+            user: None,
+            interactive: false,
+            tty: false,
+            cpus: self.cpus,
+            memory: self.memory,
+            disk_size: self.disk_size,
+            timeout: None,
+            accel: self.accel,
+            hostname: None,
+            kernel_args: Vec::new(),
+            detach: true,
+            net: NetArgs::default(),
+            cmd: Vec::new(),
+        }
+    }
 }
 
 type Root = (
