@@ -314,7 +314,10 @@ impl Conn {
                 if let Some(k) = k {
                     self.tasks.lock().unwrap().insert(k, task.abort_handle());
                     if task.is_finished() {
-                        self.tasks.lock().unwrap().remove(&key(id.as_ref().unwrap()));
+                        self.tasks
+                            .lock()
+                            .unwrap()
+                            .remove(&key(id.as_ref().unwrap()));
                     }
                 }
                 true
@@ -326,7 +329,8 @@ impl Conn {
         let p = &req.params;
         match req.method.as_str() {
             "exec" | "exec_stream" | "exec_pipe" | "exec_tty" => {
-                self.exec(&req.method, req.id.clone(), wire::params(p)?).await
+                self.exec(&req.method, req.id.clone(), wire::params(p)?)
+                    .await
             }
             "write_file" => {
                 let p: wire::WriteFileParams = wire::params(p)?;
@@ -541,7 +545,8 @@ impl Conn {
         let sb = self.shared.need_sandbox()?;
         let mut spec = ExecSpec::new(argv);
         spec.env = self.shared.default_env.lock().unwrap().clone();
-        spec.env.extend(p.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+        spec.env
+            .extend(p.env.iter().map(|(k, v)| (k.clone(), v.clone())));
         spec.cwd = p.working_dir.clone().filter(|w| !w.is_empty());
         spec.user = p.user.clone().filter(|u| !u.is_empty());
         let interactive = method == "exec_pipe" || method == "exec_tty";
@@ -557,10 +562,7 @@ impl Conn {
             });
         }
         let started = Instant::now();
-        let mut exec = sb
-            .exec(spec)
-            .await
-            .map_err(|e| sb_error(EXEC_FAILED, e))?;
+        let mut exec = sb.exec(spec).await.map_err(|e| sb_error(EXEC_FAILED, e))?;
         let input = exec.input();
         let mut rx = None;
         if interactive {
@@ -569,8 +571,13 @@ impl Conn {
                 self.inputs.lock().unwrap().insert(key(id), tx);
             }
             rx = Some(r);
-            let prefix = if method == "exec_tty" { "exec_tty" } else { "exec_pipe" };
-            self.notify(&format!("{prefix}.ready"), json!({"id": id})).await;
+            let prefix = if method == "exec_tty" {
+                "exec_tty"
+            } else {
+                "exec_pipe"
+            };
+            self.notify(&format!("{prefix}.ready"), json!({"id": id}))
+                .await;
         } else if let Some(data) = stdin_data {
             let input = input.clone();
             tokio::spawn(async move {
@@ -705,7 +712,11 @@ mod tests {
         let mut lines = tokio::io::BufReader::new(cr).lines();
         let mut out = Vec::new();
         while out.len() < n {
-            let l = lines.next_line().await.unwrap().expect("server ended early");
+            let l = lines
+                .next_line()
+                .await
+                .unwrap()
+                .expect("server ended early");
             out.push(serde_json::from_str(&l).unwrap());
         }
         let mut cw = w.await.unwrap();

@@ -71,8 +71,12 @@ pub struct Request {
 
 /// Parses one line. An `Err` carries the id to answer (`null` if unknown) and the error.
 pub fn parse_request(line: &[u8]) -> Result<Request, (Value, RpcError)> {
-    let v: Value = serde_json::from_slice(line)
-        .map_err(|e| (Value::Null, RpcError::new(PARSE_ERROR, format!("Parse error: {e}"))))?;
+    let v: Value = serde_json::from_slice(line).map_err(|e| {
+        (
+            Value::Null,
+            RpcError::new(PARSE_ERROR, format!("Parse error: {e}")),
+        )
+    })?;
     let Value::Object(mut obj) = v else {
         let what = if v.is_array() {
             "batch requests are not supported"
@@ -112,10 +116,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, (Value, RpcError)> {
     };
     let params = obj.remove("params").unwrap_or(Value::Null);
     if !(params.is_object() || params.is_null()) {
-        return Err((
-            id_for_err,
-            RpcError::params("params must be an object"),
-        ));
+        return Err((id_for_err, RpcError::params("params must be an object")));
     }
     Ok(Request { id, method, params })
 }
@@ -158,10 +159,7 @@ pub enum Line {
 }
 
 /// Reads one line of at most `max` bytes; a longer one is consumed without being stored.
-pub async fn read_line<R: AsyncBufRead + Unpin>(
-    r: &mut R,
-    max: usize,
-) -> std::io::Result<Line> {
+pub async fn read_line<R: AsyncBufRead + Unpin>(r: &mut R, max: usize) -> std::io::Result<Line> {
     let mut out = Vec::new();
     let mut too_long = false;
     loop {
@@ -190,7 +188,11 @@ pub async fn read_line<R: AsyncBufRead + Unpin>(
         let used = done.unwrap_or(buf.len());
         r.consume(used);
         if done.is_some() {
-            return Ok(if too_long { Line::TooLong } else { Line::Line(out) });
+            return Ok(if too_long {
+                Line::TooLong
+            } else {
+                Line::Line(out)
+            });
         }
     }
 }
@@ -540,11 +542,14 @@ mod tests {
         );
         let r = parse_request(br#"{"jsonrpc":"2.0","id":7,"method":"nope"}"#).unwrap();
         assert_eq!(validate(&r).unwrap_err().code, METHOD_NOT_FOUND);
-        let r = parse_request(br#"{"jsonrpc":"2.0","id":7,"method":"write_file","params":{"path":3}}"#)
-            .unwrap();
+        let r =
+            parse_request(br#"{"jsonrpc":"2.0","id":7,"method":"write_file","params":{"path":3}}"#)
+                .unwrap();
         assert_eq!(validate(&r).unwrap_err().code, INVALID_PARAMS);
-        let r = parse_request(br#"{"jsonrpc":"2.0","id":7,"method":"exec","params":{"command":"true"}}"#)
-            .unwrap();
+        let r = parse_request(
+            br#"{"jsonrpc":"2.0","id":7,"method":"exec","params":{"command":"true"}}"#,
+        )
+        .unwrap();
         validate(&r).unwrap();
     }
 
@@ -553,7 +558,10 @@ mod tests {
         let data = format!("{}\nok\n{}", "x".repeat(1000), "tail");
         let mut r = tokio::io::BufReader::with_capacity(16, data.as_bytes());
         assert_eq!(read_line(&mut r, 100).await.unwrap(), Line::TooLong);
-        assert_eq!(read_line(&mut r, 100).await.unwrap(), Line::Line(b"ok".to_vec()));
+        assert_eq!(
+            read_line(&mut r, 100).await.unwrap(),
+            Line::Line(b"ok".to_vec())
+        );
         assert_eq!(
             read_line(&mut r, 100).await.unwrap(),
             Line::Line(b"tail".to_vec())

@@ -155,13 +155,14 @@ fn find(id: &str) -> Result<PathBuf, String> {
     match matches.len() {
         1 => Ok(matches.into_iter().next().unwrap()),
         0 => Err(format!("no sandbox {id} (see airlock ls -a)")),
-        _ => Err(format!("{id} matches several sandboxes: give more of the id")),
+        _ => Err(format!(
+            "{id} matches several sandboxes: give more of the id"
+        )),
     }
 }
 
 fn read_meta(dir: &Path) -> Result<Meta, String> {
-    let b = std::fs::read(dir.join("meta.json"))
-        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    let b = std::fs::read(dir.join("meta.json")).map_err(|e| format!("{}: {e}", dir.display()))?;
     serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", dir.display()))
 }
 
@@ -187,6 +188,18 @@ fn start_supervisor(req: &SuperviseRequest) -> Result<String, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find own binary: {e}"))?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("__supervise")
+        // Only what Airlock reads: a secret passed as $NAME must not live on in its environ.
+        .env_clear()
+        .envs(std::env::vars_os().filter(|(k, v)| {
+            let k = k.to_string_lossy();
+            let secret = req.launch.net.secrets.iter().any(|s| {
+                s.name == k || (!s.value.is_empty() && v.to_string_lossy().contains(&s.value))
+            });
+            !secret
+                && (k.starts_with("AIRLOCK_")
+                    || k.starts_with("XDG_")
+                    || ["HOME", "PATH", "USER", "TMPDIR", "LANG"].contains(&k.as_ref()))
+        }))
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null());
@@ -222,7 +235,10 @@ fn start_supervisor(req: &SuperviseRequest) -> Result<String, String> {
         return Ok(id.to_string());
     }
     let _ = child.wait();
-    Err(v["error"].as_str().unwrap_or("supervisor failed").to_string())
+    Err(v["error"]
+        .as_str()
+        .unwrap_or("supervisor failed")
+        .to_string())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -353,8 +369,7 @@ pub async fn supervise() -> i32 {
     unsafe { libc::close(1) };
 
     let mut shutdown = shared.shutdown_watch();
-    let mut term =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
     let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     let reason = loop {
@@ -413,7 +428,9 @@ async fn run_main(sb: Arc<Sandbox>, spec: ExecSpec, log: PathBuf) {
                 break s.code.unwrap_or(128 + s.signal.unwrap_or(0));
             }
             Ok(Some(ExecEvent::Failed(e))) => {
-                let _ = f.write_all(format!("airlock: {}\n", e.message).as_bytes()).await;
+                let _ = f
+                    .write_all(format!("airlock: {}\n", e.message).as_bytes())
+                    .await;
                 break 127;
             }
             Ok(None) | Err(_) => return,
@@ -560,8 +577,11 @@ async fn exec_inner(o: ExecOpts) -> Result<i32, String> {
         .tty
         .then(crate::term::local_size)
         .map(|s| s.unwrap_or(airlock_sandbox::WinSize { rows: 24, cols: 80 }));
-    let env: serde_json::Map<String, Value> =
-        o.env.into_iter().map(|(k, v)| (k, Value::String(v))).collect();
+    let env: serde_json::Map<String, Value> = o
+        .env
+        .into_iter()
+        .map(|(k, v)| (k, Value::String(v)))
+        .collect();
     let mut params = json!({"argv": o.cmd, "env": env});
     if let Some(w) = &o.workdir {
         params["working_dir"] = json!(w);
@@ -693,7 +713,10 @@ pub fn ls(json_out: bool, all: bool) -> Result<(), String> {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return Ok(());
     }
-    println!("{:<14} {:<8} {:<28} {:<10} COMMAND", "ID", "STATUS", "IMAGE", "CREATED");
+    println!(
+        "{:<14} {:<8} {:<28} {:<10} COMMAND",
+        "ID", "STATUS", "IMAGE", "CREATED"
+    );
     for (_, m, s) in rows {
         let age = now().saturating_sub(m.created);
         let age = if age < 120 {
@@ -805,7 +828,9 @@ pub async fn rm(ids: &[String], force: bool) -> Result<(), String> {
             let dir = find(id)?;
             if status(&dir) == Status::Running {
                 if !force {
-                    return Err(format!("sandbox {id} is running: airlock kill it first, or rm -f"));
+                    return Err(format!(
+                        "sandbox {id} is running: airlock kill it first, or rm -f"
+                    ));
                 }
                 kill(id).await?;
             }
@@ -898,7 +923,11 @@ pub async fn port_forward(id: &str, specs: &[String]) -> Result<(), String> {
 /// `airlock allow-list add|rm`.
 pub async fn allow_list(id: &str, add: bool, hosts: &[String]) -> Result<(), String> {
     let (mut c, _) = Client::connect(id).await?;
-    let m = if add { "allow_list_add" } else { "allow_list_delete" };
+    let m = if add {
+        "allow_list_add"
+    } else {
+        "allow_list_delete"
+    };
     c.call(m, json!({"hosts": hosts})).await.map(drop)
 }
 

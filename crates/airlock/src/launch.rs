@@ -81,15 +81,17 @@ pub struct Secret {
 /// Parses `--secret NAME[=VALUE]@HOST[,HOST...]`; without `=VALUE` the value comes from this
 /// process's environment variable NAME (keeps it out of `ps`).
 pub fn parse_secret(s: &str) -> Result<Secret, String> {
-    let (lhs, hosts) = s
-        .rsplit_once('@')
-        .ok_or_else(|| format!("--secret {:?}: expected NAME[=VALUE]@HOST[,HOST...]", redact(s)))?;
+    let (lhs, hosts) = s.rsplit_once('@').ok_or_else(|| {
+        format!(
+            "--secret {:?}: expected NAME[=VALUE]@HOST[,HOST...]",
+            redact(s)
+        )
+    })?;
     let (name, value) = match lhs.split_once('=') {
         Some((n, v)) => (n.to_string(), v.to_string()),
         None => {
-            let v = std::env::var(lhs).map_err(|_| {
-                format!("--secret {lhs}@…: no value given and ${lhs} is not set")
-            })?;
+            let v = std::env::var(lhs)
+                .map_err(|_| format!("--secret {lhs}@…: no value given and ${lhs} is not set"))?;
             (lhs.to_string(), v)
         }
     };
@@ -136,12 +138,8 @@ impl Launch {
                 let (store, rec) = match crate::image::resolve(name)? {
                     Some(f) => f,
                     None => {
-                        crate::image::pull(
-                            name,
-                            self.platform.as_deref(),
-                            &self.insecure_registry,
-                        )
-                        .await?;
+                        crate::image::pull(name, self.platform.as_deref(), &self.insecure_registry)
+                            .await?;
                         crate::image::resolve(name)?
                             .ok_or_else(|| format!("{name}: not in the store after pulling"))?
                     }
@@ -197,7 +195,9 @@ impl Launch {
         if p.network.as_ref().is_some_and(|n| n.interception.is_some())
             || p.vfs.as_ref().is_some_and(|v| v.interception.is_some())
         {
-            return Err(bad("network and VFS interception hooks are not supported by Airlock"));
+            return Err(bad(
+                "network and VFS interception hooks are not supported by Airlock",
+            ));
         }
         let cpus = match p.resources.cpus {
             Some(c) if !(c > 0.0 && c <= 64.0) => return Err(bad("cpus must be in (0, 64]")),
@@ -233,7 +233,9 @@ impl Launch {
                 allow_hosts: net.allowed_hosts,
                 add_hosts: net.add_hosts.into_iter().map(|h| (h.host, h.ip)).collect(),
                 // block_private_ips=false opens every private range, as matchlock.
-                allow_private: if net.block_private_ips == Some(false) && net.allow_private.is_empty() {
+                allow_private: if net.block_private_ips == Some(false)
+                    && net.allow_private.is_empty()
+                {
                     vec!["0.0.0.0/0".into(), "::/0".into()]
                 } else {
                     net.allow_private
