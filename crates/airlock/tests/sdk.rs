@@ -54,3 +54,10 @@ fn matchlock_python_sdk_drives_airlock_rpc() {
     c.arg("sdk/tests/matchlock_compat.py");
     run_suite(c, "matchlock SDK suite");
 }
+
+#[test]
+fn python_sdk_sync_async_and_attach() {
+    let mut c = Command::new("python3");
+    c.arg("sdk/python/tests/test_sdk.py");
+    run_suite(c, "Python SDK suite");
+}
