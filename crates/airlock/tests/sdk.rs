@@ -61,3 +61,14 @@ fn python_sdk_sync_async_and_attach() {
     c.arg("sdk/python/tests/test_sdk.py");
     run_suite(c, "Python SDK suite");
 }
+
+#[test]
+fn typescript_sdk() {
+    let mut c = Command::new("node");
+    c.args(["--test", "sdk/typescript/test/"]);
+    assert!(
+        repo().join("sdk/typescript/dist/index.js").exists(),
+        "TypeScript SDK not built: run scripts/setup (npm install && npm run build in sdk/typescript)"
+    );
+    run_suite(c, "TypeScript SDK suite");
+}
