@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 
 // The registry and image-building helpers the image tests use: a real docker-registry on
 // loopback and a busybox image made with umoci.
+mod api;
+
 #[path = "../../airlock-image/tests/common/mod.rs"]
 mod common;
 use std::process::Stdio;
@@ -36,13 +38,16 @@ const USAGE: &str =
   --iterations N  boots of each kind (default 7)
   --execs N       exec round trips (default 200)
   --rootfs DIR    root filesystem for airlock (default: the one scripts/mkrootfs-busybox builds)
-  --write-docs    also rewrite docs/benchmarks.md";
+  --write-docs    also rewrite docs/benchmarks.md
+  --only-api      only the exec round trip by API (Rust API, airlock rpc, CLI)";
 
 struct Opts {
     iterations: usize,
     execs: usize,
     rootfs: Option<PathBuf>,
     write_docs: bool,
+    /// Only the exec-by-API comparison (`api.rs`).
+    only_api: bool,
 }
 
 fn parse_args() -> Result<Option<Opts>> {
@@ -51,6 +56,7 @@ fn parse_args() -> Result<Option<Opts>> {
         execs: 200,
         rootfs: None,
         write_docs: false,
+        only_api: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -65,6 +71,7 @@ fn parse_args() -> Result<Option<Opts>> {
             "--execs" => o.execs = value("--execs")?.parse().context("--execs")?,
             "--rootfs" => o.rootfs = Some(value("--rootfs")?.into()),
             "--write-docs" => o.write_docs = true,
+            "--only-api" => o.only_api = true,
             "-h" | "--help" => return Ok(None),
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
@@ -626,6 +633,10 @@ async fn main() -> Result<()> {
     let accel = airlock_backend::detect_accel(airlock_sandbox::accel_from_env()?);
     let qemu = Qemu::default().version().map_err(anyhow::Error::msg)?;
     eprintln!("accelerator: {} ({}); {qemu}", accel.accel, accel.reason);
+    if o.only_api {
+        println!("\n{}", api::bench_api(o.execs, &rootfs).await?);
+        return Ok(());
+    }
 
     let boot = bench_boot(&o, accel.accel, &rootfs).await?;
     eprintln!("exec round trips: {}", o.execs);
