@@ -7,7 +7,6 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-
 use airlock_sandbox::{ExecSpec, RootfsSource, Sandbox, SandboxSpec};
 use anyhow::{bail, Context, Result};
 
@@ -88,7 +87,6 @@ pub async fn bench_api(n: usize, rootfs: &Path) -> Result<String> {
     }
     .await;
     let _ = call("close", serde_json::json!({}));
-    drop(call);
     drop(stdin);
     let _ = child.wait();
     let _ = Command::new(&bin)
@@ -112,6 +110,9 @@ pub async fn bench_api(n: usize, rootfs: &Path) -> Result<String> {
          | | p50 | p90 | p50 ÷ Rust API |\n|---|---:|---:|---:|\n{}{}{}",
         row("in-process Rust API (`Sandbox::output`)", &api),
         row("`airlock rpc` (JSON-RPC `exec` over stdio)", &rpc),
-        row("CLI `airlock exec ID -- true` (new process + supervisor socket)", &cli),
+        row(
+            "CLI `airlock exec ID -- true` (new process + supervisor socket)",
+            &cli
+        ),
     ))
 }

@@ -43,8 +43,12 @@ fn run_suite(mut c: Command, what: &str) {
         .unwrap()
         .flatten()
         .map(|e| e.file_name())
-        .filter(|n| n != "tsc_khz")
+        .filter(|n| n != "tsc_khz" && n != "sandboxes")
         .collect();
+    let records = std::fs::read_dir(rt.path().join("sandboxes"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(records, 0, "{what} left sandbox records");
     assert!(sandboxes.is_empty(), "{what} left sandboxes: {sandboxes:?}");
 }
 
