@@ -52,6 +52,8 @@ pub struct Shared {
     launcher: Option<Arc<dyn Launcher>>,
     /// Environment every command gets (from `create`).
     default_env: Mutex<Vec<(String, String)>>,
+    /// Working directory and user of commands that name none (an image's defaults).
+    defaults: Mutex<(Option<String>, Option<String>)>,
     shutdown: watch::Sender<bool>,
 }
 
@@ -63,6 +65,7 @@ impl Shared {
             sandbox: Mutex::new(None),
             launcher: Some(launcher),
             default_env: Mutex::new(Vec::new()),
+            defaults: Mutex::new((None, None)),
             shutdown: watch::channel(false).0,
         })
     }
@@ -74,6 +77,7 @@ impl Shared {
             sandbox: Mutex::new(Some(sb)),
             launcher: None,
             default_env: Mutex::new(env),
+            defaults: Mutex::new((None, None)),
             shutdown: watch::channel(false).0,
         })
     }
@@ -86,8 +90,14 @@ impl Shared {
             sandbox: Mutex::new(None),
             launcher: None,
             default_env: Mutex::new(Vec::new()),
+            defaults: Mutex::new((None, None)),
             shutdown: watch::channel(false).0,
         })
+    }
+
+    /// Working directory and user for commands that give none.
+    pub fn set_exec_defaults(&self, cwd: Option<String>, user: Option<String>) {
+        *self.defaults.lock().unwrap() = (cwd, user);
     }
 
     /// Becomes true when a client asked for `shutdown` (or `close` in rpc mode).
@@ -547,8 +557,9 @@ impl Conn {
         spec.env = self.shared.default_env.lock().unwrap().clone();
         spec.env
             .extend(p.env.iter().map(|(k, v)| (k.clone(), v.clone())));
-        spec.cwd = p.working_dir.clone().filter(|w| !w.is_empty());
-        spec.user = p.user.clone().filter(|u| !u.is_empty());
+        let (dcwd, duser) = self.shared.defaults.lock().unwrap().clone();
+        spec.cwd = p.working_dir.clone().filter(|w| !w.is_empty()).or(dcwd);
+        spec.user = p.user.clone().filter(|u| !u.is_empty()).or(duser);
         let interactive = method == "exec_pipe" || method == "exec_tty";
         let stdin_data = match &p.stdin {
             Some(s) if !interactive => Some(unb64(s)?),

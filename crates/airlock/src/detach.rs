@@ -354,6 +354,8 @@ pub async fn supervise() -> i32 {
         unsafe { libc::dup2(f.as_raw_fd(), 2) };
     }
     let shared = airlock_rpc::server::Shared::supervisor(sb.clone(), req.env.clone());
+    // `exec` defaults to the image's WorkingDir and User, as `run` does.
+    shared.set_exec_defaults(req.workdir.clone(), req.user.clone());
 
     if !req.cmd.is_empty() {
         let mut spec = ExecSpec::new(req.cmd.clone());
