@@ -122,6 +122,7 @@ def main() -> None:
             except RPCError as e:
                 assert e.code == RPCError.VM_FAILED and "not available" in e.message, e
         c.close()
+    c.remove()  # `airlock rm ID`: nothing left to remove for an rpc sandbox, and no error
 
     # no_network, and mounts (workspace shares: not wired yet -> a clear VM_FAILED).
     with Client() as c:

@@ -827,7 +827,15 @@ pub async fn rm(ids: &[String], force: bool) -> Result<(), String> {
     let mut errs = Vec::new();
     for id in ids {
         let r = async {
-            let dir = find(id)?;
+            let dir = match find(id) {
+                Ok(d) => d,
+                // A full id without a record: an `airlock rpc` sandbox, gone with its process
+                // (matchlock's SDK calls `rm ID` after close).
+                Err(_) if id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
             if status(&dir) == Status::Running {
                 if !force {
                     return Err(format!(
