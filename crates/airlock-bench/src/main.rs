@@ -16,6 +16,8 @@ use std::path::{Path, PathBuf};
 
 // The registry and image-building helpers the image tests use: a real docker-registry on
 // loopback and a busybox image made with umoci.
+mod api;
+
 #[path = "../../airlock-image/tests/common/mod.rs"]
 mod common;
 mod fsbench;
@@ -45,7 +47,8 @@ const USAGE: &str =
   --write-docs    also rewrite docs/benchmarks.md
   --net-only      only the network benchmarks (printed, docs untouched)
   --only-ports    run only the port-forward benchmark (prints its table)
-  --only-fs       only the workspace (virtio-fs) benchmark; prints its section";
+  --only-fs       only the workspace (virtio-fs) benchmark; prints its section
+  --only-api      only the exec round trip by API (Rust API, airlock rpc, CLI)";
 
 struct Opts {
     iterations: usize,
@@ -54,6 +57,8 @@ struct Opts {
     write_docs: bool,
     only_ports: bool,
     only_fs: bool,
+    /// Only the exec-by-API comparison (`api.rs`).
+    only_api: bool,
 }
 
 fn parse_args() -> Result<Option<Opts>> {
@@ -64,6 +69,7 @@ fn parse_args() -> Result<Option<Opts>> {
         write_docs: false,
         only_ports: false,
         only_fs: false,
+        only_api: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -81,6 +87,7 @@ fn parse_args() -> Result<Option<Opts>> {
             "--net-only" => {}
             "--only-ports" => o.only_ports = true,
             "--only-fs" => o.only_fs = true,
+            "--only-api" => o.only_api = true,
             "-h" | "--help" => return Ok(None),
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
@@ -655,6 +662,10 @@ async fn main() -> Result<()> {
     let accel = airlock_backend::detect_accel(airlock_sandbox::accel_from_env()?);
     let qemu = Qemu::default().version().map_err(anyhow::Error::msg)?;
     eprintln!("accelerator: {} ({}); {qemu}", accel.accel, accel.reason);
+    if o.only_api {
+        println!("\n{}", api::bench_api(o.execs, &rootfs).await?);
+        return Ok(());
+    }
 
     if std::env::args().any(|a| a == "--net-only") {
         println!("{}", net::section(&rootfs).await?);

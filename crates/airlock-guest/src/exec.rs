@@ -19,35 +19,60 @@ use crate::{log, user, Tx};
 
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
-enum StdinMsg {
+pub(crate) enum StdinMsg {
     Data(Vec<u8>),
     Eof,
 }
 
-struct Progress {
-    exit: Option<ExitStatus>,
+pub(crate) struct Progress {
+    pub(crate) exit: Option<ExitStatus>,
     readers_left: usize,
-    done: bool,
+    pub(crate) done: bool,
 }
 
-/// One running exec.
-struct Entry {
-    stream: u32,
+/// One running exec (or builtin / file operation, which have pid 0).
+pub(crate) struct Entry {
+    pub(crate) stream: u32,
     pid: i32,
     /// Our window towards the host (stdout + stderr share it).
-    out: Mutex<Window>,
-    out_cv: Condvar,
+    pub(crate) out: Mutex<Window>,
+    pub(crate) out_cv: Condvar,
     /// The host's window towards us, checked on arrival.
     stdin_window: Mutex<Window>,
     stdin: Mutex<Option<Sender<StdinMsg>>>,
     pty: Option<Arc<OwnedFd>>,
-    progress: Mutex<Progress>,
+    pub(crate) progress: Mutex<Progress>,
+    /// A process-less entry was signalled: stop its work.
+    pub(crate) cancelled: std::sync::atomic::AtomicBool,
+}
+
+impl Entry {
+    /// A process-less entry (builtin, file operation) with stdin attached.
+    pub(crate) fn builtin(stream: u32) -> (Arc<Entry>, std::sync::mpsc::Receiver<StdinMsg>) {
+        let (stdin_tx, stdin_rx) = channel::<StdinMsg>();
+        let e = Arc::new(Entry {
+            stream,
+            pid: 0,
+            out: Mutex::new(Window::default()),
+            out_cv: Condvar::new(),
+            stdin_window: Mutex::new(Window::default()),
+            stdin: Mutex::new(Some(stdin_tx)),
+            pty: None,
+            progress: Mutex::new(Progress {
+                exit: None,
+                readers_left: 0,
+                done: false,
+            }),
+            cancelled: Default::default(),
+        });
+        (e, stdin_rx)
+    }
 }
 
 /// All execs, by stream id and by pid.
 pub struct Registry {
-    tx: Tx,
-    by_stream: Mutex<HashMap<u32, Arc<Entry>>>,
+    pub(crate) tx: Tx,
+    pub(crate) by_stream: Mutex<HashMap<u32, Arc<Entry>>>,
     /// Held across fork+register so the reaper never sees a child it cannot attribute.
     by_pid: Mutex<HashMap<i32, Arc<Entry>>>,
     have_children: Condvar,
@@ -66,7 +91,7 @@ impl Registry {
         }
     }
 
-    fn fail(&self, stream: u32, kind: ExecErrorKind, message: String) {
+    pub(crate) fn fail(&self, stream: u32, kind: ExecErrorKind, message: String) {
         self.tx.send(Frame::json(
             Kind::ExecFailed,
             stream,
@@ -264,6 +289,7 @@ impl Registry {
                 readers_left: pipes.len(),
                 done: false,
             }),
+            cancelled: Default::default(),
         });
         by_pid.insert(pid, entry.clone());
         self.spawned
@@ -348,33 +374,13 @@ impl Registry {
 
     /// The `apply-layer` builtin: stdin is an uncompressed layer tar applied onto `/`.
     fn apply_layer(self: &Arc<Self>, stream: u32) {
-        let (stdin_tx, stdin_rx) = channel::<StdinMsg>();
-        let entry = Arc::new(Entry {
-            stream,
-            pid: 0,
-            out: Mutex::new(Window::default()),
-            out_cv: Condvar::new(),
-            stdin_window: Mutex::new(Window::default()),
-            stdin: Mutex::new(Some(stdin_tx)),
-            pty: None,
-            progress: Mutex::new(Progress {
-                exit: None,
-                readers_left: 0,
-                done: false,
-            }),
-        });
+        let (entry, stdin_rx) = Entry::builtin(stream);
         self.by_stream.lock().unwrap().insert(stream, entry.clone());
         self.tx
             .send(Frame::json(Kind::Started, stream, &Started { pid: 0 }));
         let reg = self.clone();
         std::thread::spawn(move || {
-            let mut input = StdinReader {
-                reg: &reg,
-                e: &entry,
-                rx: stdin_rx,
-                buf: Vec::new(),
-                pos: 0,
-            };
+            let mut input = StdinReader::new(&reg, &entry, stdin_rx);
             let res = airlock_guest::unpack::apply_layer(&mut input, std::path::Path::new("/"));
             // Drain to EOF so a host still sending never waits for credit that cannot come.
             while input.fill() {}
@@ -477,7 +483,7 @@ impl Registry {
         }
     }
 
-    fn finish(&self, e: &Entry) {
+    pub(crate) fn finish(&self, e: &Entry) {
         let status = e.progress.lock().unwrap().exit.unwrap_or_default();
         self.by_stream.lock().unwrap().remove(&e.stream);
         *e.stdin.lock().unwrap() = None;
@@ -519,6 +525,12 @@ impl Registry {
                 }
             }
             Kind::Signal => {
+                if e.pid == 0 {
+                    // No process: a builtin or file operation the host gave up on.
+                    e.cancelled.store(true, std::sync::atomic::Ordering::SeqCst);
+                    e.out_cv.notify_all();
+                    return;
+                }
                 if let Ok(s) = frame.parse::<SignalRequest>() {
                     if (1..=64).contains(&s.signal) && e.progress.lock().unwrap().exit.is_none() {
                         let target = if s.group { -e.pid } else { e.pid };
@@ -597,7 +609,7 @@ impl Registry {
 }
 
 /// Stdin of a builtin as a `Read`, returning flow-control credit as it is consumed.
-struct StdinReader<'a> {
+pub(crate) struct StdinReader<'a> {
     reg: &'a Registry,
     e: &'a Entry,
     rx: std::sync::mpsc::Receiver<StdinMsg>,
@@ -605,9 +617,23 @@ struct StdinReader<'a> {
     pos: usize,
 }
 
-impl StdinReader<'_> {
+impl<'a> StdinReader<'a> {
+    pub(crate) fn new(
+        reg: &'a Registry,
+        e: &'a Entry,
+        rx: std::sync::mpsc::Receiver<StdinMsg>,
+    ) -> StdinReader<'a> {
+        StdinReader {
+            reg,
+            e,
+            rx,
+            buf: Vec::new(),
+            pos: 0,
+        }
+    }
+
     /// Takes the next chunk; false at end of input.
-    fn fill(&mut self) -> bool {
+    pub(crate) fn fill(&mut self) -> bool {
         match self.rx.recv() {
             Ok(StdinMsg::Data(d)) => {
                 let _ = self.e.stdin_window.lock().unwrap().grant(d.len() as u32);

@@ -8,6 +8,7 @@
 //! exec. That keeps PID 1's duties (reaping every orphan) simple and explicit.
 
 mod exec;
+mod files;
 mod net;
 mod ports;
 mod setup;
@@ -151,6 +152,7 @@ fn read_loop(
                     log(&format!("ignoring {:?} on the control stream", frame.kind));
                 }
                 (Kind::Exec, s) => execs.start(s, &frame, &hostname),
+                (Kind::FileOp, s) => files::start(execs, s, &frame),
                 (Kind::Connect, s) => ports.start(s, &frame, execs.owns(s)),
                 (_, s) if ports.owns(s) => ports.handle(s, frame),
                 (_, s) => execs.handle(s, frame),

@@ -83,6 +83,12 @@ pub enum Kind {
     /// Both ways on a port stream, JSON [`StreamReset`]: abort the connection; last frame
     /// the sender sends, and the receiver forgets the stream.
     Reset = 22,
+    /// host → guest, opens a stream, JSON [`FileRequest`]: a file operation. It then runs like
+    /// an exec without a process: a write takes its bytes as [`Kind::Stdin`] up to
+    /// [`Kind::StdinEof`]; a read or list answers with [`Kind::Stdout`] data (a list as one
+    /// JSON [`FileEntry`] per line); both within the usual credit windows. The stream ends
+    /// with [`Kind::Exit`] (code 0) on success or [`Kind::ExecFailed`] with the reason.
+    FileOp = 24,
 }
 
 impl Kind {
@@ -112,6 +118,7 @@ impl Kind {
             20 => Data,
             21 => Eof,
             22 => Reset,
+            24 => FileOp,
             _ => return None,
         })
     }
@@ -543,6 +550,52 @@ pub struct SignalRequest {
     /// Send it to the whole process group rather than the process alone.
     #[serde(default)]
     pub group: bool,
+}
+
+/// What a [`Kind::FileOp`] stream does.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum FileOpKind {
+    /// Write the stream's stdin bytes to `path` (parents created).
+    Write,
+    /// Send the bytes of `path` (from `offset`, at most `len`).
+    Read,
+    /// Send the entries of directory `path`.
+    List,
+}
+
+/// A file operation in the guest, as root.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileRequest {
+    /// The operation.
+    pub op: FileOpKind,
+    /// Absolute guest path.
+    pub path: String,
+    /// Write: permission bits of the file (default 0644).
+    #[serde(default)]
+    pub mode: Option<u32>,
+    /// Write: append instead of truncating.
+    #[serde(default)]
+    pub append: bool,
+    /// Read: start at this byte.
+    #[serde(default)]
+    pub offset: u64,
+    /// Read: at most this many bytes (default: to the end).
+    #[serde(default)]
+    pub len: Option<u64>,
+}
+
+/// One directory entry of a [`FileOpKind::List`].
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct FileEntry {
+    /// File name (lossy UTF-8).
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// `st_mode` (type and permission bits).
+    pub mode: u32,
+    /// A directory.
+    pub is_dir: bool,
 }
 
 /// A peer's complaint about what it received.

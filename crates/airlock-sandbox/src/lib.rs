@@ -17,6 +17,7 @@
 pub mod assets;
 mod clock;
 mod conn;
+mod files;
 pub mod imagefs;
 pub mod network;
 mod ports;
@@ -38,6 +39,7 @@ use tokio::sync::mpsc;
 
 pub use airlock_proto::{ConnectError, ConnectErrorKind, ExecError, ExitStatus, WinSize};
 pub use conn::ExecEvent;
+pub use files::{FileInfo, READ_FILE_MAX};
 pub use network::{NetworkSpec, SecretSpec};
 pub use ports::{GuestStream, PortForward, MAX_FORWARD_CONNECTIONS};
 pub use rootfs::RootfsSource;
@@ -93,6 +95,9 @@ pub enum Error {
         /// What the guest agent reported.
         error: ConnectError,
     },
+    /// A file operation failed in the guest (the message names the path).
+    #[error("{}", .0.message)]
+    File(ExecError),
     /// Host I/O.
     #[error("{0}")]
     Io(#[from] std::io::Error),
@@ -747,6 +752,13 @@ impl Sandbox {
         }
     }
 
+    /// Kills the VM now, from a shared reference (for a sandbox other tasks still hold);
+    /// everything waiting on it fails. Dropping the last owner removes the state.
+    pub fn kill(&self) {
+        self.vm.kill();
+        self.conn.fail("sandbox killed".into());
+    }
+
     /// Why the sandbox can no longer run commands, if it cannot.
     pub async fn failure(&self) -> Option<Error> {
         if self.conn.closed_reason().is_some() {
@@ -932,6 +944,11 @@ pub fn guest_kernel_args(accel: Accel) -> Vec<String> {
 /// Live sandboxes by the image manifest digest they run (for refusing `image rm`).
 pub fn images_in_use() -> std::collections::HashMap<String, Vec<String>> {
     state::images_in_use()
+}
+
+/// Removes the state (writable disk, console log) of sandboxes whose owning process died.
+pub fn prune_state() {
+    state::sweep(&state::runtime_dir());
 }
 
 /// Paths Airlock uses on this host, for diagnostics.

@@ -110,7 +110,7 @@ pub fn images_in_use() -> std::collections::HashMap<String, Vec<String>> {
 }
 
 /// Removes state directories whose owner is gone.
-fn sweep(root: &Path) {
+pub(crate) fn sweep(root: &Path) {
     let Ok(entries) = std::fs::read_dir(root) else {
         return;
     };

@@ -271,3 +271,72 @@ async fn allow_list_changes_at_run_time() {
     assert!(kinds.iter().any(|k| k == "connection"), "{kinds:?}");
     sb.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_ops_write_read_list_large_and_errors() {
+    let sb = start().await;
+    // Small file, parents created, mode applied.
+    sb.write_file("/tmp/a/b/hello.txt", b"hello\n", 0o600)
+        .await
+        .unwrap();
+    assert_eq!(
+        sb.read_file("/tmp/a/b/hello.txt").await.unwrap(),
+        b"hello\n"
+    );
+    let out = sb
+        .output(ExecSpec::new(["stat", "-c", "%a %s", "/tmp/a/b/hello.txt"]))
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "600 6");
+    // Append.
+    sb.write_file_from("/tmp/a/b/hello.txt", &b"more\n"[..], 0o600, true)
+        .await
+        .unwrap();
+    assert_eq!(
+        sb.read_file("/tmp/a/b/hello.txt").await.unwrap(),
+        b"hello\nmore\n"
+    );
+    // Several MiB: many windows' worth each way, byte-exact.
+    let big: Vec<u8> = (0..5 * 1024 * 1024u32)
+        .map(|i| (i * 7 % 251) as u8)
+        .collect();
+    let n = sb
+        .write_file_from("/tmp/big.bin", &big[..], 0o644, false)
+        .await
+        .unwrap();
+    assert_eq!(n, big.len() as u64);
+    let back = sb.read_file("/tmp/big.bin").await.unwrap();
+    assert!(back == big, "large file differs after round trip");
+    let mut part = Vec::new();
+    sb.read_file_range("/tmp/big.bin", 1000, Some(10), &mut part)
+        .await
+        .unwrap();
+    assert_eq!(part, &big[1000..1010]);
+    // Listing.
+    let files = sb.list_files("/tmp").await.unwrap();
+    let a = files.iter().find(|f| f.name == "a").expect("dir a listed");
+    assert!(a.is_dir);
+    let b = files.iter().find(|f| f.name == "big.bin").unwrap();
+    assert_eq!(b.size, big.len() as u64);
+    assert!(!b.is_dir);
+    assert_eq!(b.mode & 0o777, 0o644);
+    // Errors are clear and leave the sandbox usable.
+    let e = sb.read_file("/nope/missing").await.unwrap_err();
+    assert!(matches!(e, Error::File(_)), "{e:?}");
+    assert!(e.to_string().contains("/nope/missing"), "{e}");
+    let e = sb.read_file("relative").await.unwrap_err();
+    assert!(e.to_string().contains("absolute"), "{e}");
+    let e = sb.list_files("/tmp/big.bin").await.unwrap_err();
+    assert!(matches!(e, Error::File(_)), "{e:?}");
+    let e = sb.read_file("/tmp").await.unwrap_err();
+    assert!(e.to_string().contains("directory"), "{e}");
+    // Writing under a read-only path fails without hanging even with a large body.
+    let e = sb
+        .write_file_from("/proc/nope/x", &big[..], 0o644, false)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::File(_)), "{e:?}");
+    let out = sb.output(ExecSpec::new(["echo", "ok"])).await.unwrap();
+    assert_eq!(out.stdout, b"ok\n");
+    sb.stop().await.unwrap();
+}

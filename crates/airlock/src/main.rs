@@ -4,8 +4,10 @@
 //! killed it; 124 when `--timeout` expired; 125 when the sandbox itself failed; 126 when the
 //! command cannot be executed; 127 when it was not found.
 
+mod detach;
 mod doctor;
 mod image;
+mod launch;
 mod netargs;
 mod term;
 
@@ -54,6 +56,106 @@ enum Cmd {
     /// Manage named volumes (persistent ext4 disks for `run -v NAME:/path`).
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Run a command in a running sandbox (started with `run -d`).
+    Exec(ExecArgs),
+    /// List sandboxes started with `run -d`.
+    Ls {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+        /// Also stopped and dead sandboxes.
+        #[arg(short = 'a', long)]
+        all: bool,
+    },
+    /// Show a sandbox's settings and state (secret names and hosts, never values).
+    Inspect {
+        /// Sandbox id (or a unique prefix).
+        id: String,
+    },
+    /// Print the output of a detached sandbox's command.
+    Logs {
+        /// Keep printing until the sandbox stops.
+        #[arg(short = 'f', long)]
+        follow: bool,
+        /// Sandbox id.
+        id: String,
+    },
+    /// Stop a running sandbox (its record stays until rm or prune).
+    Kill {
+        /// Sandbox id.
+        id: String,
+    },
+    /// Remove stopped sandboxes.
+    Rm {
+        /// Stop running ones first.
+        #[arg(short = 'f', long)]
+        force: bool,
+        /// Sandbox ids.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Remove every stopped or dead sandbox.
+    Prune,
+    /// Forward host ports to guest ports for the sandbox's lifetime.
+    PortForward {
+        /// Sandbox id.
+        id: String,
+        /// `[ADDR:]HOST_PORT:GUEST_PORT` (ADDR default 127.0.0.1; HOST_PORT 0 picks one).
+        #[arg(required = true, value_name = "[ADDR:]HOST:GUEST")]
+        specs: Vec<String>,
+    },
+    /// Change a running sandbox's network allow-list.
+    #[command(subcommand)]
+    AllowList(AllowListCmd),
+    /// JSON-RPC 2.0 over stdio, newline-delimited (matchlock-compatible API).
+    Rpc,
+    /// Internal: the supervisor of a detached sandbox.
+    #[command(name = "__supervise", hide = true)]
+    Supervise,
+}
+
+#[derive(Subcommand)]
+enum AllowListCmd {
+    /// Allow more hosts.
+    Add {
+        /// Sandbox id.
+        id: String,
+        /// Allow rules (`host`, `*.domain`, `host:port`, IP, CIDR).
+        #[arg(required = true)]
+        hosts: Vec<String>,
+    },
+    /// Remove allow rules.
+    Rm {
+        /// Sandbox id.
+        id: String,
+        /// Rules to remove.
+        #[arg(required = true)]
+        hosts: Vec<String>,
+    },
+}
+
+#[derive(Args)]
+struct ExecArgs {
+    /// Keep stdin open and forward it.
+    #[arg(short = 'i', long = "interactive")]
+    interactive: bool,
+    /// Allocate a terminal.
+    #[arg(short = 't', long = "tty")]
+    tty: bool,
+    /// Working directory.
+    #[arg(short = 'w', long = "workdir", value_name = "DIR")]
+    workdir: Option<String>,
+    /// User: name, uid, name:group or uid:gid.
+    #[arg(short = 'u', long = "user")]
+    user: Option<String>,
+    /// Environment variable K=V (or K from this environment).
+    #[arg(short = 'e', long = "env", value_name = "K=V")]
+    env: Vec<String>,
+    /// Sandbox id (or a unique prefix).
+    id: String,
+    /// Command and arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    cmd: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -167,19 +269,23 @@ struct RunArgs {
     /// Share a host directory or mount a volume: HOSTDIR:GUESTPATH (overlay: the guest may
     /// write, the host tree stays untouched), HOSTDIR:GUESTPATH:rw (live), HOSTDIR:GUESTPATH:ro,
     /// or VOLUME:GUESTPATH.
-    #[arg(short = 'v', long = "volume", value_name = "SRC:DEST[:MODE]")]
-    volumes: Vec<airlock_sandbox::Mount>,
+    #[arg(short = 'v', long = "volume", value_name = "SRC:DEST[:MODE]", value_parser = checked_mount)]
+    volumes: Vec<String>,
     /// File rule for shares, enforced on the host: 'deny|audit OPS GLOB', e.g.
     /// 'deny write,create,remove /workspace/.git/hooks/**'. Denials and audited operations
     /// are reported on stderr.
-    #[arg(long = "fs-rule", value_name = "RULE")]
-    fs_rules: Vec<airlock_sandbox::FsRule>,
+    #[arg(long = "fs-rule", value_name = "RULE", value_parser = checked_rule)]
+    fs_rules: Vec<String>,
     /// Extra guest kernel command-line word (diagnostics, e.g. `printk.time=1 loglevel=7`).
     #[arg(long = "kernel-arg", value_name = "ARG", hide = true)]
     kernel_args: Vec<String>,
+    /// Start in the background: print the sandbox id and return (see exec, ls, kill).
+    #[arg(short = 'd', long = "detach", conflicts_with_all = ["interactive", "tty", "timeout"])]
+    detach: bool,
     #[command(flatten)]
     net: netargs::NetArgs,
-    /// Command and arguments (default with --image: the image's Entrypoint and Cmd).
+    /// Command and arguments (default with --image: the image's Entrypoint and Cmd; with -d:
+    /// none, the sandbox idles until killed).
     #[arg(last = true, value_name = "CMD")]
     cmd: Vec<String>,
 }
@@ -226,8 +332,47 @@ fn main() {
             image::import(&tag, file.as_deref())
                 .map(|rec| println!("{}\n{}", rec.reference, rec.manifest_digest)),
         ),
+        Cmd::Run(a) if a.detach => match detach_request(*a) {
+            Ok(req) => detach::run_detached(req),
+            Err(e) => {
+                eprintln!("airlock: {e}");
+                EXIT_SANDBOX_FAILED
+            }
+        },
         Cmd::Run(a) => runtime().block_on(run(*a)),
         Cmd::Volume(v) => done(volume(v)),
+        Cmd::Exec(a) => match parse_env(&a.env) {
+            Ok(env) => runtime().block_on(detach::exec(detach::ExecOpts {
+                id: a.id,
+                interactive: a.interactive,
+                tty: a.tty,
+                workdir: a.workdir,
+                user: a.user,
+                env,
+                cmd: a.cmd,
+            })),
+            Err(e) => {
+                eprintln!("airlock: {e}");
+                EXIT_SANDBOX_FAILED
+            }
+        },
+        Cmd::Ls { json, all } => done(detach::ls(json, all)),
+        Cmd::Inspect { id } => done(runtime().block_on(detach::inspect(&id))),
+        Cmd::Logs { follow, id } => done(runtime().block_on(detach::logs(&id, follow))),
+        Cmd::Kill { id } => done(runtime().block_on(detach::kill(&id))),
+        Cmd::Rm { force, ids } => done(runtime().block_on(detach::rm(&ids, force))),
+        Cmd::Prune => done(detach::prune()),
+        Cmd::PortForward { id, specs } => {
+            done(runtime().block_on(detach::port_forward(&id, &specs)))
+        }
+        Cmd::AllowList(AllowListCmd::Add { id, hosts }) => {
+            done(runtime().block_on(detach::allow_list(&id, true, &hosts)))
+        }
+        Cmd::AllowList(AllowListCmd::Rm { id, hosts }) => {
+            done(runtime().block_on(detach::allow_list(&id, false, &hosts)))
+        }
+        Cmd::Rpc => runtime().block_on(launch::rpc()),
+        Cmd::Supervise => runtime().block_on(detach::supervise()),
     };
     std::process::exit(code);
 }
@@ -237,6 +382,18 @@ fn main() {
 struct Publish {
     bind: std::net::SocketAddr,
     guest: u16,
+}
+
+/// Checks a `-v` argument, keeping its text (a detached supervisor receives it as is).
+fn checked_mount(v: &str) -> Result<String, String> {
+    v.parse::<airlock_sandbox::Mount>().map(|_| v.to_string())
+}
+
+/// Checks a `--fs-rule` argument, keeping its text.
+fn checked_rule(v: &str) -> Result<String, String> {
+    v.parse::<airlock_sandbox::FsRule>()
+        .map(|_| v.to_string())
+        .map_err(|e| e.to_string())
 }
 
 fn parse_publish(v: &str) -> Result<Publish, String> {
@@ -354,14 +511,11 @@ async fn run(a: RunArgs) -> i32 {
         }
     };
     let user = a.user.clone().or(image_user);
-    for m in &a.volumes {
-        match m {
-            airlock_sandbox::Mount::Share(s) => spec.shares.push(s.clone()),
-            airlock_sandbox::Mount::Volume(v) => spec.volumes.push(v.clone()),
-        }
+    if let Err(e) = launch::apply_mounts(&mut spec, &a.volumes, &a.fs_rules) {
+        eprintln!("airlock: {e}");
+        return EXIT_SANDBOX_FAILED;
     }
     spec.share_owner = share_owner(user.as_deref(), a.rootfs.as_deref());
-    spec.fs_rules = a.fs_rules.clone();
     if !a.fs_rules.is_empty() {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<airlock_sandbox::FsEvent>(1024);
         spec.fs_events = Some(tx);
@@ -508,6 +662,88 @@ fn volume(cmd: VolumeCmd) -> Result<(), String> {
         VolumeCmd::Rm { name } => shares::volume_remove(&name).map_err(|e| e.to_string())?,
     }
     Ok(())
+}
+
+/// What `run -d` hands its supervisor (the image is pulled here, with progress on this terminal).
+fn detach_request(a: RunArgs) -> Result<detach::SuperviseRequest, String> {
+    let env = parse_env(&a.env)?;
+    if !a.publish.is_empty() {
+        return Err("-p with -d: publish ports with `airlock port-forward ID [ADDR:]HOST:GUEST` once it runs".into());
+    }
+    let net = a.net.to_spec()?;
+    let launch = launch::Launch {
+        image: a.image.clone(),
+        rootfs: a.rootfs.clone(),
+        platform: Some(a.platform.clone()),
+        insecure_registry: a.insecure_registry.clone(),
+        cpus: a.cpus,
+        memory_mib: a.memory,
+        disk_mib: a.disk_size,
+        accel: a.accel.map(|x| x.to_string()),
+        hostname: a.hostname.clone(),
+        kernel_args: a.kernel_args.clone(),
+        net: launch::Net::from_spec(&net),
+        mounts: a.volumes.clone(),
+        fs_rules: a.fs_rules.clone(),
+    };
+    let (mut image_env, mut cwd, mut user) = (Vec::new(), None, None);
+    if let Some(name) = &a.image {
+        // Pull now, in the foreground; the supervisor then finds it in the store.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        let (_, _, e, c, u) = rt.block_on(resolve_root(&RunArgs {
+            cmd: vec!["true".into()],
+            ..a.clone_for_resolve()
+        }))?;
+        (image_env, cwd, user) = (e, c, u);
+        let _ = name;
+    }
+    let env: Vec<(String, String)> = image_env.into_iter().chain(env).collect();
+    Ok(detach::SuperviseRequest {
+        launch,
+        cmd: a.cmd.clone(),
+        env,
+        workdir: a.workdir.clone().or(cwd),
+        user: a.user.clone().or(user),
+        source: a
+            .image
+            .clone()
+            .or_else(|| a.rootfs.as_ref().map(|p| p.display().to_string()))
+            .unwrap_or_default(),
+    })
+}
+
+impl RunArgs {
+    /// The fields `resolve_root` reads.
+    fn clone_for_resolve(&self) -> RunArgs {
+        RunArgs {
+            image: self.image.clone(),
+            rootfs: self.rootfs.clone(),
+            entrypoint: self.entrypoint.clone(),
+            platform: self.platform.clone(),
+            insecure_registry: self.insecure_registry.clone(),
+            env: Vec::new(),
+            workdir: None,
+            user: None,
+            interactive: false,
+            tty: false,
+            cpus: self.cpus,
+            memory: self.memory,
+            disk_size: self.disk_size,
+            timeout: None,
+            accel: self.accel,
+            hostname: None,
+            kernel_args: Vec::new(),
+            detach: true,
+            net: netargs::NetArgs::default(),
+            publish: Vec::new(),
+            volumes: Vec::new(),
+            fs_rules: Vec::new(),
+            cmd: Vec::new(),
+        }
+    }
 }
 
 type Root = (

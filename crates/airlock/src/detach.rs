@@ -1,0 +1,964 @@
+//! Long-lived sandboxes without a daemon: `run -d` starts one supervisor process per sandbox
+//! (`airlock __supervise`, in its own session) that owns the VM and serves the JSON-RPC API on
+//! `<runtime dir>/sandboxes/<id>/sock` (0600). Every other command (`exec`, `ls`, `kill`, …)
+//! is a client of that socket or reads the record directory.
+//!
+//! Record directory `<runtime dir>/sandboxes/<id>/`: `meta.json` (settings; secret names and
+//! hosts, never values), `lock` (flock'd by the live supervisor: that is how `ls` tells
+//! running from dead), `sock`, `log` (the detached command's output), `exit.json` (written on a
+//! clean stop; missing on a dead sandbox). The supervisor gets its settings, secret values
+//! included, as JSON on its stdin pipe, never in argv or the environment.
+
+use std::fs::File;
+use std::io::{BufRead, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use airlock_sandbox::{ExecEvent, ExecSpec, Sandbox};
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+
+use crate::launch::Launch;
+
+/// What the parent sends the supervisor on its stdin.
+#[derive(Serialize, Deserialize)]
+pub struct SuperviseRequest {
+    /// The sandbox.
+    pub launch: Launch,
+    /// Command to run detached (its output goes to `log`); empty: none.
+    pub cmd: Vec<String>,
+    /// Environment of every command.
+    pub env: Vec<(String, String)>,
+    /// Working directory of the detached command.
+    pub workdir: Option<String>,
+    /// User of the detached command.
+    pub user: Option<String>,
+    /// Shown by `ls`/`inspect`: the image or rootfs.
+    pub source: String,
+}
+
+/// `meta.json`: what `ls` and `inspect` show. No secret values.
+#[derive(Serialize, Deserialize, Clone)]
+pub struct Meta {
+    /// Sandbox id.
+    pub id: String,
+    /// Image or rootfs.
+    pub source: String,
+    /// Detached command.
+    pub command: Vec<String>,
+    /// Unix seconds.
+    pub created: u64,
+    /// Supervisor pid.
+    pub supervisor_pid: u32,
+    /// VMM pid.
+    pub vm_pid: u32,
+    /// vCPUs.
+    pub cpus: u32,
+    /// RAM MiB.
+    pub memory_mib: u32,
+    /// No NIC.
+    pub no_network: bool,
+    /// Allow rules at start.
+    pub allow_hosts: Vec<String>,
+    /// Secret names and their hosts.
+    pub secrets: Vec<SecretMeta>,
+}
+
+/// A secret as recorded: name and hosts only.
+#[derive(Serialize, Deserialize, Clone)]
+pub struct SecretMeta {
+    /// Variable name.
+    pub name: String,
+    /// Hosts.
+    pub hosts: Vec<String>,
+}
+
+fn runtime_dir() -> PathBuf {
+    airlock_sandbox::paths()
+        .into_iter()
+        .find(|(k, _)| *k == "state")
+        .map(|(_, p)| p)
+        .unwrap_or_else(|| PathBuf::from("/tmp"))
+}
+
+/// Where sandbox records live.
+pub fn records_dir() -> PathBuf {
+    runtime_dir().join("sandboxes")
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+/// A sandbox's state as `ls` sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// The supervisor holds the lock.
+    Running,
+    /// Stopped cleanly (`kill`, or the VM ended).
+    Exited,
+    /// The supervisor died without cleaning up (e.g. SIGKILL); its VM died with it.
+    Dead,
+}
+
+impl Status {
+    fn as_str(self) -> &'static str {
+        match self {
+            Status::Running => "running",
+            Status::Exited => "exited",
+            Status::Dead => "dead",
+        }
+    }
+}
+
+fn status(dir: &Path) -> Status {
+    let Ok(f) = File::open(dir.join("lock")) else {
+        return Status::Dead;
+    };
+    // SAFETY: flock on a valid fd; released when `f` closes.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Status::Running;
+    }
+    if dir.join("exit.json").exists() {
+        Status::Exited
+    } else {
+        Status::Dead
+    }
+}
+
+/// The record directory of `id` (a unique prefix is enough).
+fn find(id: &str) -> Result<PathBuf, String> {
+    if id.is_empty() || id.contains('/') || id.starts_with('.') {
+        return Err(format!("{id:?} is not a sandbox id"));
+    }
+    let dir = records_dir();
+    let exact = dir.join(id);
+    if exact.join("meta.json").exists() {
+        return Ok(exact);
+    }
+    let matches: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .map(|rd| {
+            rd.flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with(id))
+                .map(|e| e.path())
+                .collect()
+        })
+        .unwrap_or_default();
+    match matches.len() {
+        1 => Ok(matches.into_iter().next().unwrap()),
+        0 => Err(format!("no sandbox {id} (see airlock ls -a)")),
+        _ => Err(format!(
+            "{id} matches several sandboxes: give more of the id"
+        )),
+    }
+}
+
+fn read_meta(dir: &Path) -> Result<Meta, String> {
+    let b = std::fs::read(dir.join("meta.json")).map_err(|e| format!("{}: {e}", dir.display()))?;
+    serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", dir.display()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// run -d: the parent side
+
+/// Starts the supervisor, waits until the sandbox is up, prints its id.
+pub fn run_detached(req: SuperviseRequest) -> i32 {
+    match start_supervisor(&req) {
+        Ok(id) => {
+            println!("{id}");
+            0
+        }
+        Err(e) => {
+            eprintln!("airlock: {e}");
+            crate::EXIT_SANDBOX_FAILED
+        }
+    }
+}
+
+fn start_supervisor(req: &SuperviseRequest) -> Result<String, String> {
+    use std::os::unix::process::CommandExt;
+    let exe = std::env::current_exe().map_err(|e| format!("cannot find own binary: {e}"))?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.arg("__supervise")
+        // Only what Airlock reads: a secret passed as $NAME must not live on in its environ.
+        .env_clear()
+        .envs(std::env::vars_os().filter(|(k, v)| {
+            let k = k.to_string_lossy();
+            let secret = req.launch.net.secrets.iter().any(|s| {
+                s.name == k || (!s.value.is_empty() && v.to_string_lossy().contains(&s.value))
+            });
+            !secret
+                && (k.starts_with("AIRLOCK_")
+                    || k.starts_with("XDG_")
+                    || ["HOME", "PATH", "USER", "TMPDIR", "LANG"].contains(&k.as_ref()))
+        }))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    // SAFETY: setsid is async-signal-safe; the supervisor must outlive our terminal session.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start the supervisor: {e}"))?;
+    let body = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+    {
+        let mut stdin = child.stdin.take().expect("piped");
+        stdin
+            .write_all(&body)
+            .map_err(|e| format!("cannot talk to the supervisor: {e}"))?;
+    }
+    let mut line = String::new();
+    let mut out = std::io::BufReader::new(child.stdout.take().expect("piped"));
+    out.read_line(&mut line)
+        .map_err(|e| format!("supervisor: {e}"))?;
+    let v: Value = serde_json::from_str(line.trim()).map_err(|_| {
+        let _ = child.wait();
+        "the supervisor ended before the sandbox was ready".to_string()
+    })?;
+    if let Some(id) = v["id"].as_str() {
+        // Not waited for: it runs on in its own session; init reaps it when we exit.
+        return Ok(id.to_string());
+    }
+    let _ = child.wait();
+    Err(v["error"]
+        .as_str()
+        .unwrap_or("supervisor failed")
+        .to_string())
+}
+
+// ---------------------------------------------------------------------------------------------
+// __supervise: the supervisor
+
+/// The supervisor's main: reads the request from stdin, starts the sandbox, serves the socket.
+pub async fn supervise() -> i32 {
+    let mut raw = Vec::new();
+    // Bounded: the request is a few KiB; refuse anything absurd.
+    if std::io::stdin()
+        .take(16 * 1024 * 1024)
+        .read_to_end(&mut raw)
+        .is_err()
+    {
+        return 1;
+    }
+    let status = |v: Value| {
+        let mut out = std::io::stdout();
+        let _ = writeln!(out, "{v}");
+        let _ = out.flush();
+    };
+    let req: SuperviseRequest = match serde_json::from_slice(&raw) {
+        Ok(r) => r,
+        Err(e) => {
+            status(json!({"error": format!("bad supervisor request: {e}")}));
+            return 1;
+        }
+    };
+    raw.fill(0);
+    drop(raw);
+    let spec = match req.launch.spec().await {
+        Ok(s) => s,
+        Err(e) => {
+            status(json!({"error": e}));
+            return 1;
+        }
+    };
+    let sb = match Sandbox::start(spec).await {
+        Ok(sb) => Arc::new(sb),
+        Err(e) => {
+            status(json!({"error": e.to_string()}));
+            return 1;
+        }
+    };
+    let id = sb.id().to_string();
+    let dir = records_dir().join(&id);
+    let setup = || -> Result<(File, tokio::net::UnixListener), String> {
+        let root = records_dir();
+        std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
+        let _ = std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700));
+        std::fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| e.to_string())?;
+        let lock = File::create(dir.join("lock")).map_err(|e| e.to_string())?;
+        // SAFETY: flock on a valid fd, held for the process's life.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err("record directory is locked".into());
+        }
+        let meta = Meta {
+            id: id.clone(),
+            source: req.source.clone(),
+            command: req.cmd.clone(),
+            created: now(),
+            supervisor_pid: std::process::id(),
+            vm_pid: sb.vm_pid(),
+            cpus: req.launch.cpus,
+            memory_mib: req.launch.memory_mib,
+            no_network: req.launch.net.disabled,
+            allow_hosts: req.launch.net.allow_hosts.clone(),
+            secrets: req
+                .launch
+                .net
+                .secrets
+                .iter()
+                .map(|s| SecretMeta {
+                    name: s.name.clone(),
+                    hosts: s.hosts.clone(),
+                })
+                .collect(),
+        };
+        std::fs::write(
+            dir.join("meta.json"),
+            serde_json::to_vec_pretty(&meta).map_err(|e| e.to_string())?,
+        )
+        .map_err(|e| e.to_string())?;
+        File::create(dir.join("log")).map_err(|e| e.to_string())?;
+        // The directory is 0700 already; the socket is 0600 as well, set before bind.
+        // SAFETY: umask has no failure mode.
+        let old = unsafe { libc::umask(0o177) };
+        let l = std::os::unix::net::UnixListener::bind(dir.join("sock"));
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        let l = l.map_err(|e| format!("bind socket: {e}"))?;
+        l.set_nonblocking(true).map_err(|e| e.to_string())?;
+        let l = tokio::net::UnixListener::from_std(l).map_err(|e| e.to_string())?;
+        Ok((lock, l))
+    };
+    let (_lock, listener) = match setup() {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&dir);
+            status(json!({"error": e}));
+            return 1;
+        }
+    };
+    // From here on our diagnostics go to the supervisor log, not the parent's pipe.
+    if let Ok(f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("supervisor.log"))
+    {
+        // SAFETY: dup2 onto stderr with a valid fd.
+        unsafe { libc::dup2(f.as_raw_fd(), 2) };
+    }
+    let shared = airlock_rpc::server::Shared::supervisor(sb.clone(), req.env.clone());
+    // `exec` defaults to the image's WorkingDir and User, as `run` does.
+    shared.set_exec_defaults(req.workdir.clone(), req.user.clone());
+
+    if !req.cmd.is_empty() {
+        let mut spec = ExecSpec::new(req.cmd.clone());
+        spec.env = req.env.clone();
+        spec.cwd = req.workdir.clone();
+        spec.user = req.user.clone();
+        let sb = sb.clone();
+        let log = dir.join("log");
+        tokio::spawn(async move { run_main(sb, spec, log).await });
+    }
+    status(json!({"id": id}));
+    // SAFETY: closing our copy of the status pipe so the parent sees EOF.
+    unsafe { libc::close(1) };
+
+    let mut shutdown = shared.shutdown_watch();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let reason = loop {
+        tokio::select! {
+            c = listener.accept() => {
+                if let Ok((s, _)) = c {
+                    let (r, w) = s.into_split();
+                    let shared = shared.clone();
+                    tokio::spawn(airlock_rpc::server::serve(shared, tokio::io::BufReader::new(r), w));
+                }
+            }
+            _ = shutdown.wait_for(|s| *s) => break "killed".to_string(),
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => break "SIGTERM".into(),
+            _ = async { match int.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => break "SIGINT".into(),
+            // A hangup (the terminal of `run -d` closing) is not a reason to stop.
+            _ = async { match hup.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                if let Some(e) = sb.failure().await {
+                    break format!("sandbox failed: {e}");
+                }
+            }
+        }
+    };
+    let _ = std::fs::remove_file(dir.join("sock"));
+    shared.stop_sandbox().await;
+    drop(sb);
+    let _ = std::fs::write(
+        dir.join("exit.json"),
+        json!({"reason": reason, "at": now()}).to_string(),
+    );
+    0
+}
+
+/// Runs the detached command, appending its output to `log`.
+async fn run_main(sb: Arc<Sandbox>, spec: ExecSpec, log: PathBuf) {
+    let Ok(f) = tokio::fs::OpenOptions::new().append(true).open(&log).await else {
+        return;
+    };
+    let mut f = tokio::io::BufWriter::new(f);
+    let mut exec = match sb.exec(spec).await {
+        Ok(e) => e,
+        Err(e) => {
+            let _ = f.write_all(format!("airlock: {e}\n").as_bytes()).await;
+            let _ = f.flush().await;
+            return;
+        }
+    };
+    let code = loop {
+        match exec.next().await {
+            Ok(Some(ExecEvent::Stdout(b))) | Ok(Some(ExecEvent::Stderr(b))) => {
+                let _ = f.write_all(&b).await;
+                let _ = f.flush().await;
+            }
+            Ok(Some(ExecEvent::Started(_))) => {}
+            Ok(Some(ExecEvent::Exit(s))) => {
+                break s.code.unwrap_or(128 + s.signal.unwrap_or(0));
+            }
+            Ok(Some(ExecEvent::Failed(e))) => {
+                let _ = f
+                    .write_all(format!("airlock: {}\n", e.message).as_bytes())
+                    .await;
+                break 127;
+            }
+            Ok(None) | Err(_) => return,
+        }
+    };
+    let _ = f.flush().await;
+    if let Some(dir) = log.parent() {
+        let _ = std::fs::write(dir.join("main-exit"), code.to_string());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client side of the socket
+
+/// A JSON-RPC connection to a supervisor.
+pub struct Client {
+    rd: tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
+    wr: tokio::net::unix::OwnedWriteHalf,
+    next: u64,
+}
+
+impl Client {
+    /// Connects to sandbox `id`.
+    pub async fn connect(id: &str) -> Result<(Client, PathBuf), String> {
+        let dir = find(id)?;
+        if status(&dir) != Status::Running {
+            return Err(format!(
+                "sandbox {} is not running (airlock ls -a)",
+                dir.file_name().unwrap_or_default().to_string_lossy()
+            ));
+        }
+        let s = tokio::net::UnixStream::connect(dir.join("sock"))
+            .await
+            .map_err(|e| format!("cannot reach the sandbox's supervisor: {e}"))?;
+        let (r, w) = s.into_split();
+        Ok((
+            Client {
+                rd: tokio::io::BufReader::new(r),
+                wr: w,
+                next: 1,
+            },
+            dir,
+        ))
+    }
+
+    /// Sends a request; returns its id.
+    pub async fn send(&mut self, method: &str, params: Value) -> Result<u64, String> {
+        let id = self.next;
+        self.next += 1;
+        self.send_raw(json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}))
+            .await?;
+        Ok(id)
+    }
+
+    /// Sends a notification (no answer).
+    pub async fn notify(&mut self, method: &str, params: Value) -> Result<(), String> {
+        self.send_raw(json!({"jsonrpc": "2.0", "method": method, "params": params}))
+            .await
+    }
+
+    async fn send_raw(&mut self, v: Value) -> Result<(), String> {
+        let mut line = v.to_string();
+        line.push('\n');
+        self.wr
+            .write_all(line.as_bytes())
+            .await
+            .map_err(|e| format!("supervisor connection: {e}"))
+    }
+
+    /// The next message.
+    pub async fn recv(&mut self) -> Result<Value, String> {
+        let mut line = String::new();
+        let n = self
+            .rd
+            .read_line(&mut line)
+            .await
+            .map_err(|e| format!("supervisor connection: {e}"))?;
+        if n == 0 {
+            return Err("the supervisor closed the connection (sandbox stopped?)".into());
+        }
+        serde_json::from_str(&line).map_err(|e| format!("bad answer from supervisor: {e}"))
+    }
+
+    /// Calls `method` and waits for its answer.
+    pub async fn call(&mut self, method: &str, params: Value) -> Result<Value, String> {
+        let id = self.send(method, params).await?;
+        loop {
+            let v = self.recv().await?;
+            if v["id"] == json!(id) {
+                if let Some(e) = v.get("error") {
+                    return Err(e["message"].as_str().unwrap_or("error").to_string());
+                }
+                return Ok(v["result"].clone());
+            }
+        }
+    }
+}
+
+fn b64d(s: &str) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .unwrap_or_default()
+}
+
+fn b64e(b: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(b)
+}
+
+/// Options of `airlock exec`.
+pub struct ExecOpts {
+    /// Sandbox id.
+    pub id: String,
+    /// Forward stdin.
+    pub interactive: bool,
+    /// Terminal.
+    pub tty: bool,
+    /// Working directory.
+    pub workdir: Option<String>,
+    /// User.
+    pub user: Option<String>,
+    /// Extra environment.
+    pub env: Vec<(String, String)>,
+    /// Program and arguments.
+    pub cmd: Vec<String>,
+}
+
+/// `airlock exec`: the exit code of the command (125/126/127 as `run`).
+pub async fn exec(o: ExecOpts) -> i32 {
+    match exec_inner(o).await {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("airlock: {e}");
+            crate::EXIT_SANDBOX_FAILED
+        }
+    }
+}
+
+async fn exec_inner(o: ExecOpts) -> Result<i32, String> {
+    if o.cmd.is_empty() {
+        return Err("no command given: airlock exec ID -- CMD [ARG...]".into());
+    }
+    let (mut c, _) = Client::connect(&o.id).await?;
+    let tty = o
+        .tty
+        .then(crate::term::local_size)
+        .map(|s| s.unwrap_or(airlock_sandbox::WinSize { rows: 24, cols: 80 }));
+    let env: serde_json::Map<String, Value> = o
+        .env
+        .into_iter()
+        .map(|(k, v)| (k, Value::String(v)))
+        .collect();
+    let mut params = json!({"argv": o.cmd, "env": env});
+    if let Some(w) = &o.workdir {
+        params["working_dir"] = json!(w);
+    }
+    if let Some(u) = &o.user {
+        params["user"] = json!(u);
+    }
+    let method = if let Some(ws) = tty {
+        params["rows"] = json!(ws.rows);
+        params["cols"] = json!(ws.cols);
+        "exec_tty"
+    } else {
+        "exec_pipe"
+    };
+    let id = c.send(method, params).await?;
+    let mut signals = crate::term::Signals::new()?;
+    let _raw = if tty.is_some() && o.interactive {
+        crate::term::RawMode::enable()
+    } else {
+        None
+    };
+    // Stdin: read on a thread, queued to the loop below (bounded: backpressure to the reader).
+    let (in_tx, mut in_rx) = tokio::sync::mpsc::channel::<Option<Vec<u8>>>(16);
+    let mut ready = false;
+    let mut stdout = std::io::stdout();
+    let mut stderr = std::io::stderr();
+    let pfx = method;
+    loop {
+        tokio::select! {
+            m = c.recv() => {
+                let v = m?;
+                match v["method"].as_str() {
+                    Some(n) if n.ends_with(".ready") => {
+                        ready = true;
+                        if o.interactive {
+                            let tx = in_tx.clone();
+                            std::thread::spawn(move || {
+                                let mut buf = vec![0u8; 32 * 1024];
+                                let mut stdin = std::io::stdin().lock();
+                                loop {
+                                    match stdin.read(&mut buf) {
+                                        Ok(0) | Err(_) => break,
+                                        Ok(n) => if tx.blocking_send(Some(buf[..n].to_vec())).is_err() { return },
+                                    }
+                                }
+                                let _ = tx.blocking_send(None);
+                            });
+                        } else {
+                            c.notify(&format!("{pfx}.stdin_eof"), json!({"id": id})).await?;
+                        }
+                    }
+                    Some(n) if n.ends_with(".stdout") => {
+                        let b = b64d(v["params"]["data"].as_str().unwrap_or(""));
+                        if stdout.write_all(&b).and_then(|_| stdout.flush()).is_err() {
+                            c.notify(&format!("{pfx}.signal"), json!({"id": id, "signal": libc::SIGPIPE})).await?;
+                        }
+                    }
+                    Some(n) if n.ends_with(".stderr") => {
+                        let _ = stderr.write_all(&b64d(v["params"]["data"].as_str().unwrap_or("")));
+                    }
+                    Some(_) => {}
+                    None if v["id"] == json!(id) => {
+                        drop(_raw);
+                        if let Some(e) = v.get("error") {
+                            let msg = e["message"].as_str().unwrap_or("exec failed");
+                            eprintln!("airlock: {msg}");
+                            return Ok(if e["code"] == json!(airlock_rpc::wire::EXEC_FAILED) {
+                                if msg.contains("not found") { 127 } else if msg.contains("ermission denied") { 126 } else { 125 }
+                            } else { crate::EXIT_SANDBOX_FAILED });
+                        }
+                        return Ok(v["result"]["exit_code"].as_i64().unwrap_or(125) as i32);
+                    }
+                    None => {}
+                }
+            }
+            d = in_rx.recv(), if ready => match d {
+                Some(Some(b)) => c.notify(&format!("{pfx}.stdin"), json!({"id": id, "data": b64e(&b)})).await?,
+                Some(None) | None => c.notify(&format!("{pfx}.stdin_eof"), json!({"id": id})).await?,
+            },
+            ev = signals.next() => match ev {
+                crate::term::SignalEvent::Resize => {
+                    if let (Some(ws), true) = (crate::term::local_size(), tty.is_some()) {
+                        c.notify("exec_tty.resize", json!({"id": id, "rows": ws.rows, "cols": ws.cols})).await?;
+                    }
+                }
+                crate::term::SignalEvent::Forward(sig) => {
+                    c.notify(&format!("{pfx}.signal"), json!({"id": id, "signal": sig})).await?;
+                }
+            },
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ls, inspect, logs, kill, rm, prune, port-forward, allow-list
+
+fn records() -> Vec<(PathBuf, Meta, Status)> {
+    let mut v: Vec<_> = std::fs::read_dir(records_dir())
+        .map(|rd| {
+            rd.flatten()
+                .filter_map(|e| {
+                    let p = e.path();
+                    let m = read_meta(&p).ok()?;
+                    let s = status(&p);
+                    Some((p, m, s))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort_by_key(|(_, m, _)| std::cmp::Reverse(m.created));
+    v
+}
+
+/// `airlock ls`.
+pub fn ls(json_out: bool, all: bool) -> Result<(), String> {
+    let rows: Vec<_> = records()
+        .into_iter()
+        .filter(|(_, _, s)| all || *s == Status::Running)
+        .collect();
+    if json_out {
+        let v: Vec<Value> = rows
+            .iter()
+            .map(|(_, m, s)| {
+                let mut j = serde_json::to_value(m).unwrap_or_default();
+                j["status"] = json!(s.as_str());
+                j
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return Ok(());
+    }
+    println!(
+        "{:<14} {:<8} {:<28} {:<10} COMMAND",
+        "ID", "STATUS", "IMAGE", "CREATED"
+    );
+    for (_, m, s) in rows {
+        let age = now().saturating_sub(m.created);
+        let age = if age < 120 {
+            format!("{age}s ago")
+        } else if age < 7200 {
+            format!("{}m ago", age / 60)
+        } else {
+            format!("{}h ago", age / 3600)
+        };
+        println!(
+            "{:<14} {:<8} {:<28} {:<10} {}",
+            m.id,
+            s.as_str(),
+            m.source,
+            age,
+            m.command.join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// `airlock inspect`.
+pub async fn inspect(id: &str) -> Result<(), String> {
+    let dir = find(id)?;
+    let m = read_meta(&dir)?;
+    let s = status(&dir);
+    let mut j = serde_json::to_value(&m).map_err(|e| e.to_string())?;
+    j["status"] = json!(s.as_str());
+    j["socket"] = json!(dir.join("sock"));
+    j["log"] = json!(dir.join("log"));
+    if let Ok(b) = std::fs::read_to_string(dir.join("main-exit")) {
+        j["command_exit_code"] = json!(b.trim().parse::<i64>().ok());
+    }
+    if let Ok(b) = std::fs::read(dir.join("exit.json")) {
+        j["exit"] = serde_json::from_slice(&b).unwrap_or(Value::Null);
+    }
+    if s == Status::Running {
+        if let Ok((mut c, _)) = Client::connect(id).await {
+            if let Ok(info) = c.call("info", json!({})).await {
+                j["kernel"] = info["kernel"].clone();
+                j["accel"] = info["accel"].clone();
+            }
+        }
+    }
+    println!("{}", serde_json::to_string_pretty(&j).unwrap_or_default());
+    Ok(())
+}
+
+/// `airlock logs [-f]`.
+pub async fn logs(id: &str, follow: bool) -> Result<(), String> {
+    let dir = find(id)?;
+    let mut f = File::open(dir.join("log")).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut out = std::io::stdout();
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = f.read(&mut buf).map_err(|e| e.to_string())?;
+        if n > 0 {
+            out.write_all(&buf[..n]).map_err(|e| e.to_string())?;
+            continue;
+        }
+        out.flush().map_err(|e| e.to_string())?;
+        if !follow || status(&dir) != Status::Running {
+            // One more read: output written just before the supervisor ended.
+            let n = f.read(&mut buf).map_err(|e| e.to_string())?;
+            out.write_all(&buf[..n]).map_err(|e| e.to_string())?;
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// `airlock kill`: stops the sandbox (the record stays until `rm`/`prune`).
+pub async fn kill(id: &str) -> Result<(), String> {
+    let dir = find(id)?;
+    if status(&dir) != Status::Running {
+        return Err(format!("sandbox {id} is not running"));
+    }
+    let asked = match Client::connect(id).await {
+        Ok((mut c, _)) => c.call("shutdown", json!({})).await.is_ok(),
+        Err(_) => false,
+    };
+    if !asked {
+        // Unresponsive supervisor: it still holds the lock, so the pid is still its own.
+        if let Ok(m) = read_meta(&dir) {
+            // SAFETY: kill(2) on the supervisor's pid.
+            unsafe { libc::kill(m.supervisor_pid as i32, libc::SIGTERM) };
+        }
+    }
+    for i in 0..100 {
+        if status(&dir) != Status::Running {
+            return Ok(());
+        }
+        if i == 60 {
+            if let Ok(m) = read_meta(&dir) {
+                // SAFETY: as above; its VM dies with it (PR_SET_PDEATHSIG).
+                unsafe { libc::kill(m.supervisor_pid as i32, libc::SIGKILL) };
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!("sandbox {id} did not stop"))
+}
+
+/// `airlock rm [-f]`.
+pub async fn rm(ids: &[String], force: bool) -> Result<(), String> {
+    let mut errs = Vec::new();
+    for id in ids {
+        let r = async {
+            let dir = match find(id) {
+                Ok(d) => d,
+                // A full id without a record: an `airlock rpc` sandbox, gone with its process
+                // (matchlock's SDK calls `rm ID` after close).
+                Err(_) if id.len() == 12 && id.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            };
+            if status(&dir) == Status::Running {
+                if !force {
+                    return Err(format!(
+                        "sandbox {id} is running: airlock kill it first, or rm -f"
+                    ));
+                }
+                kill(id).await?;
+            }
+            std::fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            println!("{}", dir.file_name().unwrap_or_default().to_string_lossy());
+            Ok(())
+        }
+        .await;
+        if let Err(e) = r {
+            errs.push(e);
+        }
+    }
+    airlock_sandbox::prune_state();
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(errs.join("\n"))
+    }
+}
+
+/// `airlock prune`: removes every stopped or dead sandbox and orphaned VM state.
+pub fn prune() -> Result<(), String> {
+    for (dir, m, s) in records() {
+        if s != Status::Running {
+            std::fs::remove_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+            println!("{}", m.id);
+        }
+    }
+    // Record directories without readable meta (a supervisor killed mid-setup).
+    if let Ok(rd) = std::fs::read_dir(records_dir()) {
+        for e in rd.flatten() {
+            let p = e.path();
+            if !p.join("meta.json").exists() && status(&p) != Status::Running {
+                let _ = std::fs::remove_dir_all(&p);
+            }
+        }
+    }
+    airlock_sandbox::prune_state();
+    Ok(())
+}
+
+/// Parses `[ADDR:]HOST:GUEST`.
+pub fn parse_forward(s: &str) -> Result<(String, u16, u16), String> {
+    let bad = || format!("{s:?}: expected [ADDR:]HOST_PORT:GUEST_PORT");
+    let (rest, guest) = s.rsplit_once(':').ok_or_else(bad)?;
+    let guest: u16 = guest.parse().map_err(|_| bad())?;
+    let (addr, host) = match rest.rsplit_once(':') {
+        Some((a, h)) => (a.trim_matches(|c| c == '[' || c == ']').to_string(), h),
+        None => ("127.0.0.1".to_string(), rest),
+    };
+    let host: u16 = host.parse().map_err(|_| bad())?;
+    if guest == 0 {
+        return Err(format!("{s:?}: the guest port must be 1-65535"));
+    }
+    addr.parse::<std::net::IpAddr>()
+        .map_err(|_| format!("{s:?}: {addr:?} is not an IP address"))?;
+    Ok((addr, host, guest))
+}
+
+/// `airlock port-forward`: the supervisor binds and forwards for the sandbox's lifetime.
+pub async fn port_forward(id: &str, specs: &[String]) -> Result<(), String> {
+    let mut by_addr: std::collections::BTreeMap<String, Vec<Value>> = Default::default();
+    for s in specs {
+        let (a, h, g) = parse_forward(s)?;
+        by_addr
+            .entry(a)
+            .or_default()
+            .push(json!({"local_port": h, "remote_port": g}));
+    }
+    let (mut c, _) = Client::connect(id).await?;
+    for (addr, fwds) in by_addr {
+        let r = c
+            .call(
+                "port_forward",
+                json!({"forwards": fwds, "addresses": [addr]}),
+            )
+            .await?;
+        for b in r["bindings"].as_array().into_iter().flatten() {
+            println!(
+                "{}:{} -> {}",
+                b["address"].as_str().unwrap_or(""),
+                b["local_port"],
+                b["remote_port"]
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `airlock allow-list add|rm`.
+pub async fn allow_list(id: &str, add: bool, hosts: &[String]) -> Result<(), String> {
+    let (mut c, _) = Client::connect(id).await?;
+    let m = if add {
+        "allow_list_add"
+    } else {
+        "allow_list_delete"
+    };
+    c.call(m, json!({"hosts": hosts})).await.map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forward_specs() {
+        assert_eq!(
+            parse_forward("8080:80").unwrap(),
+            ("127.0.0.1".into(), 8080, 80)
+        );
+        assert_eq!(
+            parse_forward("0.0.0.0:0:22").unwrap(),
+            ("0.0.0.0".into(), 0, 22)
+        );
+        assert_eq!(parse_forward("[::1]:9:22").unwrap(), ("::1".into(), 9, 22));
+        assert!(parse_forward("80").is_err());
+        assert!(parse_forward("x:1:2").is_err());
+        assert!(parse_forward("1:0").is_err());
+        assert!(parse_forward("1:70000").is_err());
+    }
+}

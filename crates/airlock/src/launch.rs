@@ -1,0 +1,298 @@
+//! Turning user-level sandbox settings (CLI flags of `run -d`, or a JSON-RPC `create`) into a
+//! [`SandboxSpec`], and the `airlock rpc` launcher.
+
+use std::sync::Arc;
+
+use airlock_rpc::server::{LaunchFuture, Launcher};
+use airlock_rpc::wire::{self, RpcError};
+use airlock_sandbox::{NetworkSpec, RootfsSource, Sandbox, SandboxSpec, SecretSpec};
+use serde::{Deserialize, Serialize};
+
+/// Everything needed to start a sandbox, as the supervisor receives it on its stdin (never in
+/// argv or the environment: it holds secret values).
+#[derive(Clone, Default, Serialize, Deserialize)]
+pub struct Launch {
+    /// Image reference.
+    pub image: Option<String>,
+    /// Or a root filesystem path.
+    pub rootfs: Option<std::path::PathBuf>,
+    /// Platform to pull.
+    pub platform: Option<String>,
+    /// Registries reachable over plain HTTP.
+    #[serde(default)]
+    pub insecure_registry: Vec<String>,
+    /// vCPUs.
+    pub cpus: u32,
+    /// RAM MiB.
+    pub memory_mib: u32,
+    /// Writable layer MiB.
+    pub disk_mib: u64,
+    /// Forced accelerator.
+    pub accel: Option<String>,
+    /// Hostname.
+    pub hostname: Option<String>,
+    /// Extra kernel words.
+    #[serde(default)]
+    pub kernel_args: Vec<String>,
+    /// Network policy (secrets included).
+    #[serde(default)]
+    pub net: Net,
+    /// Workspace mounts and volumes, as `-v` takes them.
+    #[serde(default)]
+    pub mounts: Vec<String>,
+    /// File rules, as `--fs-rule` takes them.
+    #[serde(default)]
+    pub fs_rules: Vec<String>,
+}
+
+/// Adds `-v` mounts and `--fs-rule` rules (their CLI text) to `spec`.
+pub fn apply_mounts(
+    spec: &mut SandboxSpec,
+    mounts: &[String],
+    rules: &[String],
+) -> Result<(), String> {
+    for m in mounts {
+        match m.parse::<airlock_sandbox::Mount>()? {
+            airlock_sandbox::Mount::Share(s) => spec.shares.push(s),
+            airlock_sandbox::Mount::Volume(v) => spec.volumes.push(v),
+        }
+    }
+    for r in rules {
+        spec.fs_rules.push(
+            r.parse::<airlock_sandbox::FsRule>()
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    Ok(())
+}
+
+/// The network part of a [`Launch`].
+#[derive(Clone, Default, Serialize, Deserialize)]
+pub struct Net {
+    /// No NIC.
+    #[serde(default)]
+    pub disabled: bool,
+    /// Allow rules.
+    #[serde(default)]
+    pub allow_hosts: Vec<String>,
+    /// `NAME:IP` pins.
+    #[serde(default)]
+    pub add_hosts: Vec<(String, String)>,
+    /// Private CIDRs allowed.
+    #[serde(default)]
+    pub allow_private: Vec<String>,
+    /// Secrets.
+    #[serde(default)]
+    pub secrets: Vec<Secret>,
+    /// Extra upstream TLS roots (PEM files).
+    #[serde(default)]
+    pub upstream_ca: Vec<std::path::PathBuf>,
+    /// Audit log file.
+    #[serde(default)]
+    pub audit_file: Option<std::path::PathBuf>,
+}
+
+impl Net {
+    /// The serializable form of a checked [`NetworkSpec`].
+    pub fn from_spec(n: &NetworkSpec) -> Net {
+        Net {
+            disabled: n.disabled,
+            allow_hosts: n.allow_hosts.clone(),
+            add_hosts: n
+                .add_hosts
+                .iter()
+                .map(|(name, ip)| (name.clone(), ip.to_string()))
+                .collect(),
+            allow_private: n.allow_private.clone(),
+            secrets: n
+                .secrets
+                .iter()
+                .map(|s| Secret {
+                    name: s.name.clone(),
+                    value: s.value.clone(),
+                    hosts: s.hosts.clone(),
+                    placeholder: s.placeholder.clone(),
+                    in_body: s.in_body,
+                })
+                .collect(),
+            upstream_ca: n.upstream_ca.clone(),
+            audit_file: n.audit_file.clone(),
+        }
+    }
+}
+
+/// One secret.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct Secret {
+    /// Variable name.
+    pub name: String,
+    /// Value: lives only in memory and on the supervisor's stdin pipe.
+    pub value: String,
+    /// Hosts it may go to.
+    pub hosts: Vec<String>,
+    /// Placeholder.
+    pub placeholder: Option<String>,
+    /// Substitute in bodies too.
+    #[serde(default)]
+    pub in_body: bool,
+}
+
+impl Launch {
+    /// The sandbox spec (resolving, and pulling if needed, the image).
+    pub async fn spec(&self) -> Result<SandboxSpec, String> {
+        let rootfs = match (&self.rootfs, &self.image) {
+            (Some(p), _) => RootfsSource::from_path(p).map_err(|e| e.to_string())?,
+            (None, Some(name)) => {
+                let (store, rec) = match crate::image::resolve(name)? {
+                    Some(f) => f,
+                    None => {
+                        crate::image::pull(name, self.platform.as_deref(), &self.insecure_registry)
+                            .await?;
+                        crate::image::resolve(name)?
+                            .ok_or_else(|| format!("{name}: not in the store after pulling"))?
+                    }
+                };
+                RootfsSource::Oci {
+                    store: store.root().to_path_buf(),
+                    image: Box::new(rec),
+                }
+            }
+            (None, None) => return Err("give an image or a root filesystem".into()),
+        };
+        let mut spec = SandboxSpec::new(rootfs);
+        spec.cpus = self.cpus;
+        spec.memory_mib = self.memory_mib;
+        spec.disk_mib = self.disk_mib;
+        spec.hostname = self.hostname.clone();
+        spec.kernel_args = self.kernel_args.clone();
+        spec.accel = match &self.accel {
+            Some(a) => Some(a.parse().map_err(|e: String| e)?),
+            None => None,
+        };
+        apply_mounts(&mut spec, &self.mounts, &self.fs_rules)?;
+        let mut net = NetworkSpec {
+            disabled: self.net.disabled,
+            allow_hosts: self.net.allow_hosts.clone(),
+            allow_private: self.net.allow_private.clone(),
+            upstream_ca: self.net.upstream_ca.clone(),
+            audit_file: self.net.audit_file.clone(),
+            ..Default::default()
+        };
+        for (name, ip) in &self.net.add_hosts {
+            let ip = ip
+                .parse()
+                .map_err(|_| format!("add-host {name}: {ip:?} is not an IP address"))?;
+            net.add_hosts.push((name.clone(), ip));
+        }
+        for s in &self.net.secrets {
+            net.secrets.push(SecretSpec {
+                name: s.name.clone(),
+                value: s.value.clone(),
+                hosts: s.hosts.clone(),
+                placeholder: s.placeholder.clone(),
+                in_body: s.in_body,
+            });
+        }
+        if net.disabled && (!net.allow_hosts.is_empty() || !net.secrets.is_empty()) {
+            return Err("--no-network cannot be combined with allowed hosts or secrets".into());
+        }
+        spec.network = net;
+        Ok(spec)
+    }
+
+    /// A [`Launch`] from matchlock `create` parameters.
+    pub fn from_create(p: wire::CreateParams) -> Result<Launch, RpcError> {
+        let bad = RpcError::params;
+        if p.network.as_ref().is_some_and(|n| n.interception.is_some())
+            || p.vfs.as_ref().is_some_and(|v| v.interception.is_some())
+        {
+            return Err(bad(
+                "network and VFS interception hooks are not supported by Airlock",
+            ));
+        }
+        let cpus = match p.resources.cpus {
+            Some(c) if !(c > 0.0 && c <= 64.0) => return Err(bad("cpus must be in (0, 64]")),
+            Some(c) => c.ceil() as u32,
+            None => airlock_sandbox::DEFAULT_CPUS,
+        };
+        let net = p.network.unwrap_or_default();
+        let mut mounts = Vec::new();
+        if let Some(v) = &p.vfs {
+            for (guest, cfg) in &v.mounts {
+                mounts.push(format!("{cfg}:{guest}"));
+            }
+        }
+        Ok(Launch {
+            image: (!p.image.is_empty()).then_some(p.image),
+            rootfs: p.rootfs.map(Into::into),
+            platform: Some("linux/amd64".into()),
+            insecure_registry: Vec::new(),
+            cpus,
+            memory_mib: p
+                .resources
+                .memory_mb
+                .unwrap_or(airlock_sandbox::DEFAULT_MEMORY_MIB),
+            disk_mib: p
+                .resources
+                .disk_size_mb
+                .unwrap_or(airlock_sandbox::DEFAULT_DISK_MIB),
+            accel: None,
+            hostname: p.hostname.or(net.hostname.clone()),
+            kernel_args: Vec::new(),
+            net: Net {
+                disabled: net.no_network,
+                allow_hosts: net.allowed_hosts,
+                add_hosts: net.add_hosts.into_iter().map(|h| (h.host, h.ip)).collect(),
+                // block_private_ips=false opens every private range, as matchlock.
+                allow_private: if net.block_private_ips == Some(false)
+                    && net.allow_private.is_empty()
+                {
+                    vec!["0.0.0.0/0".into(), "::/0".into()]
+                } else {
+                    net.allow_private
+                },
+                secrets: net
+                    .secrets
+                    .into_iter()
+                    .map(|(name, s)| Secret {
+                        name,
+                        value: s.value,
+                        hosts: s.hosts,
+                        placeholder: s.placeholder,
+                        in_body: s.in_body,
+                    })
+                    .collect(),
+                upstream_ca: Vec::new(),
+                audit_file: None,
+            },
+            mounts,
+            fs_rules: Vec::new(),
+        })
+    }
+}
+
+/// `airlock rpc`'s launcher: sandboxes live in the rpc process itself, as matchlock's do.
+pub struct RpcLauncher;
+
+impl Launcher for RpcLauncher {
+    fn launch(&self, params: wire::CreateParams) -> LaunchFuture {
+        Box::pin(async move {
+            let l = Launch::from_create(params)?;
+            let spec = l
+                .spec()
+                .await
+                .map_err(|e| RpcError::new(wire::VM_FAILED, e))?;
+            Sandbox::start(spec)
+                .await
+                .map_err(|e| RpcError::new(wire::VM_FAILED, e.to_string()))
+        })
+    }
+}
+
+/// `airlock rpc`: JSON-RPC over stdio until stdin ends or `close`.
+pub async fn rpc() -> i32 {
+    let shared = airlock_rpc::server::Shared::rpc(Arc::new(RpcLauncher));
+    let stdin = tokio::io::BufReader::with_capacity(256 * 1024, tokio::io::stdin());
+    airlock_rpc::server::serve(shared, stdin, tokio::io::stdout()).await;
+    0
+}

@@ -1,0 +1,376 @@
+//! Long-lived sandboxes end to end: `run -d`, `exec`, `ls`, `logs`, `kill`, `rm`, `prune`,
+//! supervisor death, secrets kept out of state files and `ps`, and `airlock rpc`'s handling of
+//! malformed input. Real guests (TCG here); each test has its own runtime dir.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn rootfs() -> String {
+    std::env::var("AIRLOCK_TEST_ROOTFS").unwrap_or_else(|_| {
+        let home = std::env::var("HOME").unwrap();
+        format!("{home}/.cache/airlock/demo-rootfs")
+    })
+}
+
+struct Env {
+    rt: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        Env {
+            rt: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_airlock"));
+        c.args(args)
+            .env("AIRLOCK_RUNTIME_DIR", self.rt.path())
+            .stdin(Stdio::null());
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "airlock {args:?} failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    }
+
+    fn start(&self, extra: &[&str]) -> String {
+        let r = rootfs();
+        let mut args = vec!["run", "-d", "--rootfs", &r];
+        args.extend_from_slice(extra);
+        let id = self.ok(&args).trim().to_string();
+        assert_eq!(id.len(), 12, "run -d prints the id: {id:?}");
+        id
+    }
+
+    fn ls(&self) -> serde_json::Value {
+        serde_json::from_str(&self.ok(&["ls", "-a", "--json"])).unwrap()
+    }
+
+    fn status(&self, id: &str) -> Option<String> {
+        self.ls()
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["id"] == id)
+            .map(|v| v["status"].as_str().unwrap().to_string())
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        // Never leave a supervisor behind, even when an assertion failed.
+        if let Ok(o) = self.cmd(&["ls", "--json"]).output() {
+            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&o.stdout) {
+                for s in v.as_array().into_iter().flatten() {
+                    let _ = self.run(&["kill", s["id"].as_str().unwrap_or("")]);
+                }
+            }
+        }
+    }
+}
+
+fn gone_or_zombie(pid: u64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(s) => s
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+    }
+}
+
+#[test]
+fn lifecycle_run_exec_ls_logs_kill_rm_prune() {
+    let env = Env::new();
+    let id = env.start(&["--", "sh", "-c", "echo main-out; echo main-err >&2"]);
+
+    // exec: exit code, stdout/stderr separated, env/workdir/user, stdin.
+    let o = env.run(&[
+        "exec",
+        "-e",
+        "FOO=bar",
+        "-w",
+        "/tmp/wd",
+        "-u",
+        "nobody",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "echo $FOO $(pwd) $(id -u); echo oops >&2; exit 7",
+    ]);
+    assert_eq!(o.status.code(), Some(7));
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "bar /tmp/wd 65534\n");
+    assert_eq!(String::from_utf8_lossy(&o.stderr), "oops\n");
+    let mut c = env
+        .cmd(&["exec", "-i", &id, "--", "sh", "-c", "tr a-z A-Z; echo done"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    c.stdin.take().unwrap().write_all(b"hello stdin\n").unwrap();
+    let o = c.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "HELLO STDIN\ndone\n");
+    // State persists between execs (the same VM).
+    env.ok(&["exec", &id, "--", "sh", "-c", "echo kept > /root/f"]);
+    assert_eq!(env.ok(&["exec", &id, "--", "cat", "/root/f"]), "kept\n");
+    let o = env.run(&["exec", &id, "--", "no-such-program"]);
+    assert_eq!(o.status.code(), Some(127));
+
+    // Two concurrent execs into one sandbox, each gets its own output.
+    let spawn = |tag: &str| {
+        env.cmd(&[
+            "exec",
+            &id,
+            "--",
+            "sh",
+            "-c",
+            &format!("for i in 1 2 3 4 5; do echo {tag}$i; sleep 0.2; done"),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap()
+    };
+    let (a, b) = (spawn("a"), spawn("b"));
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert_eq!(String::from_utf8_lossy(&a.stdout), "a1\na2\na3\na4\na5\n");
+    assert_eq!(String::from_utf8_lossy(&b.stdout), "b1\nb2\nb3\nb4\nb5\n");
+
+    // ls / logs / inspect.
+    assert_eq!(env.status(&id).as_deref(), Some("running"));
+    let table = env.ok(&["ls"]);
+    assert!(table.contains(&id) && table.contains("running"), "{table}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let logs = env.ok(&["logs", &id]);
+        if logs.contains("main-out") && logs.contains("main-err") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "logs never showed the output: {logs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let insp: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", &id[..6]])).unwrap();
+    assert_eq!(insp["id"], id.as_str());
+    let vm_pid = insp["vm_pid"].as_u64().unwrap();
+    // Only this user can reach the supervisor.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let rec = env.rt.path().join("sandboxes").join(&id);
+    assert_eq!(mode(&rec), 0o700);
+    assert_eq!(mode(&rec.join("sock")), 0o600);
+    // Not wired yet (TODO(lead)): clear errors, the sandbox keeps working.
+    for args in [
+        vec!["port-forward", &id, "18080:80"],
+        vec!["allow-list", "add", &id, "example.com"],
+        vec!["allow-list", "rm", &id, "example.com"],
+    ] {
+        let o = env.run(&args);
+        assert!(!o.status.success());
+        assert!(String::from_utf8_lossy(&o.stderr).contains("not available yet"));
+    }
+    assert!(env.run(&["port-forward", &id, "nonsense"]).status.code() == Some(1));
+    assert_eq!(env.ok(&["exec", &id, "--", "echo", "still"]), "still\n");
+
+    // logs -f ends when the sandbox stops.
+    let follower = env
+        .cmd(&["logs", "-f", &id])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // kill: stops, keeps the record.
+    env.ok(&["kill", &id]);
+    assert_eq!(env.status(&id).as_deref(), Some("exited"));
+    let f = follower.wait_with_output().unwrap();
+    assert!(String::from_utf8_lossy(&f.stdout).contains("main-out"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !gone_or_zombie(vm_pid) {
+        assert!(Instant::now() < deadline, "VM still running after kill");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(!env.run(&["exec", &id, "--", "true"]).status.success());
+    assert!(
+        env.ok(&["ls"]).lines().count() == 1,
+        "ls without -a lists running only"
+    );
+
+    // rm refuses a running sandbox without -f; rm -f kills it; prune removes the rest.
+    let id2 = env.start(&[]);
+    let o = env.run(&["rm", &id2]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("running"));
+    env.ok(&["rm", "-f", &id2]);
+    assert_eq!(env.status(&id2), None);
+    let id3 = env.start(&[]);
+    assert_eq!(env.ok(&["prune"]).trim(), id);
+    assert_eq!(env.status(&id), None);
+    assert_eq!(
+        env.status(&id3).as_deref(),
+        Some("running"),
+        "prune keeps running ones"
+    );
+    env.ok(&["rm", "-f", &id3]);
+    assert!(env.ls().as_array().unwrap().is_empty());
+    // Nothing left but the host-wide TSC cache and the (empty) records dir.
+    let left: Vec<_> = std::fs::read_dir(env.rt.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "tsc_khz" && n != "sandboxes")
+        .collect();
+    assert!(left.is_empty(), "state left: {left:?}");
+}
+
+#[test]
+fn supervisor_sigkill_takes_vm_ls_says_dead_prune_cleans() {
+    let env = Env::new();
+    let id = env.start(&[]);
+    let insp: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", &id])).unwrap();
+    let (sup, vm) = (
+        insp["supervisor_pid"].as_u64().unwrap(),
+        insp["vm_pid"].as_u64().unwrap(),
+    );
+    assert!(!gone_or_zombie(vm));
+    // SAFETY: kill(2) on the supervisor this test started.
+    unsafe { libc::kill(sup as i32, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(gone_or_zombie(vm) && gone_or_zombie(sup)) {
+        assert!(Instant::now() < deadline, "VM {vm} outlived its supervisor");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(env.status(&id).as_deref(), Some("dead"));
+    let o = env.run(&["exec", &id, "--", "true"]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not running"));
+    assert_eq!(env.ok(&["prune"]).trim(), id);
+    assert!(env.ls().as_array().unwrap().is_empty());
+    // The dead VM's disk and console went too.
+    let left: Vec<_> = std::fs::read_dir(env.rt.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "tsc_khz" && n != "sandboxes")
+        .collect();
+    assert!(left.is_empty(), "state left after prune: {left:?}");
+}
+
+#[test]
+fn secret_values_stay_out_of_state_files_and_ps() {
+    let env = Env::new();
+    let value = "sk-airlock-test-7f3a9c1e5b";
+    let r = rootfs();
+    let o = env
+        .cmd(&[
+            "run",
+            "-d",
+            "--rootfs",
+            &r,
+            "--allow-host",
+            "api.example.com",
+            "--secret",
+            "API_TOKEN@api.example.com",
+            "--secret",
+            &format!("OTHER={value}-2@other.example.com"),
+        ])
+        .env("API_TOKEN", value)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let id = String::from_utf8(o.stdout).unwrap().trim().to_string();
+    // inspect shows names and hosts, never values.
+    let insp = env.ok(&["inspect", &id]);
+    assert!(insp.contains("API_TOKEN") && insp.contains("api.example.com"));
+    assert!(!insp.contains(value), "inspect leaks the secret");
+    // No file under the runtime dir holds it.
+    fn walk(p: &std::path::Path, value: &str) {
+        for e in std::fs::read_dir(p).unwrap().flatten() {
+            let p = e.path();
+            let ft = e.file_type().unwrap();
+            if ft.is_dir() {
+                walk(&p, value);
+            } else if ft.is_file() {
+                let b = std::fs::read(&p).unwrap_or_default();
+                assert!(
+                    !b.windows(value.len()).any(|w| w == value.as_bytes()),
+                    "{} holds the secret value",
+                    p.display()
+                );
+            }
+        }
+    }
+    walk(env.rt.path(), value);
+    // No process's argv (what ps shows), and not the supervisor's environment.
+    let ps = Command::new("ps")
+        .args(["-eww", "-o", "args"])
+        .output()
+        .unwrap();
+    assert!(ps.status.success());
+    assert!(
+        !String::from_utf8_lossy(&ps.stdout).contains(value),
+        "ps shows the secret"
+    );
+    let sup = serde_json::from_str::<serde_json::Value>(&insp).unwrap()["supervisor_pid"]
+        .as_u64()
+        .unwrap();
+    let environ = std::fs::read(format!("/proc/{sup}/environ")).unwrap();
+    assert!(!environ.windows(value.len()).any(|w| w == value.as_bytes()));
+    assert!(!String::from_utf8_lossy(&environ).contains("API_TOKEN="));
+    env.ok(&["rm", "-f", &id]);
+}
+
+#[test]
+fn rpc_answers_malformed_and_oversized_input_with_errors() {
+    let env = Env::new();
+    let mut c = env
+        .cmd(&["rpc"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = c.stdin.take().unwrap();
+    let mut out = BufReader::new(c.stdout.take().unwrap());
+    let mut ask = |line: &[u8]| -> serde_json::Value {
+        stdin.write_all(line).unwrap();
+        stdin.write_all(b"\n").unwrap();
+        stdin.flush().unwrap();
+        let mut l = String::new();
+        out.read_line(&mut l).unwrap();
+        serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}"))
+    };
+    let code = |v: &serde_json::Value| v["error"]["code"].as_i64();
+    assert_eq!(code(&ask(b"{not json")), Some(-32700));
+    assert_eq!(code(&ask(b"\xff\xfe\x00")), Some(-32700));
+    assert_eq!(code(&ask(b"[]")), Some(-32600));
+    assert_eq!(code(&ask(br#"{"jsonrpc":"2.0","id":1}"#)), Some(-32600));
+    assert_eq!(
+        code(&ask(br#"{"jsonrpc":"2.0","id":2,"method":"warp_drive"}"#)),
+        Some(-32601)
+    );
+    let v = ask(br#"{"jsonrpc":"2.0","id":3,"method":"exec","params":{"command":5}}"#);
+    assert_eq!((code(&v), v["id"].as_i64()), (Some(-32602), Some(3)));
+    let v = ask(br#"{"jsonrpc":"2.0","id":4,"method":"exec","params":{"command":"true"}}"#);
+    assert_eq!(code(&v), Some(-32000), "no sandbox yet: {v}");
+    let v = ask(br#"{"jsonrpc":"2.0","id":5,"method":"create","params":{}}"#);
+    assert_eq!(code(&v), Some(-32602), "image required: {v}");
+    // 40 MiB line: refused, and the server reads on.
+    let big = vec![b'a'; 40 * 1024 * 1024];
+    assert_eq!(code(&ask(&big)), Some(-32600));
+    let v = ask(br#"{"jsonrpc":"2.0","id":6,"method":"list_files","params":{"path":"/"}}"#);
+    assert_eq!((code(&v), v["id"].as_i64()), (Some(-32000), Some(6)));
+    drop(stdin);
+    assert!(c.wait().unwrap().success());
+}
