@@ -333,6 +333,7 @@ impl Registry {
             stdin_window: Mutex::new(Window::default()),
             stdin: Mutex::new(None),
             pty: None,
+            cancelled: Default::default(),
             progress: Mutex::new(Progress {
                 exit: None,
                 readers_left: 2,
