@@ -109,33 +109,47 @@ def main() -> None:
             t.join()
         assert results == {i: f"{i}\n" for i in range(4)}, results
 
-        # port_forward and allow-list changes: answered with matchlock's error shape until
-        # the network and port-forward work lands (TODO(lead): assert real forwarding here).
-        for call in (
-            lambda: c.port_forward("18080:80"),
-            lambda: c._send_request("allow_list_add", {"hosts": ["example.org"]}),
-            lambda: c._send_request("allow_list_delete", {"hosts": ["example.org"]}),
-        ):
-            try:
-                call()
-                raise AssertionError("expected not-available error")
-            except RPCError as e:
-                assert e.code == RPCError.VM_FAILED and "not available" in e.message, e
+        # port_forward reaches a guest server; allow-list changes reach the policy.
+        c.exec("mkdir -p /www && echo served > /www/i && httpd -p 8000 -h /www")
+        import socket
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        c.port_forward("%d:8000" % port)
+        import urllib.request
+        assert urllib.request.urlopen("http://127.0.0.1:%d/i" % port, timeout=20).read() == b"served\n"
+        c._send_request("allow_list_add", {"hosts": ["example.org"]})
+        c._send_request("allow_list_delete", {"hosts": ["example.org"]})
+        try:
+            c._send_request("allow_list_add", {"hosts": ["not a host"]})
+            raise AssertionError("a bad rule must be refused")
+        except RPCError as e:
+            assert e.code == RPCError.INVALID_PARAMS, e
         c.close()
     c.remove()  # `airlock rm ID`: nothing left to remove for an rpc sandbox, and no error
 
-    # no_network, and mounts (workspace shares: not wired yet -> a clear VM_FAILED).
+    # no_network; host_fs mounts are workspace shares; memory mounts are refused clearly.
     with Client() as c:
         c.create(CreateOptions(image=IMAGE, no_network=True))
         assert c.exec("echo ok").stdout == "ok\n"
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "hello.txt"), "w") as f:
+            f.write("from the host\n")
+        with Client() as c:
+            c.create(CreateOptions(image=IMAGE, mounts={"/workspace": MountConfig(type="host_fs", host_path=d)}))
+            assert c.exec("cat /workspace/hello.txt").stdout == "from the host\n"
+            c.exec("echo from the guest > /workspace/back.txt")
+        with open(os.path.join(d, "back.txt")) as f:
+            assert f.read() == "from the guest\n"
     with Client() as c:
         try:
             c.create(
                 CreateOptions(image=IMAGE, mounts={"/workspace": MountConfig(type="memory")})
             )
-            raise AssertionError("mounts should be refused until wired")
+            raise AssertionError("memory mounts are not supported")
         except RPCError as e:
-            assert e.is_vm_error() and "not available" in e.message, e
+            assert "not supported" in e.message, e
         # A failed create leaves a usable connection; errors keep matchlock's codes.
         try:
             c.exec("true")

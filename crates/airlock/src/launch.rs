@@ -219,7 +219,21 @@ impl Launch {
         let mut mounts = Vec::new();
         if let Some(v) = &p.vfs {
             for (guest, cfg) in &v.mounts {
-                mounts.push(format!("{cfg}:{guest}"));
+                // matchlock's shape: {type: host_fs | overlay | memory, host_path, readonly}.
+                let ty = cfg["type"].as_str().unwrap_or("memory");
+                let host = cfg["host_path"].as_str().unwrap_or("");
+                let ro = cfg["readonly"].as_bool().unwrap_or(false);
+                mounts.push(match ty {
+                    "host_fs" if !host.is_empty() => {
+                        format!("{host}:{guest}:{}", if ro { "ro" } else { "rw" })
+                    }
+                    "overlay" if !host.is_empty() => format!("{host}:{guest}"),
+                    _ => {
+                        return Err(RpcError::params(format!(
+                            "mount {guest}: type {ty:?} is not supported: Airlock shares host directories (host_fs with host_path, or overlay)"
+                        )))
+                    }
+                });
             }
         }
         Ok(Launch {

@@ -173,16 +173,41 @@ fn lifecycle_run_exec_ls_logs_kill_rm_prune() {
     let rec = env.rt.path().join("sandboxes").join(&id);
     assert_eq!(mode(&rec), 0o700);
     assert_eq!(mode(&rec.join("sock")), 0o600);
-    // Not wired yet (TODO(lead)): clear errors, the sandbox keeps working.
-    for args in [
-        vec!["port-forward", &id, "18080:80"],
-        vec!["allow-list", "add", &id, "example.com"],
-        vec!["allow-list", "rm", &id, "example.com"],
-    ] {
-        let o = env.run(&args);
-        assert!(!o.status.success());
-        assert!(String::from_utf8_lossy(&o.stderr).contains("not available yet"));
-    }
+    // A port forward held by the supervisor reaches a server started with exec.
+    env.ok(&[
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p /www && echo served > /www/i && httpd -p 80 -h /www",
+    ]);
+    let bound = env.ok(&["port-forward", &id, "0:80"]);
+    let port = bound
+        .trim()
+        .rsplit_once(" -> ")
+        .and_then(|(a, _)| a.rsplit_once(':'))
+        .map(|(_, p)| p.to_string())
+        .unwrap_or_else(|| panic!("no binding printed: {bound:?}"));
+    let got = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "--max-time",
+            "20",
+            &format!("http://127.0.0.1:{port}/i"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&got.stdout), "served\n");
+    // Allow-list changes reach the running sandbox's policy; bad rules are refused clearly.
+    env.ok(&["allow-list", "add", &id, "example.com", "*.example.org"]);
+    env.ok(&["allow-list", "rm", &id, "example.com"]);
+    let o = env.run(&["allow-list", "add", &id, "not a host"]);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("not a host"),
+        "{o:?}"
+    );
     assert!(env.run(&["port-forward", &id, "nonsense"]).status.code() == Some(1));
     assert_eq!(env.ok(&["exec", &id, "--", "echo", "still"]), "still\n");
 

@@ -59,10 +59,14 @@ def sync_suite() -> None:
         names = {f.name: f for f in sb.list_files("/data")}
         assert names["big.bin"].size == len(big) and names["big.bin"].mode & 0o777 == 0o640
         expect_error(lambda: sb.read_file("/missing"), AirlockError.FILE_FAILED, "/missing")
-        # Port forwards and allow-list: placeholders until wired (TODO(lead)).
-        expect_error(lambda: sb.port_forward(80), AirlockError.VM_FAILED, "not available")
-        expect_error(lambda: sb.allow_hosts("a.example"), AirlockError.VM_FAILED, "not available")
-        expect_error(lambda: sb.remove_hosts("a.example"), AirlockError.VM_FAILED, "not available")
+        # Port forwards reach a guest server; allow-list changes reach the policy.
+        sb.exec("mkdir -p /www && echo served > /www/i && httpd -p 8000 -h /www")
+        b = sb.port_forward(8000)[0]
+        import urllib.request
+        assert urllib.request.urlopen("http://127.0.0.1:%d/i" % b.local_port, timeout=20).read() == b"served\n"
+        sb.allow_hosts("a.example")
+        sb.remove_hosts("a.example")
+        expect_error(lambda: sb.allow_hosts("not a host"), AirlockError.INVALID_PARAMS, "not a host")
 
 
 async def async_suite() -> None:

@@ -56,10 +56,14 @@ test("exec, streaming, stdin, tty, files, errors", async () => {
     const many = await Promise.all([0, 1, 2, 3].map((i) => sb.exec(`echo ${i}`)));
     assert.deepEqual(many.map((m) => m.stdout.toString()), ["0\n", "1\n", "2\n", "3\n"]);
 
-    // Placeholders until the network and port-forward work lands (TODO(lead)).
-    await rejectsWith(sb.portForward(80), AirlockError.VM_FAILED, "not available");
-    await rejectsWith(sb.allowHosts("a.example"), AirlockError.VM_FAILED, "not available");
-    await rejectsWith(sb.removeHosts("a.example"), AirlockError.VM_FAILED, "not available");
+    // Port forwards reach a guest server; allow-list changes reach the policy.
+    await sb.exec("mkdir -p /www && echo served > /www/i && httpd -p 8000 -h /www");
+    const [b] = await sb.portForward(8000);
+    const body = await (await fetch(`http://127.0.0.1:${b.localPort ?? b.local_port}/i`)).text();
+    assert.equal(body, "served\n");
+    await sb.allowHosts("a.example");
+    await sb.removeHosts("a.example");
+    await rejectsWith(sb.allowHosts("not a host"), AirlockError.INVALID_PARAMS, "not a host");
   } finally {
     await sb.close();
   }
