@@ -308,6 +308,8 @@ pub async fn section(rootfs: &Path) -> Result<String> {
     let (stack, lo) = throughput(5).await?;
     eprintln!("network: guest download vs host");
     let (guest, host) = download(rootfs, 64, 5).await?;
+    eprintln!("network: MITM vs passthrough HTTPS latency");
+    let (mitm, pass) = mitm_latency(15).await?;
     let (s, l) = (median_f(&stack), median_f(&lo));
     let (g, h) = (median_d(&guest), median_d(&host));
     Ok(format!(
@@ -317,7 +319,12 @@ pub async fn section(rootfs: &Path) -> Result<String> {
          Airlock's stack to a loopback TCP sink (goal ≥ {THROUGHPUT_GOAL_GBIT} Gbit/s) | \
          {s:.2} Gbit/s | {l:.2} Gbit/s host loopback TCP | {r:.2} |\n\
          | guest download of 64 MiB through the netstack (busybox wget, passthrough, TCG) | \
-         {gs:.2} s ({gm:.0} MiB/s) | {hs:.3} s host curl | {gr:.1}× |\n\n",
+         {gs:.2} s ({gm:.0} MiB/s) | {hs:.3} s host curl | {gr:.1}× |\n\
+         | HTTPS request through the MITM (secret substituted; curl in the guest, new \
+         connection each) | {mm:.1} ms | {pm:.1} ms passthrough to the same server | {mr:.2} |\n\n",
+        mm = mitm * 1e3,
+        pm = pass * 1e3,
+        mr = mitm / pass,
         mb = STREAM_BYTES >> 20,
         r = s / l,
         gs = g.as_secs_f64(),
@@ -325,4 +332,97 @@ pub async fn section(rootfs: &Path) -> Result<String> {
         hs = h.as_secs_f64(),
         gr = g.as_secs_f64() / h.as_secs_f64(),
     ))
+}
+
+/// A HTTPS request through the MITM (a host with a secret) against the same request passed
+/// through untouched, same server, same sandbox, alternating: medians of curl's total time
+/// measured inside the guest (seconds).
+pub async fn mitm_latency(samples: usize) -> Result<(f64, f64)> {
+    let root = crate::repo_root();
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    std::fs::write(
+        d.join("ext.cnf"),
+        "subjectAltName=DNS:api.test,DNS:pass.test\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )?;
+    let st = std::process::Command::new("sh")
+        .arg("-ec")
+        .arg(
+            "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+               -keyout ca.key -out ca.crt -days 2 -subj /CN=bench-ca 2>/dev/null
+             openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+               -keyout server.key -out server.csr -subj /CN=api.test 2>/dev/null
+             openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
+               -out server.crt -days 2 -extfile ext.cnf 2>/dev/null",
+        )
+        .current_dir(d)
+        .status()?;
+    if !st.success() {
+        bail!("openssl failed");
+    }
+    let mut node = tokio::process::Command::new("node")
+        .arg(root.join("crates/airlock/tests/net/server.js"))
+        .arg(d)
+        .kill_on_drop(true)
+        .spawn()
+        .context("node (the test servers run under Node.js)")?;
+    let ready = d.join("ready.json");
+    let t0 = Instant::now();
+    while !ready.exists() {
+        if t0.elapsed() > Duration::from_secs(20) {
+            bail!("test server did not start");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ports: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&ready)?)?;
+    let port = ports["https"].as_u64().context("https port")?;
+    let script = format!(
+        "printf '%s\\n' \"$UPSTREAM_CA\" > /tmp/up.pem
+         for i in $(seq {n}); do
+           curl -s -o /dev/null -w 'mitm %{{time_total}} %{{http_code}}\\n' https://api.test:{port}/x -H \"Authorization: Bearer $BENCH_KEY\"
+           curl -s -o /dev/null -w 'pass %{{time_total}} %{{http_code}}\\n' --cacert /tmp/up.pem https://pass.test:{port}/x
+         done",
+        n = samples + 1
+    );
+    let out = tokio::process::Command::new(crate::airlock_bin()?)
+        .args(["run", "--image", "demo/debian:bookworm"])
+        .args(["--add-host", "api.test:127.0.0.1", "--add-host", "pass.test:127.0.0.1"])
+        .args(["--allow-host", "api.test", "--allow-host", "pass.test"])
+        .args(["--secret", "BENCH_KEY@api.test"])
+        .arg("--upstream-ca")
+        .arg(d.join("ca.crt"))
+        .arg("-e")
+        .arg(format!("UPSTREAM_CA={}", std::fs::read_to_string(d.join("ca.crt"))?))
+        .args(["--", "bash", "-c", &script])
+        .env("BENCH_KEY", "bench-secret-value")
+        .output()
+        .await?;
+    let _ = node.kill().await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut mitm = Vec::new();
+    let mut pass = Vec::new();
+    // The first pair warms both paths (leaf certificate, upstream TLS) and is not counted.
+    for (i, l) in text.lines().enumerate() {
+        let f: Vec<&str> = l.split(' ').collect();
+        let [k, v, code] = f[..] else { continue };
+        let Ok(v) = v.parse::<f64>() else { continue };
+        if code != "200" {
+            bail!("{k} request answered {code}: {text}");
+        }
+        if i < 2 {
+            continue;
+        }
+        match k {
+            "mitm" => mitm.push(v),
+            "pass" => pass.push(v),
+            _ => {}
+        }
+    }
+    if mitm.len() < samples || pass.len() < samples || mitm.iter().chain(&pass).any(|v| *v == 0.0) {
+        bail!(
+            "MITM latency run failed: {text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok((median_f(&mitm), median_f(&pass)))
 }
