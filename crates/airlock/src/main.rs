@@ -515,7 +515,9 @@ async fn run(a: RunArgs) -> i32 {
         eprintln!("airlock: {e}");
         return EXIT_SANDBOX_FAILED;
     }
-    spec.share_owner = share_owner(user.as_deref(), a.rootfs.as_deref());
+    if !spec.shares.is_empty() {
+        spec.share_owner = share_owner(user.as_deref(), a.rootfs.as_deref());
+    }
     if !a.fs_rules.is_empty() {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<airlock_sandbox::FsEvent>(1024);
         spec.fs_events = Some(tx);
