@@ -179,6 +179,16 @@ fn sb_error(code: i32, e: SbError) -> RpcError {
     }
 }
 
+/// Errors of the share methods: refusals (`Setup`: dest exists, too large, missing in the
+/// guest) are the operation's failure, not the VM's.
+fn file_error(e: SbError) -> RpcError {
+    match e {
+        SbError::Setup(m) => RpcError::new(FILE_FAILED, m),
+        SbError::Io(e) => RpcError::new(FILE_FAILED, e.to_string()),
+        other => sb_error(FILE_FAILED, other),
+    }
+}
+
 /// Serves one connection until its input ends or it is closed.
 pub async fn serve<R, W>(shared: Arc<Shared>, mut r: R, w: W)
 where
@@ -441,6 +451,31 @@ impl Conn {
                     r.map_err(|e| RpcError::params(e.to_string()))?;
                 }
                 Ok(json!({"hosts": p.hosts}))
+            }
+            "share_diff" => {
+                let sb = self.shared.need_sandbox()?;
+                let changes = sb.share_diff().await.map_err(file_error)?;
+                let changes: Vec<Value> = changes
+                    .into_iter()
+                    .map(|c| json!({"kind": c.kind, "path": c.path}))
+                    .collect();
+                Ok(json!({"changes": changes}))
+            }
+            "copy_out" => {
+                // Writes on the host as the server's user, who is also the client's (stdio,
+                // or a 0600 socket): the checks are against mistakes, not against the client.
+                let p: wire::CopyOutParams = wire::params(p)?;
+                let dest = std::path::Path::new(&p.dest);
+                if !dest.is_absolute() {
+                    return Err(RpcError::params(format!(
+                        "dest {:?} must be an absolute host path",
+                        p.dest
+                    )));
+                }
+                let sb = self.shared.need_sandbox()?;
+                let max = p.max_bytes.unwrap_or(wire::COPY_OUT_DEFAULT_MAX);
+                let s = sb.copy_out(&p.path, dest, max).await.map_err(file_error)?;
+                Ok(json!({"files": s.files, "dirs": s.dirs, "skipped": s.skipped}))
             }
             "info" => {
                 let sb = self.shared.need_sandbox()?;
@@ -764,5 +799,29 @@ mod tests {
         assert_eq!(by_id(3), wire::INVALID_PARAMS);
         assert_eq!(by_id(4), wire::INVALID_PARAMS);
         assert_eq!(by_id(5), VM_FAILED);
+    }
+
+    #[tokio::test]
+    async fn share_methods_check_params_before_touching_anything() {
+        let input = [
+            r#"{"jsonrpc":"2.0","id":1,"method":"copy_out","params":{"path":"/w/x","dest":"rel/x"}}"#,
+            r#"{"jsonrpc":"2.0","id":2,"method":"copy_out","params":{"path":"/w/x"}}"#,
+            r#"{"jsonrpc":"2.0","id":3,"method":"copy_out","params":{"path":"/w/x","dest":"/tmp/airlock-never"}}"#,
+            r#"{"jsonrpc":"2.0","id":4,"method":"share_diff"}"#,
+        ]
+        .join("\n")
+            + "\n";
+        let out = talk(&input, 4).await;
+        let answer = |id: i64| out.iter().find(|v| v["id"] == json!(id)).unwrap().clone();
+        let code = |id: i64| answer(id)["error"]["code"].as_i64().unwrap() as i32;
+        assert_eq!(code(1), wire::INVALID_PARAMS);
+        assert!(answer(1)["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("absolute"));
+        assert_eq!(code(2), wire::INVALID_PARAMS);
+        assert_eq!(code(3), VM_FAILED);
+        assert_eq!(code(4), VM_FAILED);
+        assert!(!std::path::Path::new("/tmp/airlock-never").exists());
     }
 }

@@ -443,6 +443,21 @@ pub struct HostsParams {
     pub hosts: Vec<String>,
 }
 
+/// `copy_out` (Airlock extension).
+#[derive(Debug, Clone, Deserialize)]
+pub struct CopyOutParams {
+    /// Guest path (a file or a directory tree).
+    pub path: String,
+    /// Absolute host path that must not exist yet.
+    pub dest: String,
+    /// Most bytes accepted (default [`COPY_OUT_DEFAULT_MAX`]).
+    #[serde(default)]
+    pub max_bytes: Option<u64>,
+}
+
+/// Size cap of `copy_out` when the request names none: 1 GiB.
+pub const COPY_OUT_DEFAULT_MAX: u64 = 1 << 30;
+
 /// `cancel`.
 #[derive(Debug, Clone, Deserialize)]
 pub struct CancelParams {
@@ -478,6 +493,8 @@ pub const METHODS: &[&str] = &[
     "port_forward",
     "allow_list_add",
     "allow_list_delete",
+    "share_diff",
+    "copy_out",
     "cancel",
     "close",
     "info",
@@ -499,7 +516,8 @@ pub fn validate(req: &Request) -> Result<(), RpcError> {
         "allow_list_add" | "allow_list_delete" => params::<HostsParams>(p).map(drop),
         "cancel" => params::<CancelParams>(p).map(drop),
         "close" => params::<CloseParams>(p).map(drop),
-        "info" | "shutdown" => Ok(()),
+        "copy_out" => params::<CopyOutParams>(p).map(drop),
+        "info" | "shutdown" | "share_diff" => Ok(()),
         _ => Err(RpcError::new(
             METHOD_NOT_FOUND,
             format!("Method not found: {}", req.method),

@@ -941,9 +941,111 @@ pub async fn allow_list(id: &str, add: bool, hosts: &[String]) -> Result<(), Str
     c.call(m, json!({"hosts": hosts})).await.map(drop)
 }
 
+/// A guest-supplied path made safe to print: control characters escaped, so a hostile
+/// file name cannot drive the terminal.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+/// `airlock diff`: what the guest changed in its overlay workspace shares, docker-style
+/// (`A` added, `C` changed, `D` deleted), or the raw list with `--json`.
+pub async fn diff(id: &str, json_out: bool) -> Result<(), String> {
+    let (mut c, _) = Client::connect(id).await?;
+    let r = c.call("share_diff", json!({})).await?;
+    let mut changes: Vec<(String, String)> = r["changes"]
+        .as_array()
+        .ok_or("bad answer from the supervisor: no changes list")?
+        .iter()
+        .map(|v| {
+            let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
+            (s("path"), s("kind"))
+        })
+        .collect();
+    changes.sort();
+    if json_out {
+        let list: Vec<Value> = changes
+            .iter()
+            .map(|(p, k)| json!({"kind": k, "path": p}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&list).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    for (path, kind) in &changes {
+        let letter = match kind.as_str() {
+            "added" => 'A',
+            "modified" => 'C',
+            "deleted" => 'D',
+            _ => '?',
+        };
+        writeln!(out, "{letter} {}", printable(path)).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Splits `ID:/guest/path`.
+pub fn parse_cp_source(s: &str) -> Result<(&str, &str), String> {
+    match s.split_once(':') {
+        Some((id, path)) if !id.is_empty() && path.starts_with('/') => Ok((id, path)),
+        _ => Err(format!(
+            "{s:?}: expected ID:/absolute/guest/path (e.g. 3f2a:/workspace/out.txt)"
+        )),
+    }
+}
+
+/// `airlock cp ID:GUESTPATH HOSTPATH`: copies a guest file or tree out to a new host path.
+pub async fn cp(src: &str, dest: &str) -> Result<(), String> {
+    let (id, guest) = parse_cp_source(src)?;
+    if dest.is_empty() {
+        return Err("give a host destination path".into());
+    }
+    // The supervisor's cwd is not ours: resolve here.
+    let abs = std::path::absolute(dest).map_err(|e| format!("{dest}: {e}"))?;
+    if abs.symlink_metadata().is_ok() {
+        return Err(format!(
+            "{} already exists: give a new path (cp never overwrites)",
+            abs.display()
+        ));
+    }
+    let dest_s = abs
+        .to_str()
+        .ok_or_else(|| format!("{}: the destination must be UTF-8", abs.display()))?;
+    let (mut c, _) = Client::connect(id).await?;
+    let r = c
+        .call("copy_out", json!({"path": guest, "dest": dest_s}))
+        .await?;
+    let skipped = r["skipped"].as_u64().unwrap_or(0);
+    if skipped > 0 {
+        eprintln!(
+            "airlock: skipped {skipped} entries that are not regular files or directories (symlinks, devices)"
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cp_sources_and_printable_paths() {
+        assert_eq!(parse_cp_source("abc:/w/x:y").unwrap(), ("abc", "/w/x:y"));
+        assert!(parse_cp_source("abc").is_err());
+        assert!(parse_cp_source(":/w").is_err());
+        assert!(parse_cp_source("abc:rel").is_err());
+        assert_eq!(printable("/w/a\x1b[2Jb\n"), "/w/a\\u{1b}[2Jb\\n");
+    }
 
     #[test]
     fn forward_specs() {

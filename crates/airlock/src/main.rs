@@ -107,6 +107,25 @@ enum Cmd {
     /// Change a running sandbox's network allow-list.
     #[command(subcommand)]
     AllowList(AllowListCmd),
+    /// List what a running sandbox changed in its overlay workspace shares
+    /// (`A` added, `C` changed, `D` deleted).
+    Diff {
+        /// JSON output (`[{kind, path}]`).
+        #[arg(long)]
+        json: bool,
+        /// Sandbox id (or a unique prefix).
+        id: String,
+    },
+    /// Copy a file or directory out of a running sandbox to a new host path (never
+    /// overwrites; at most 1 GiB; only regular files and directories are written).
+    Cp {
+        /// `ID:/guest/path`.
+        #[arg(value_name = "ID:GUESTPATH")]
+        src: String,
+        /// Host path that must not exist yet.
+        #[arg(value_name = "HOSTPATH")]
+        dest: String,
+    },
     /// JSON-RPC 2.0 over stdio, newline-delimited (matchlock-compatible API).
     Rpc,
     /// Internal: the supervisor of a detached sandbox.
@@ -371,6 +390,8 @@ fn main() {
         Cmd::AllowList(AllowListCmd::Rm { id, hosts }) => {
             done(runtime().block_on(detach::allow_list(&id, false, &hosts)))
         }
+        Cmd::Diff { json, id } => done(runtime().block_on(detach::diff(&id, json))),
+        Cmd::Cp { src, dest } => done(runtime().block_on(detach::cp(&src, &dest))),
         Cmd::Rpc => runtime().block_on(launch::rpc()),
         Cmd::Supervise => runtime().block_on(detach::supervise()),
     };

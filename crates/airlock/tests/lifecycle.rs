@@ -399,3 +399,144 @@ fn rpc_answers_malformed_and_oversized_input_with_errors() {
     drop(stdin);
     assert!(c.wait().unwrap().success());
 }
+
+/// Paths and contents of every file under `dir`, sorted: equal before and after means the
+/// host tree is untouched.
+fn tree_snapshot(dir: &std::path::Path) -> Vec<(String, Vec<u8>)> {
+    fn walk(root: &std::path::Path, p: &std::path::Path, out: &mut Vec<(String, Vec<u8>)>) {
+        for e in std::fs::read_dir(p).unwrap().flatten() {
+            let p = e.path();
+            let rel = p.strip_prefix(root).unwrap().to_string_lossy().into_owned();
+            if e.file_type().unwrap().is_dir() {
+                out.push((rel + "/", Vec::new()));
+                walk(root, &p, out);
+            } else {
+                out.push((rel, std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
+}
+
+#[test]
+fn diff_and_cp_show_and_copy_out_overlay_changes() {
+    let env = Env::new();
+    let host = tempfile::tempdir().unwrap();
+    std::fs::write(host.path().join("changed"), "host version\n").unwrap();
+    std::fs::write(host.path().join("gone"), "delete me\n").unwrap();
+    std::fs::write(host.path().join("kept"), "untouched\n").unwrap();
+    std::fs::create_dir(host.path().join("sub")).unwrap();
+    std::fs::write(host.path().join("sub/inner"), "inner\n").unwrap();
+    let before = tree_snapshot(host.path());
+    let vol = format!("{}:/workspace", host.path().display());
+    let id = env.start(&["-v", &vol]);
+    assert_eq!(env.ok(&["diff", &id]), "", "nothing changed yet");
+    env.ok(&[
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "printf 'made in the guest\\n\\001\\377' > /workspace/new.txt \
+         && echo guest edit >> /workspace/changed && rm /workspace/gone",
+    ]);
+
+    // diff: exactly those three, docker-style, by a unique id prefix too.
+    assert_eq!(
+        env.ok(&["diff", &id[..5]]),
+        "C /workspace/changed\nD /workspace/gone\nA /workspace/new.txt\n"
+    );
+    let j: serde_json::Value = serde_json::from_str(&env.ok(&["diff", "--json", &id])).unwrap();
+    assert_eq!(
+        j,
+        serde_json::json!([
+            {"kind": "modified", "path": "/workspace/changed"},
+            {"kind": "deleted", "path": "/workspace/gone"},
+            {"kind": "added", "path": "/workspace/new.txt"},
+        ])
+    );
+
+    // cp: the guest's bytes on the host; a relative HOSTPATH is the caller's cwd's.
+    let out = tempfile::tempdir().unwrap();
+    let dest = out.path().join("new.txt");
+    env.ok(&[
+        "cp",
+        &format!("{id}:/workspace/new.txt"),
+        dest.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        std::fs::read(&dest).unwrap(),
+        b"made in the guest\n\x01\xff"
+    );
+    let o = env
+        .cmd(&["cp", &format!("{id}:/workspace/changed"), "rel-changed"])
+        .current_dir(out.path())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("rel-changed")).unwrap(),
+        "host version\nguest edit\n"
+    );
+    // A directory tree.
+    env.ok(&[
+        "cp",
+        &format!("{id}:/workspace/sub"),
+        out.path().join("sub").to_str().unwrap(),
+    ]);
+    assert_eq!(
+        std::fs::read_to_string(out.path().join("sub/inner")).unwrap(),
+        "inner\n"
+    );
+
+    // Clear refusals: existing destination (left as it was), missing guest path, unknown id,
+    // malformed source.
+    let o = env.run(&[
+        "cp",
+        &format!("{id}:/workspace/kept"),
+        dest.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("already exists"), "{err}");
+    assert_eq!(
+        std::fs::read(&dest).unwrap(),
+        b"made in the guest\n\x01\xff"
+    );
+    let o = env.run(&[
+        "cp",
+        &format!("{id}:/workspace/no-such"),
+        out.path().join("x").to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("/workspace/no-such") && err.contains("No such file"),
+        "{err}"
+    );
+    assert!(!out.path().join("x").exists());
+    let o = env.run(&["cp", "ffffffffffff:/workspace/kept", "/tmp/never"]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no sandbox ffffffffffff"),
+        "{o:?}"
+    );
+    let o = env.run(&["diff", "ffffffffffff"]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no sandbox ffffffffffff"),
+        "{o:?}"
+    );
+    let o = env.run(&["cp", &id, "/tmp/never"]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("ID:/absolute/guest/path"),
+        "{o:?}"
+    );
+
+    // The overlay kept the host tree bit-identical.
+    assert_eq!(tree_snapshot(host.path()), before, "host tree changed");
+    env.ok(&["rm", "-f", &id]);
+    assert_eq!(tree_snapshot(host.path()), before, "host tree changed");
+    assert!(env.ls().as_array().unwrap().is_empty());
+}
