@@ -386,13 +386,21 @@ pub async fn mitm_latency(samples: usize) -> Result<(f64, f64)> {
     );
     let out = tokio::process::Command::new(crate::airlock_bin()?)
         .args(["run", "--image", "demo/debian:bookworm"])
-        .args(["--add-host", "api.test:127.0.0.1", "--add-host", "pass.test:127.0.0.1"])
+        .args([
+            "--add-host",
+            "api.test:127.0.0.1",
+            "--add-host",
+            "pass.test:127.0.0.1",
+        ])
         .args(["--allow-host", "api.test", "--allow-host", "pass.test"])
         .args(["--secret", "BENCH_KEY@api.test"])
         .arg("--upstream-ca")
         .arg(d.join("ca.crt"))
         .arg("-e")
-        .arg(format!("UPSTREAM_CA={}", std::fs::read_to_string(d.join("ca.crt"))?))
+        .arg(format!(
+            "UPSTREAM_CA={}",
+            std::fs::read_to_string(d.join("ca.crt"))?
+        ))
         .args(["--", "bash", "-c", &script])
         .env("BENCH_KEY", "bench-secret-value")
         .output()

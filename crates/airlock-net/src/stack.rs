@@ -183,7 +183,7 @@ pub(crate) async fn run(sock: tokio::net::UnixStream, shared: Arc<Shared>) {
             if rd.read_exact(&mut buf).await.is_err() {
                 return;
             }
-            if n > MAX_FRAME || n < 14 {
+            if !(14..=MAX_FRAME).contains(&n) {
                 continue;
             }
             if in_tx.send(buf).await.is_err() {
