@@ -11,10 +11,10 @@
 //! # Ok(()) }
 //! ```
 
-use airlock_proto::{FileEntry, FileOpKind, FileRequest, Frame, Kind, MAX_CHUNK};
+use airlock_proto::{FileEntry, FileOpKind, FileRequest, Kind, MAX_CHUNK};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::{Error, Exec, ExecEvent, ExecInput, Sandbox};
+use crate::{Error, Exec, ExecEvent, Sandbox};
 
 /// Largest file [`Sandbox::read_file`] collects in memory; read bigger ones with
 /// [`Sandbox::read_file_to`] or in ranges.
@@ -40,28 +40,8 @@ pub struct FileInfo {
 
 impl Sandbox {
     async fn file_op(&self, req: FileRequest) -> Result<Exec, Error> {
-        let id = self
-            .next_stream
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (events, send) = self.conn.open_stream(id);
-        let frame = Frame::json(Kind::FileOp, id, &req);
-        if frame.payload.len() > airlock_proto::MAX_PAYLOAD {
-            self.conn.close_stream(id);
-            return Err(Error::Setup("file path exceeds 1 MiB".into()));
-        }
-        if self.conn.send(frame).await.is_err() {
-            self.conn.close_stream(id);
-            return Err(self.death_error().await);
-        }
-        Ok(Exec {
-            input: ExecInput {
-                id,
-                conn: self.conn.clone(),
-                send,
-            },
-            events,
-            done: false,
-        })
+        self.open_exec_stream(Kind::FileOp, &req, "file path and options")
+            .await
     }
 
     /// The next data chunk of a file operation; `None` once it succeeded.

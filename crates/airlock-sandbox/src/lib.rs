@@ -639,25 +639,20 @@ impl Sandbox {
         self.vm.pid()
     }
 
-    /// Starts a command; events arrive through [`Exec::next`].
-    pub async fn exec(&self, spec: ExecSpec) -> Result<Exec, Error> {
+    /// Opens a new stream with `kind` and the JSON `req`; `too_big` says what exceeded the
+    /// frame limit. Events of the stream arrive through the returned [`Exec`].
+    pub(crate) async fn open_exec_stream<T: serde::Serialize>(
+        &self,
+        kind: Kind,
+        req: &T,
+        too_big: &str,
+    ) -> Result<Exec, Error> {
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let (events, send) = self.conn.open_stream(id);
-        let req = ExecRequest {
-            argv: spec.argv,
-            env: spec.env,
-            cwd: spec.cwd,
-            user: spec.user,
-            tty: spec.tty,
-            stdin: spec.stdin,
-            builtin: spec.builtin,
-        };
-        let frame = Frame::json(Kind::Exec, id, &req);
+        let frame = Frame::json(kind, id, req);
         if frame.payload.len() > airlock_proto::MAX_PAYLOAD {
             self.conn.close_stream(id);
-            return Err(Error::Setup(
-                "command line and environment exceed 1 MiB".into(),
-            ));
+            return Err(Error::Setup(format!("{too_big} exceed 1 MiB")));
         }
         if self.conn.send(frame).await.is_err() {
             self.conn.close_stream(id);
@@ -672,6 +667,21 @@ impl Sandbox {
             events,
             done: false,
         })
+    }
+
+    /// Starts a command; events arrive through [`Exec::next`].
+    pub async fn exec(&self, spec: ExecSpec) -> Result<Exec, Error> {
+        let req = ExecRequest {
+            argv: spec.argv,
+            env: spec.env,
+            cwd: spec.cwd,
+            user: spec.user,
+            tty: spec.tty,
+            stdin: spec.stdin,
+            builtin: spec.builtin,
+        };
+        self.open_exec_stream(Kind::Exec, &req, "command line and environment")
+            .await
     }
 
     /// Opens a TCP connection to `guest_port` on the sandbox's loopback (127.0.0.1, then ::1),

@@ -6,10 +6,11 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
+
+mod debian;
 
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
@@ -17,23 +18,6 @@ fn text(b: &[u8]) -> String {
 
 fn sha_hex(s: &str) -> String {
     hex::encode(Sha256::digest(s.as_bytes()))
-}
-
-/// Builds the Debian test image once per test binary (cached across runs by the script).
-fn debian() {
-    static DONE: OnceLock<()> = OnceLock::new();
-    DONE.get_or_init(|| {
-        let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts");
-        let out = Command::new(scripts.join("mkimage-debian"))
-            .env("AIRLOCK_BIN", env!("CARGO_BIN_EXE_airlock"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "mkimage-debian: {}",
-            text(&out.stderr)
-        );
-    });
 }
 
 fn sh(cmd: &str, dir: &Path) {
@@ -153,7 +137,7 @@ impl World {
     /// the test CA trusted upstream, an audit log, and `extra` flags; runs `script` in bash
     /// with the server ports in the environment.
     fn run(&self, extra: &[&str], script: &str) -> Output {
-        debian();
+        debian::ensure_image();
         let rt = tempfile::tempdir().unwrap();
         let mut c = Command::new(env!("CARGO_BIN_EXE_airlock"));
         c.args(["run", "--image", "demo/debian:bookworm"]);

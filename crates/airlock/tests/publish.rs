@@ -6,6 +6,8 @@ use std::process::{Command, Stdio};
 
 use sha2::{Digest, Sha256};
 
+mod debian;
+
 fn rootfs() -> String {
     std::env::var("AIRLOCK_TEST_ROOTFS").unwrap_or_else(|_| {
         let home = std::env::var("HOME").unwrap();
@@ -138,16 +140,7 @@ fn publish_errors_say_what_to_do() {
 /// cached in the default store), running as nobody, reached with curl through `-p 0:8000`.
 #[test]
 fn publish_reaches_python_http_server_in_debian() {
-    let scripts = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts");
-    let out = Command::new(scripts.join("mkimage-debian"))
-        .env("AIRLOCK_BIN", env!("CARGO_BIN_EXE_airlock"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "mkimage-debian: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    debian::ensure_image();
     let rt = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
         .args([

@@ -8,6 +8,8 @@ use std::process::Command;
 
 use sha2::{Digest, Sha256};
 
+mod debian;
+
 fn digest(b: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(b)))
 }
@@ -322,16 +324,7 @@ fn hostile_layer_is_refused_without_touching_the_host() {
 /// scripts/mkimage-debian and cached between runs in the default store.
 #[test]
 fn debian_image_runs_real_tools() {
-    let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts");
-    let out = Command::new(scripts.join("mkimage-debian"))
-        .env("AIRLOCK_BIN", env!("CARGO_BIN_EXE_airlock"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "mkimage-debian: {}",
-        text(&out.stderr)
-    );
+    debian::ensure_image();
     let rt = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_airlock"))
         .args(["run", "--image", "demo/debian:bookworm", "-u", "nobody", "--", "sh", "-c"])
