@@ -142,7 +142,11 @@ impl Qemu {
             let dev = format!("virtio-9p-device,fsdev=p9,mount_tag={}", qemu_escape(tag));
             push(&["-fsdev", &fsdev, "-device", &dev]);
         }
-        push(&["-device", "virtio-rng-device"]);
+        // The RNG is the one device a guest can do without (RDRAND, jitter entropy): it
+        // yields its transport when shares and volumes need them all.
+        if wants_rng(cfg) {
+            push(&["-device", "virtio-rng-device"]);
+        }
         if let (Some(nic), Some(fd)) = (&cfg.nic, nic_fd) {
             let m = nic.mac;
             let netdev = format!("stream,id=n0,server=off,addr.type=fd,addr.str={fd}");
@@ -160,12 +164,25 @@ impl Qemu {
     }
 }
 
-/// virtio-mmio devices [`Qemu::args`] creates: control port, disks, shares, rng, NIC.
-pub fn virtio_device_count(cfg: &VmConfig) -> usize {
-    2 + cfg.disks.len()
+/// virtio-mmio transports `-M microvm` offers without ACPI.
+pub const MAX_VIRTIO_DEVICES: usize = 8;
+
+/// Devices a sandbox cannot run without: control port, disks, shares, NIC.
+fn essential_devices(cfg: &VmConfig) -> usize {
+    1 + cfg.disks.len()
         + cfg.fs_devices.len()
         + usize::from(cfg.bench_9p.is_some())
         + usize::from(cfg.nic.is_some())
+}
+
+fn wants_rng(cfg: &VmConfig) -> bool {
+    essential_devices(cfg) < MAX_VIRTIO_DEVICES
+}
+
+/// virtio-mmio devices [`Qemu::args`] creates: control port, disks, shares, NIC, and the RNG
+/// when a transport is left for it.
+pub fn virtio_device_count(cfg: &VmConfig) -> usize {
+    essential_devices(cfg) + usize::from(wants_rng(cfg))
 }
 
 /// QEMU's option syntax doubles commas inside values.
@@ -224,6 +241,14 @@ impl Backend for Qemu {
     }
 
     fn launch(&self, cfg: VmConfig) -> Result<Box<dyn Vm>, BackendError> {
+        let n = essential_devices(&cfg);
+        if n > MAX_VIRTIO_DEVICES {
+            return Err(BackendError::Host(format!(
+                "this sandbox needs {n} virtio devices but the microvm machine has {MAX_VIRTIO_DEVICES}: \
+                 use fewer shares and volumes (each takes one; the root, the writable layer, the \
+                 control channel and the network take the others)"
+            )));
+        }
         // Move the control socket to a high fd number so nothing std does between fork and
         // exec (stdio, its error pipe) can collide with it; only the child clears CLOEXEC.
         // SAFETY: F_DUPFD_CLOEXEC on a valid fd; the result is a fresh fd we own.
@@ -437,5 +462,50 @@ mod tests {
         );
         assert!(args.contains("-chardev socket,id=fs0,path=/r/fs0.sock -device vhost-user-fs-device,chardev=fs0,tag=airlock-fs0"), "{args}");
         assert!(args.contains("-sandbox on"));
+    }
+
+    #[test]
+    fn rng_yields_its_transport_and_too_many_devices_is_an_error() {
+        let cfg = |shares: usize| {
+            let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+            let (n, _m) = std::os::unix::net::UnixStream::pair().unwrap();
+            VmConfig {
+                kernel: "/k/vmlinux".into(),
+                initrd: "/k/initrd".into(),
+                cmdline_extra: String::new(),
+                cpus: 1,
+                memory_mib: 256,
+                disks: vec![
+                    DiskConfig {
+                        path: "/d/root".into(),
+                        read_only: true,
+                        serial: "airlock-root".into(),
+                    };
+                    2
+                ],
+                control: a.into(),
+                console_log: "/s/console.log".into(),
+                accel: Accel::Tcg,
+                fs_devices: (0..shares)
+                    .map(|i| crate::FsDevice {
+                        socket: format!("/r/fs{i}.sock").into(),
+                        tag: format!("airlock-fs{i}"),
+                    })
+                    .collect(),
+                shared_memory_file: Some("/dev/shm/x.mem".into()),
+                bench_9p: None,
+                nic: Some(crate::NicConfig {
+                    fd: n.into(),
+                    mac: [2, 0, 0, 0, 0, 1],
+                }),
+            }
+        };
+        let a = Qemu::args(&cfg(3), 101, Some(102)).join(" ");
+        assert!(a.contains("virtio-rng-device"), "{a}");
+        let a = Qemu::args(&cfg(4), 101, Some(102)).join(" ");
+        assert!(!a.contains("virtio-rng-device"), "{a}");
+        assert_eq!(virtio_device_count(&cfg(4)), MAX_VIRTIO_DEVICES);
+        let e = Qemu::default().launch(cfg(5)).err().expect("refused");
+        assert!(e.to_string().contains("fewer shares"), "{e}");
     }
 }
