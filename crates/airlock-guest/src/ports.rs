@@ -18,8 +18,11 @@ use airlock_proto::{
 
 use crate::{log, Tx};
 
-/// A guest-local connect that takes longer than this is reported as timed out.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A guest-local connect that takes longer than this is reported as timed out. A listener
+/// with a full backlog drops SYNs and the kernel retries after 1, 3, 7 and 15 s: under TCG a
+/// burst of connections to a forking server needs those retries. Below the host's 30 s wait
+/// for an answer.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(22);
 
 enum ToSocket {
     Data(Vec<u8>),
