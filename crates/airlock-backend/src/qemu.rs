@@ -291,6 +291,8 @@ impl Backend for Qemu {
                     libc::_exit(1);
                 }
                 cvt(libc::setpgid(0, 0))?;
+                // QEMU never needs to gain privileges (no setuid helper, no file caps).
+                cvt(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
                 cvt(libc::fcntl(fd, libc::F_SETFD, 0))?;
                 if let Some(n) = nic_fd {
                     cvt(libc::fcntl(n, libc::F_SETFD, 0))?;

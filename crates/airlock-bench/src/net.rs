@@ -203,7 +203,7 @@ pub async fn throughput(samples: usize) -> Result<(Vec<f64>, Vec<f64>)> {
         })?;
         let (host, guest) = UnixStream::pair()?;
         host.set_nonblocking(true)?;
-        net.start(tokio::net::UnixStream::from_std(host)?);
+        net.start(host)?;
         let t0 = Instant::now();
         tokio::task::spawn_blocking(move || guest_push(guest, addr, STREAM_BYTES)).await??;
         let (n, _) = done.recv().await.context("sink")?;

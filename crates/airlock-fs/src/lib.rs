@@ -157,9 +157,25 @@ impl FsServer {
         let done = Arc::new(AtomicBool::new(false));
         let d = done.clone();
         let tag = cfg.tag.clone();
+        let allowed = [airlock_confine::Allowed {
+            path: cfg.host_dir.canonicalize().map_err(|e| Error::Dir {
+                path: cfg.host_dir.clone(),
+                why: e.to_string(),
+            })?,
+            writable: cfg.access == Access::ReadWrite,
+        }];
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         std::thread::Builder::new()
             .name(format!("airlock-fs-{tag}"))
             .spawn(move || {
+                // Confined before the first guest byte; the queue workers inherit it.
+                let confined = airlock_confine::fs_server(&allowed);
+                let ok = confined.is_ok();
+                let _ = ready_tx.send(confined);
+                if !ok {
+                    d.store(true, Ordering::SeqCst);
+                    return;
+                }
                 match daemon.start(&mut listener) {
                     Ok(()) => {
                         if let Err(e) = daemon.wait() {
@@ -172,10 +188,18 @@ impl FsServer {
                 // Dropping the daemon stops and joins its queue workers.
             })
             .map_err(|e| srv_err(e.to_string()))?;
-        Ok(FsServer {
+        let server = FsServer {
             socket: socket.to_path_buf(),
             done,
-        })
+        };
+        match ready_rx.recv() {
+            Ok(Ok(ll)) => {
+                tracing::debug!(tag = %cfg.tag, landlock = ?ll, "virtio-fs server confined")
+            }
+            Ok(Err(e)) => return Err(srv_err(e.to_string())),
+            Err(_) => return Err(srv_err("the server thread ended at start".into())),
+        }
+        Ok(server)
     }
 
     /// The socket QEMU connects to.

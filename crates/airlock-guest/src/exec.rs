@@ -217,6 +217,7 @@ impl Registry {
         }
 
         let (uid, gid, groups) = (id.uid, id.gid, id.groups.clone());
+        let privileged = PRIVILEGED.load(std::sync::atomic::Ordering::Relaxed);
         // SAFETY: only async-signal-safe syscalls run between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
@@ -225,6 +226,9 @@ impl Registry {
                 }
                 if tty.is_some() && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                     return Err(std::io::Error::last_os_error());
+                }
+                if !privileged {
+                    drop_privileges()?;
                 }
                 if libc::setgroups(groups.len(), groups.as_ptr()) < 0
                     || libc::setgid(gid) < 0
@@ -682,4 +686,80 @@ fn readable(fd: RawFd, timeout_ms: i32) -> bool {
     // SAFETY: one valid pollfd.
     let r = unsafe { libc::poll(&mut p, 1, timeout_ms) };
     r > 0
+}
+
+/// Whether commands keep every capability and may gain privileges (`--privileged`).
+static PRIVILEGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Set from the host's `Init`.
+pub fn set_privileged(on: bool) {
+    PRIVILEGED.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Capabilities no workload keeps unless privileged: loading kernel code, raw I/O ports and
+/// memory, and rebooting (which would end the sandbox from inside rather than through Airlock).
+const DROPPED_CAPS: [u32; 3] = [
+    16, // CAP_SYS_MODULE
+    17, // CAP_SYS_RAWIO
+    22, // CAP_SYS_BOOT
+];
+
+/// Runs between fork and exec (async-signal-safe syscalls only): removes [`DROPPED_CAPS`] from
+/// the bounding, inheritable and ambient sets (exec recomputes permitted/effective from the
+/// bounding set, so they are gone after exec for root too), then sets no_new_privs so no
+/// setuid binary or file capability can bring anything back.
+fn drop_privileges() -> std::io::Result<()> {
+    // The kernel's capget/capset ABI (v3: two 32-bit words per set); libc does not define it.
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy, Default)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const V3: u32 = 0x2008_0522;
+    let err = std::io::Error::last_os_error;
+    // SAFETY: prctl/capget/capset with valid pointers to local, correctly sized structs.
+    unsafe {
+        for cap in DROPPED_CAPS {
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) < 0 {
+                return Err(err());
+            }
+            // Ambient capabilities may be unsupported; nothing to drop then.
+            libc::prctl(
+                libc::PR_CAP_AMBIENT,
+                libc::PR_CAP_AMBIENT_LOWER as libc::c_ulong,
+                cap as libc::c_ulong,
+                0,
+                0,
+            );
+        }
+        let mut hdr = Header {
+            version: V3,
+            pid: 0,
+        };
+        let mut data = [Data::default(); 2];
+        if libc::syscall(libc::SYS_capget, &mut hdr, data.as_mut_ptr()) < 0 {
+            return Err(err());
+        }
+        for cap in DROPPED_CAPS {
+            let bit = !(1u32 << (cap % 32));
+            let d = &mut data[(cap / 32) as usize];
+            d.effective &= bit;
+            d.permitted &= bit;
+            d.inheritable &= bit;
+        }
+        if libc::syscall(libc::SYS_capset, &mut hdr, data.as_ptr()) < 0 {
+            return Err(err());
+        }
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
+            return Err(err());
+        }
+    }
+    Ok(())
 }

@@ -134,6 +134,7 @@ fn read_loop(
             match (frame.kind, frame.stream) {
                 (Kind::Init, CONTROL_STREAM) => {
                     let init: Init = frame.parse().map_err(|e| e.to_string())?;
+                    exec::set_privileged(init.privileged);
                     setup::apply_init(&init);
                     setup::mount_shares(&init)?;
                     hostname = init.hostname.clone();

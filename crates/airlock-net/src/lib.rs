@@ -44,6 +44,9 @@ pub enum NetError {
     /// Host I/O (the audit file).
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// The netstack thread could not start or confine itself.
+    #[error("cannot start the network: {0}")]
+    Start(String),
 }
 
 /// A sandbox's network policy.
@@ -74,7 +77,8 @@ pub(crate) struct Shared {
 /// One sandbox's network: policy, DNS table, CA and audit log. Dropping it stops the stack.
 pub struct Network {
     shared: Arc<Shared>,
-    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Ends the netstack thread when dropped (or replaced).
+    stop: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
 }
 
 impl std::fmt::Debug for Network {
@@ -99,16 +103,60 @@ impl Network {
                 audit,
                 proxy: Arc::new(proxy),
             }),
-            task: Mutex::new(None),
+            stop: Mutex::new(None),
         })
     }
 
-    /// Serves the guest NIC on `sock` (the host end of QEMU's netdev stream socket).
-    pub fn start(&self, sock: tokio::net::UnixStream) {
-        let t = tokio::spawn(stack::run(sock, self.shared.clone()));
-        if let Some(old) = self.task.lock().unwrap().replace(t) {
-            old.abort();
-        }
+    /// Serves the guest NIC on `sock` (the host end of QEMU's netdev stream socket) on a
+    /// thread of its own, confined ([`airlock_confine::netstack`]) before it
+    /// reads the first frame; the DNS server and every proxy connection run there too.
+    pub fn start(&self, sock: std::os::unix::net::UnixStream) -> Result<(), NetError> {
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
+        let shared = self.shared.clone();
+        std::thread::Builder::new()
+            .name("airlock-net".into())
+            .spawn(move || {
+                let setup = || -> Result<tokio::runtime::Runtime, String> {
+                    let ll = airlock_confine::netstack().map_err(|e| e.to_string())?;
+                    tracing::debug!(landlock = ?ll, "netstack confined");
+                    sock.set_nonblocking(true).map_err(|e| e.to_string())?;
+                    tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .thread_name("airlock-net-blocking")
+                        .build()
+                        .map_err(|e| e.to_string())
+                };
+                let rt = match setup() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    let sock = match tokio::net::UnixStream::from_std(sock) {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e.to_string()));
+                            return;
+                        }
+                    };
+                    let _ = ready_tx.send(Ok(()));
+                    tokio::select! {
+                        _ = stack::run(sock, shared) => {}
+                        _ = stop_rx => {}
+                    }
+                });
+                // Dropping the runtime ends the proxy tasks still running.
+            })
+            .map_err(|e| NetError::Start(e.to_string()))?;
+        ready_rx
+            .recv()
+            .map_err(|_| NetError::Start("the netstack thread ended at start".into()))?
+            .map_err(NetError::Start)?;
+        self.stop.lock().unwrap().replace(stop_tx);
+        Ok(())
     }
 
     /// PEM of the per-sandbox CA the guest must trust.
@@ -164,8 +212,6 @@ impl Network {
 
 impl Drop for Network {
     fn drop(&mut self) {
-        if let Some(t) = self.task.lock().unwrap().take() {
-            t.abort();
-        }
+        self.stop.lock().unwrap().take();
     }
 }

@@ -400,6 +400,11 @@ pub struct Init {
     /// Named volumes (virtio-blk, ext4) to mount.
     #[serde(default)]
     pub volumes: Vec<VolumeMount>,
+    /// Run commands with every capability and without no_new_privs (`--privileged`). By
+    /// default commands run with no_new_privs and without CAP_SYS_MODULE, CAP_SYS_RAWIO and
+    /// CAP_SYS_BOOT in any of their capability sets.
+    #[serde(default)]
+    pub privileged: bool,
 }
 
 /// How a share appears in the guest.

@@ -222,7 +222,7 @@ pub struct CreateParams {
     /// Airlock extension: hostname (matchlock puts it under `network`).
     #[serde(default)]
     pub hostname: Option<String>,
-    /// Accepted for compatibility; Airlock sandboxes are never privileged.
+    /// Commands keep every capability and may gain privileges (see `SandboxSpec::privileged`).
     #[serde(default)]
     pub privileged: bool,
     /// Accepted for compatibility (Airlock does not start an image entrypoint on create).

@@ -159,6 +159,9 @@ pub struct SandboxSpec {
     /// uid/gid of the sandbox user: files of the invoking host user appear as theirs inside
     /// `rw`/`ro`/overlay shares, and theirs become the host user's (default 0:0).
     pub share_owner: (u32, u32),
+    /// Run commands with every capability and without no_new_privs, like `docker run
+    /// --privileged` (default: no_new_privs, and no CAP_SYS_MODULE, CAP_SYS_RAWIO, CAP_SYS_BOOT).
+    pub privileged: bool,
     /// Benchmark only: also expose this host directory over QEMU's virtio-9p with this tag.
     #[doc(hidden)]
     pub bench_9p: Option<(PathBuf, String)>,
@@ -184,6 +187,7 @@ impl SandboxSpec {
             fs_rules: Vec::new(),
             fs_events: None,
             share_owner: (0, 0),
+            privileged: false,
             bench_9p: None,
             builder_target: None,
         }
@@ -364,8 +368,7 @@ impl Sandbox {
         let nic = match &network {
             Some(net) => {
                 let (host, vm) = std::os::unix::net::UnixStream::pair()?;
-                host.set_nonblocking(true)?;
-                net.start(tokio::net::UnixStream::from_std(host)?);
+                net.start(host).map_err(|e| Error::Setup(e.to_string()))?;
                 Some(NicConfig {
                     fd: vm.into(),
                     mac: airlock_net::stack::GUEST_MAC,
@@ -508,6 +511,7 @@ impl Sandbox {
                             env: base_env.clone(),
                             shares: share_mounts.clone(),
                             volumes: volume_mounts.clone(),
+                            privileged: spec.privileged,
                         };
                         conn.send(Frame::json(Kind::Init, CONTROL_STREAM, &init))
                             .await

@@ -65,6 +65,22 @@ pub fn run() -> i32 {
             Some("apt-get install e2fsprogs"),
         ),
     }
+    match airlock_confine::probe() {
+        Ok(ll) => line(
+            "confinement",
+            true,
+            format!(
+                "seccomp on device threads; landlock {}",
+                match ll {
+                    airlock_confine::Landlock::Full => "enforced",
+                    airlock_confine::Landlock::Partial => "partly enforced (older kernel ABI)",
+                    airlock_confine::Landlock::Unavailable => "not available on this kernel",
+                }
+            ),
+            None,
+        ),
+        Err(e) => line("confinement", false, e.to_string(), None),
+    }
     for (name, path) in airlock_sandbox::paths() {
         if name != "kernel" {
             line(name, true, path.display().to_string(), None);

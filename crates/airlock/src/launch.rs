@@ -43,6 +43,9 @@ pub struct Launch {
     /// File rules, as `--fs-rule` takes them.
     #[serde(default)]
     pub fs_rules: Vec<String>,
+    /// `--privileged`.
+    #[serde(default)]
+    pub privileged: bool,
 }
 
 /// Adds `-v` mounts and `--fs-rule` rules (their CLI text) to `spec`.
@@ -164,6 +167,7 @@ impl Launch {
         spec.memory_mib = self.memory_mib;
         spec.disk_mib = self.disk_mib;
         spec.hostname = self.hostname.clone();
+        spec.privileged = self.privileged;
         spec.kernel_args = self.kernel_args.clone();
         spec.accel = match &self.accel {
             Some(a) => Some(a.parse().map_err(|e: String| e)?),
@@ -252,6 +256,7 @@ impl Launch {
                 .unwrap_or(airlock_sandbox::DEFAULT_DISK_MIB),
             accel: None,
             hostname: p.hostname.or(net.hostname.clone()),
+            privileged: p.privileged,
             kernel_args: Vec::new(),
             net: Net {
                 disabled: net.no_network,

@@ -295,6 +295,10 @@ struct RunArgs {
     /// are reported on stderr.
     #[arg(long = "fs-rule", value_name = "RULE", value_parser = checked_rule)]
     fs_rules: Vec<String>,
+    /// Give commands every capability and let setuid binaries raise privileges. By default
+    /// they run with no_new_privs and without CAP_SYS_MODULE, CAP_SYS_RAWIO and CAP_SYS_BOOT.
+    #[arg(long)]
+    privileged: bool,
     /// Extra guest kernel command-line word (diagnostics, e.g. `printk.time=1 loglevel=7`).
     #[arg(long = "kernel-arg", value_name = "ARG", hide = true)]
     kernel_args: Vec<String>,
@@ -516,6 +520,7 @@ async fn run(a: RunArgs) -> i32 {
     spec.disk_mib = a.disk_size;
     spec.accel = a.accel;
     spec.hostname = a.hostname.clone();
+    spec.privileged = a.privileged;
     spec.kernel_args = a.kernel_args.clone();
     spec.network = match a.net.to_spec() {
         Ok(n) => n,
@@ -708,6 +713,7 @@ fn detach_request(a: RunArgs) -> Result<detach::SuperviseRequest, String> {
         net: launch::Net::from_spec(&net),
         mounts: a.volumes.clone(),
         fs_rules: a.fs_rules.clone(),
+        privileged: a.privileged,
     };
     let (mut image_env, mut cwd, mut user) = (Vec::new(), None, None);
     if let Some(name) = &a.image {
@@ -758,6 +764,7 @@ impl RunArgs {
             timeout: None,
             accel: self.accel,
             hostname: None,
+            privileged: false,
             kernel_args: Vec::new(),
             detach: true,
             net: netargs::NetArgs::default(),
