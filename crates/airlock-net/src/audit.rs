@@ -96,7 +96,19 @@ pub enum Event {
         /// The rule.
         rule: String,
     },
+    /// Events left out of the audit file because the guest produced them faster than
+    /// [`FILE_RATE`] per second (subscribers still received them, as far as they kept up).
+    Suppressed {
+        /// How many.
+        count: u64,
+    },
 }
+
+/// Sustained events per second written to the audit file; bursts up to [`FILE_BURST`]. A guest
+/// can make requests as fast as it likes; the file must not grow as fast.
+pub const FILE_RATE: u32 = 200;
+/// Burst allowance of the audit file.
+pub const FILE_BURST: u32 = 2000;
 
 /// A timestamped event as written to the audit file.
 #[derive(Debug, Clone, Serialize)]
@@ -115,8 +127,64 @@ pub struct Audit {
 }
 
 struct Inner {
-    file: Option<Mutex<std::fs::File>>,
+    file: Option<Mutex<FileSink>>,
     tx: broadcast::Sender<Record>,
+}
+
+/// The audit file behind a token bucket.
+struct FileSink {
+    file: std::fs::File,
+    tokens: f64,
+    last: std::time::Instant,
+    suppressed: u64,
+}
+
+impl FileSink {
+    fn write(&mut self, rec: &Record) {
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * f64::from(FILE_RATE);
+        self.tokens = (self.tokens + refill).min(f64::from(FILE_BURST));
+        self.last = now;
+        if self.tokens < 1.0 {
+            self.suppressed += 1;
+            return;
+        }
+        self.tokens -= 1.0;
+        if self.suppressed > 0 {
+            let note = Record {
+                ts_ms: rec.ts_ms,
+                event: Event::Suppressed {
+                    count: std::mem::take(&mut self.suppressed),
+                },
+            };
+            self.line(&note);
+        }
+        self.line(rec);
+    }
+
+    fn line(&mut self, rec: &Record) {
+        if let Ok(mut line) = serde_json::to_vec(rec) {
+            line.push(b'\n');
+            // One write per line so concurrent writers never interleave within a line.
+            let _ = self.file.write_all(&line);
+        }
+    }
+}
+
+impl Drop for FileSink {
+    fn drop(&mut self) {
+        if self.suppressed > 0 {
+            let ts_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis() as u64;
+            let count = self.suppressed;
+            self.line(&Record {
+                ts_ms,
+                event: Event::Suppressed { count },
+            });
+        }
+    }
 }
 
 impl std::fmt::Debug for Audit {
@@ -150,7 +218,12 @@ impl Audit {
                             format!("cannot open audit log {}: {e}", p.display()),
                         )
                     })?;
-                Some(Mutex::new(f))
+                Some(Mutex::new(FileSink {
+                    file: f,
+                    tokens: f64::from(FILE_BURST),
+                    last: std::time::Instant::now(),
+                    suppressed: 0,
+                }))
             }
             None => None,
         };
@@ -170,11 +243,7 @@ impl Audit {
         let rec = Record { ts_ms, event };
         tracing::debug!(event = ?rec.event, "audit");
         if let Some(f) = &self.inner.file {
-            if let Ok(mut line) = serde_json::to_vec(&rec) {
-                line.push(b'\n');
-                // One write per line so concurrent writers never interleave within a line.
-                let _ = f.lock().unwrap().write_all(&line);
-            }
+            f.lock().unwrap().write(&rec);
         }
         let _ = self.inner.tx.send(rec);
     }
@@ -209,5 +278,36 @@ mod tests {
             rx.try_recv().unwrap().event,
             Event::Substitution { .. }
         ));
+    }
+
+    #[test]
+    fn a_flood_is_capped_in_the_file_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("audit.jsonl");
+        let a = Audit::new(Some(&p)).unwrap();
+        let n = FILE_BURST as u64 * 3;
+        for i in 0..n {
+            a.record(Event::Dns {
+                name: format!("n{i}.exfil.test"),
+                qtype: "A".into(),
+                answer: None,
+                allowed: false,
+            });
+        }
+        drop(a);
+        let text = std::fs::read_to_string(&p).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let written = lines.iter().filter(|v| v["type"] == "dns").count() as u64;
+        let suppressed: u64 = lines
+            .iter()
+            .filter(|v| v["type"] == "suppressed")
+            .map(|v| v["count"].as_u64().unwrap())
+            .sum();
+        // The burst and whatever refilled while the loop ran, never the whole flood.
+        assert!(written >= FILE_BURST as u64 && written < n, "{written}");
+        assert_eq!(written + suppressed, n);
     }
 }
