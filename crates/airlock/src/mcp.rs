@@ -431,5 +431,7 @@ pub async fn serve() -> i32 {
         _ = tokio::signal::ctrl_c() => ct.cancel(),
     }
     server.destroy_all().await;
-    0
+    // Exit here: a blocking read of stdin cannot be cancelled, and the runtime would wait for
+    // it on shutdown (after SIGTERM the client may keep stdin open).
+    std::process::exit(0)
 }

@@ -111,11 +111,15 @@ fn mcp_client_creates_execs_edits_and_destroys_sandboxes() {
         "from the host\n"
     );
 
-    // Every sandbox the server created is gone once the client disconnected: no state
-    // directory left, and no process (QEMU) refers to this runtime dir any more.
+    // Every sandbox the server created is gone once the client disconnected.
+    assert_cleaned_up(rt.path(), &report);
+}
+
+/// No sandbox state dir is left in the runtime dir `rt`, and no process (QEMU) refers to it.
+fn assert_cleaned_up(rt: &Path, report: &serde_json::Value) {
     let t0 = Instant::now();
     loop {
-        let left: Vec<String> = std::fs::read_dir(rt.path())
+        let left: Vec<String> = std::fs::read_dir(rt)
             .map(|r| {
                 // Sandbox state dirs (files such as the cached TSC rate may stay).
                 r.flatten()
@@ -124,7 +128,7 @@ fn mcp_client_creates_execs_edits_and_destroys_sandboxes() {
                     .collect()
             })
             .unwrap_or_default();
-        let rtp = rt.path().to_string_lossy().into_owned();
+        let rtp = rt.to_string_lossy().into_owned();
         let procs: Vec<String> = std::fs::read_dir("/proc")
             .unwrap()
             .flatten()
@@ -137,8 +141,31 @@ fn mcp_client_creates_execs_edits_and_destroys_sandboxes() {
         }
         assert!(
             t0.elapsed() < Duration::from_secs(30),
-            "left behind after the client exited: dirs {left:?}, processes {procs:?} (report {report})"
+            "left behind: dirs {left:?}, processes {procs:?} (report {report})"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+#[test]
+fn mcp_server_kills_its_sandboxes_on_sigterm() {
+    debian::ensure_image();
+    let rt = tempfile::tempdir().unwrap();
+    let out = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/mcp/client.py"))
+        .arg("--sigterm")
+        .arg(env!("CARGO_BIN_EXE_airlock"))
+        .env("AIRLOCK_RUNTIME_DIR", rt.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "client.py --sigterm failed:\n{stdout}\n{}",
+        text(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(report["sigterm"], "exited", "{report}");
+    assert_cleaned_up(rt.path(), &report);
 }

@@ -1,19 +1,59 @@
 """Drives `airlock mcp` with the official MCP Python SDK's stdio client (PyPI `mcp`).
 
 Usage: python3 client.py AIRLOCK_BIN PROJECT_DIR API_PORT CA_FILE
+       python3 client.py --sigterm AIRLOCK_BIN   (create a sandbox, then SIGTERM the server)
 The server's environment holds MCP_KEY (the real key); this script never sees its value in
 any tool result. Prints one JSON object: what the Rust test checks on the host side.
 """
 import asyncio
 import json
 import os
+import signal
 import sys
 
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 
-airlock, project, port, ca = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+SIGTERM = sys.argv[1] == "--sigterm"
+if SIGTERM:
+    airlock = sys.argv[2]
+else:
+    airlock, project, port, ca = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 report = {}
+
+
+def children():
+    """Pids of this process's children (the stdio client does not expose its process)."""
+    me, out = os.getpid(), []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == me:
+                out.append(int(d))
+    return out
+
+
+async def sigterm_server(s):
+    """A sandbox is running; SIGTERM the server and wait until it has exited."""
+    left = json.loads(await call(s, "create_sandbox", {"image": "demo/debian:bookworm"}))
+    report["left_running"] = left["sandbox_id"]
+    pids = children()
+    assert len(pids) == 1, pids
+    os.kill(pids[0], signal.SIGTERM)
+    for _ in range(300):
+        try:
+            stat = open(f"/proc/{pids[0]}/stat").read()
+        except FileNotFoundError:
+            break  # exited and already reaped by the client
+        if stat.rsplit(")", 1)[1].split()[0] == "Z":
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("airlock mcp did not exit within 30 s of SIGTERM")
+    report["sigterm"] = "exited"
 
 
 def text(res):
@@ -36,6 +76,10 @@ async def main():
             report["tools"] = tools
             for want in ["create_sandbox", "destroy_sandbox", "exec", "list_files", "read_file", "write_file"]:
                 assert want in tools, tools
+            if SIGTERM:
+                await sigterm_server(s)
+                print(json.dumps(report))
+                os._exit(0)  # the session cannot close cleanly with its server gone
 
             # A value in the arguments is refused, without echoing it.
             t = await call(s, "create_sandbox", {"image": "demo/debian:bookworm",
