@@ -107,8 +107,14 @@ fn random_key(prefix: &str) -> String {
     format!("{prefix}-{}", hex::encode(b))
 }
 
-/// Builds (or finds, cached) the example's image.
-fn build_image(example: &str) {
+/// Builds (or finds, cached) the example's image, one build at a time: two builds would both
+/// create the shared Debian root on a cold cache.
+fn build_image(example: &'static str) {
+    static BUILT: std::sync::Mutex<Vec<&str>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap_or_else(|e| e.into_inner());
+    if built.contains(&example) {
+        return;
+    }
     let out = Command::new(repo().join("examples").join(example).join("build-image"))
         .env("AIRLOCK_BIN", env!("CARGO_BIN_EXE_airlock"))
         .output()
@@ -118,6 +124,7 @@ fn build_image(example: &str) {
         "{example}/build-image: {}",
         text(&out.stderr)
     );
+    built.push(example);
 }
 
 struct Agent {
@@ -262,6 +269,31 @@ fn claude_code_edits_stay_in_the_overlay_and_the_key_on_the_host() {
         std::fs::read_to_string(project.path().join("README.md")).unwrap(),
         "original\n",
         "an overlay share must leave the host file untouched"
+    );
+    assert!(!project.path().join("NEW.txt").exists());
+}
+
+#[test]
+fn claude_code_edits_land_with_a_rw_share() {
+    let (out, project, api, audit, key) = run_agent(&CLAUDE, Some("rw"));
+    assert_key_stays_on_host(&CLAUDE, &out, &api, &audit, &key);
+    assert_eq!(
+        std::fs::read_to_string(project.path().join("README.md")).unwrap(),
+        "original\nedited-by-agent\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(project.path().join("NEW.txt")).unwrap(),
+        "new\n"
+    );
+}
+
+#[test]
+fn codex_edits_stay_in_the_overlay() {
+    let (out, project, api, audit, key) = run_agent(&CODEX, None);
+    assert_key_stays_on_host(&CODEX, &out, &api, &audit, &key);
+    assert_eq!(
+        std::fs::read_to_string(project.path().join("README.md")).unwrap(),
+        "original\n"
     );
     assert!(!project.path().join("NEW.txt").exists());
 }
