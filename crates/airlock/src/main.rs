@@ -8,6 +8,7 @@ mod detach;
 mod doctor;
 mod image;
 mod launch;
+mod mcp;
 mod netargs;
 mod term;
 
@@ -128,6 +129,10 @@ enum Cmd {
     },
     /// JSON-RPC 2.0 over stdio, newline-delimited (matchlock-compatible API).
     Rpc,
+    /// Model Context Protocol server over stdio: tools to create sandboxes, exec, read / write /
+    /// list files and destroy them (secrets by name from this environment). Every sandbox it
+    /// created is killed when the client disconnects.
+    Mcp,
     /// Internal: the supervisor of a detached sandbox.
     #[command(name = "__supervise", hide = true)]
     Supervise,
@@ -397,6 +402,7 @@ fn main() {
         Cmd::Diff { json, id } => done(runtime().block_on(detach::diff(&id, json))),
         Cmd::Cp { src, dest } => done(runtime().block_on(detach::cp(&src, &dest))),
         Cmd::Rpc => runtime().block_on(launch::rpc()),
+        Cmd::Mcp => runtime().block_on(mcp::serve()),
         Cmd::Supervise => runtime().block_on(detach::supervise()),
     };
     std::process::exit(code);
