@@ -400,6 +400,13 @@ pub struct Init {
     /// Named volumes (virtio-blk, ext4) to mount.
     #[serde(default)]
     pub volumes: Vec<VolumeMount>,
+    /// Fresh entropy the guest mixes into its RNG and credits, then forces a reseed: a VM
+    /// restored from a snapshot otherwise shares its RNG state with every sibling.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rng_seed: Vec<u8>,
+    /// 32 lowercase hex digits for /etc/machine-id (unique per sandbox).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_id: Option<String>,
 }
 
 /// How a share appears in the guest.

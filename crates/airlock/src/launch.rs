@@ -34,6 +34,9 @@ pub struct Launch {
     /// Extra kernel words.
     #[serde(default)]
     pub kernel_args: Vec<String>,
+    /// Boot instead of restoring a warm-start template.
+    #[serde(default)]
+    pub cold: bool,
     /// Network policy (secrets included).
     #[serde(default)]
     pub net: Net,
@@ -165,6 +168,7 @@ impl Launch {
         spec.disk_mib = self.disk_mib;
         spec.hostname = self.hostname.clone();
         spec.kernel_args = self.kernel_args.clone();
+        spec.cold = self.cold;
         spec.accel = match &self.accel {
             Some(a) => Some(a.parse().map_err(|e: String| e)?),
             None => None,
@@ -253,6 +257,7 @@ impl Launch {
             accel: None,
             hostname: p.hostname.or(net.hostname.clone()),
             kernel_args: Vec::new(),
+            cold: false,
             net: Net {
                 disabled: net.no_network,
                 allow_hosts: net.allowed_hosts,

@@ -53,6 +53,9 @@ enum Cmd {
     /// Manage stored images.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Manage warm-start templates (saved guests later sandboxes restore instead of booting).
+    #[command(subcommand)]
+    Template(TemplateCmd),
     /// Manage named volumes (persistent ext4 disks for `run -v NAME:/path`).
     #[command(subcommand)]
     Volume(VolumeCmd),
@@ -224,6 +227,23 @@ enum ImageCmd {
     },
 }
 
+#[derive(Subcommand)]
+enum TemplateCmd {
+    /// List templates: key, inputs, disk use, and whether their inputs still exist.
+    Ls {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove templates by key (or unique key prefix).
+    Rm {
+        #[arg(required = true)]
+        keys: Vec<String>,
+    },
+    /// Remove templates whose kernel, agent, image or QEMU changed or is gone.
+    Gc,
+}
+
 #[derive(Args)]
 struct RunArgs {
     /// OCI image to run (pulled on first use); its Entrypoint, Cmd, Env, WorkingDir and User
@@ -298,6 +318,12 @@ struct RunArgs {
     /// Extra guest kernel command-line word (diagnostics, e.g. `printk.time=1 loglevel=7`).
     #[arg(long = "kernel-arg", value_name = "ARG", hide = true)]
     kernel_args: Vec<String>,
+    /// Boot the guest instead of restoring it from a warm-start template. By default the first
+    /// sandbox of a given kernel, agent, image, --cpus, --memory, --disk-size and network
+    /// leaves a template and later ones restore it (tens of ms instead of a boot). Sandboxes
+    /// with -v shares or volumes always boot: vhost-user-fs cannot migrate in QEMU 7.2.
+    #[arg(long)]
+    cold: bool,
     /// Start in the background: print the sandbox id and return (see exec, ls, kill).
     #[arg(short = 'd', long = "detach", conflicts_with_all = ["interactive", "tty", "timeout"])]
     detach: bool,
@@ -360,6 +386,7 @@ fn main() {
         },
         Cmd::Run(a) => runtime().block_on(run(*a)),
         Cmd::Volume(v) => done(volume(v)),
+        Cmd::Template(t) => done(template_cmd(t)),
         Cmd::Exec(a) => match parse_env(&a.env) {
             Ok(env) => runtime().block_on(detach::exec(detach::ExecOpts {
                 id: a.id,
@@ -517,6 +544,7 @@ async fn run(a: RunArgs) -> i32 {
     spec.accel = a.accel;
     spec.hostname = a.hostname.clone();
     spec.kernel_args = a.kernel_args.clone();
+    spec.cold = a.cold;
     spec.network = match a.net.to_spec() {
         Ok(n) => n,
         Err(e) => {
@@ -705,6 +733,7 @@ fn detach_request(a: RunArgs) -> Result<detach::SuperviseRequest, String> {
         accel: a.accel.map(|x| x.to_string()),
         hostname: a.hostname.clone(),
         kernel_args: a.kernel_args.clone(),
+        cold: a.cold,
         net: launch::Net::from_spec(&net),
         mounts: a.volumes.clone(),
         fs_rules: a.fs_rules.clone(),
@@ -759,6 +788,7 @@ impl RunArgs {
             accel: self.accel,
             hostname: None,
             kernel_args: Vec::new(),
+            cold: self.cold,
             detach: true,
             net: netargs::NetArgs::default(),
             publish: Vec::new(),
@@ -1022,6 +1052,74 @@ mod tests {
         fn command_for_test() {
             use clap::CommandFactory;
             Cli::command().debug_assert();
+        }
+    }
+}
+
+fn template_cmd(t: TemplateCmd) -> Result<(), String> {
+    use airlock_sandbox::template;
+    match t {
+        TemplateCmd::Ls { json } => {
+            let list = template::list();
+            if json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&list).map_err(|e| e.to_string())?
+                );
+                return Ok(());
+            }
+            println!(
+                "{:<17} {:>5} {:>7} {:>9} {:<8} ROOT",
+                "KEY", "CPUS", "MEMORY", "DISK USE", "STATUS"
+            );
+            for t in list {
+                let status = match (&t.problem, t.current) {
+                    (Some(_), _) => "damaged",
+                    (None, true) => "ok",
+                    (None, false) => "stale",
+                };
+                let (cpus, mem, root) = match &t.inputs {
+                    Some(i) => (
+                        i.cpus.to_string(),
+                        format!("{}M", i.memory_mib),
+                        i.root.path.display().to_string(),
+                    ),
+                    None => ("?".into(), "?".into(), "?".into()),
+                };
+                println!(
+                    "{:<17} {:>5} {:>7} {:>8}M {:<8} {}",
+                    t.key,
+                    cpus,
+                    mem,
+                    t.disk_bytes / (1 << 20),
+                    status,
+                    root
+                );
+            }
+            Ok(())
+        }
+        TemplateCmd::Rm { keys } => {
+            let all: Vec<String> = template::list().into_iter().map(|t| t.key).collect();
+            for k in keys {
+                let hits: Vec<&String> = all.iter().filter(|a| a.starts_with(&k)).collect();
+                match hits.as_slice() {
+                    [one] => {
+                        if !template::remove(one) {
+                            return Err(format!("could not remove template {one}"));
+                        }
+                        println!("{one}");
+                    }
+                    [] => return Err(format!("no template {k} (see: airlock template ls)")),
+                    _ => return Err(format!("{k} matches several templates: give more of the key")),
+                }
+            }
+            Ok(())
+        }
+        TemplateCmd::Gc => {
+            for k in template::gc() {
+                println!("{k}");
+            }
+            Ok(())
         }
     }
 }
