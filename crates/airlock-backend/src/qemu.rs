@@ -305,8 +305,16 @@ impl Backend for Qemu {
                 .map(|n| unsafe { OwnedFd::from_raw_fd(n) })
                 .map_err(|e| BackendError::Host(format!("dup {what} fd: {e}")))
         };
-        let mon_high = cfg.monitor.as_ref().map(|f| dup_high(f, "monitor")).transpose()?;
-        let inc_high = cfg.incoming.as_ref().map(|f| dup_high(f, "incoming")).transpose()?;
+        let mon_high = cfg
+            .monitor
+            .as_ref()
+            .map(|f| dup_high(f, "monitor"))
+            .transpose()?;
+        let inc_high = cfg
+            .incoming
+            .as_ref()
+            .map(|f| dup_high(f, "incoming"))
+            .transpose()?;
         let mon_fd = mon_high.as_ref().map(|f| f.as_raw_fd());
         let inc_fd = inc_high.as_ref().map(|f| f.as_raw_fd());
         let args = Qemu::args_with(&cfg, high.as_raw_fd(), nic_fd, mon_fd);

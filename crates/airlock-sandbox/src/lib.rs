@@ -166,6 +166,8 @@ pub struct SandboxSpec {
     pub bench_9p: Option<(PathBuf, String)>,
     /// Image-builder VM: boot with only this empty ext4 as the agent's root (no image).
     pub(crate) builder_target: Option<PathBuf>,
+    /// Boot this kernel instead of [`assets::kernel`]'s.
+    pub kernel: Option<PathBuf>,
     /// Always boot (no warm start from a template). Sandboxes with shares or volumes always
     /// boot: vhost-user-fs cannot migrate in QEMU 7.2.
     pub cold: bool,
@@ -191,6 +193,7 @@ impl SandboxSpec {
             share_owner: (0, 0),
             bench_9p: None,
             builder_target: None,
+            kernel: None,
             cold: false,
         }
     }
@@ -327,7 +330,10 @@ impl Sandbox {
             )));
         }
         tracing::debug!("preparing assets");
-        let kernel = assets::kernel()?;
+        let kernel = match &spec.kernel {
+            Some(k) => k.clone(),
+            None => assets::kernel()?,
+        };
         let initrd = assets::initramfs(&assets::agent()?)?;
         let forced = match spec.accel {
             Some(a) => Some(a),
@@ -432,16 +438,20 @@ impl Sandbox {
             .chain(spec.kernel_args.iter().cloned())
             .collect::<Vec<_>>()
             .join(" ");
-        let warm = warm_allowed.then(|| warm_inputs(
-            &spec,
-            backend,
-            &kernel,
-            &initrd,
-            base.as_deref(),
-            accel.accel,
-            &cmdline_extra,
-            network.is_some(),
-        )).flatten();
+        let warm = warm_allowed
+            .then(|| {
+                warm_inputs(
+                    &spec,
+                    backend,
+                    &kernel,
+                    &initrd,
+                    base.as_deref(),
+                    accel.accel,
+                    &cmdline_extra,
+                    network.is_some(),
+                )
+            })
+            .flatten();
         let template = match &warm {
             Some(inputs) => {
                 let ctx = BuildCtx {
@@ -527,7 +537,11 @@ impl Sandbox {
                 None => ram_file.clone(),
             },
             memory_private: template.is_some(),
-            monitor: monitor.as_ref().map(|(_, vm)| vm.try_clone()).transpose()?.map(Into::into),
+            monitor: monitor
+                .as_ref()
+                .map(|(_, vm)| vm.try_clone())
+                .transpose()?
+                .map(Into::into),
             incoming,
             bench_9p: spec.bench_9p.clone(),
         };
@@ -1200,7 +1214,10 @@ async fn template_for(inputs: &template::Inputs, ctx: &BuildCtx<'_>) -> Option<t
     let i = inputs.clone();
     let found = tokio::task::spawn_blocking(move || {
         if let template::Lookup::Corrupt(why) = template::lookup(&i) {
-            tracing::warn!("template {} is damaged ({why}): removed it; booting cold to rebuild it", i.key());
+            tracing::warn!(
+                "template {} is damaged ({why}): removed it; booting cold to rebuild it",
+                i.key()
+            );
         }
         template::find_or_start(&i)
     })

@@ -284,8 +284,7 @@ impl Builder {
                 .unwrap_or(0),
         };
         let json = serde_json::to_vec_pretty(&m).map_err(|e| e.to_string())?;
-        crate::assets::write_atomic(&self.dir.join(MANIFEST), &json)
-            .map_err(|e| e.to_string())?;
+        crate::assets::write_atomic(&self.dir.join(MANIFEST), &json).map_err(|e| e.to_string())?;
         let key = self.inputs.key();
         let dest = templates_dir().join(&key);
         if std::fs::rename(&self.dir, &dest).is_err() {

@@ -1110,7 +1110,11 @@ fn template_cmd(t: TemplateCmd) -> Result<(), String> {
                         println!("{one}");
                     }
                     [] => return Err(format!("no template {k} (see: airlock template ls)")),
-                    _ => return Err(format!("{k} matches several templates: give more of the key")),
+                    _ => {
+                        return Err(format!(
+                            "{k} matches several templates: give more of the key"
+                        ))
+                    }
                 }
             }
             Ok(())
