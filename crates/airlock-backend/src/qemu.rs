@@ -100,6 +100,11 @@ impl Qemu {
                 qemu_escape(&f.to_string_lossy())
             );
             push(&["-object", &obj, "-machine", "memory-backend=mem"]);
+        } else {
+            // Named like the file backend, so a snapshot of any sandbox (its RAM block is
+            // "mem" either way) restores into this form.
+            let obj = format!("memory-backend-ram,id=mem,size={mem}");
+            push(&["-object", &obj, "-machine", "memory-backend=mem"]);
         }
         let cmdline = format!("{BASE_CMDLINE} {}", cfg.cmdline_extra);
         push(&[
@@ -457,7 +462,7 @@ mod tests {
         };
         let args = Qemu::args(&cfg, 101, None).join(" ");
         assert!(
-            !args.contains("memory-backend"),
+            !args.contains("memory-backend-file") && args.contains("memory-backend-ram,id=mem"),
             "no shares, no shared RAM: {args}"
         );
         assert!(args.contains("-accel tcg,thread=multi"));

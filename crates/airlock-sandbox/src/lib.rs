@@ -24,6 +24,7 @@ mod ports;
 mod qmp;
 pub mod rootfs;
 pub mod shares;
+pub mod snapshot;
 mod state;
 pub mod template;
 
@@ -166,6 +167,10 @@ pub struct SandboxSpec {
     pub bench_9p: Option<(PathBuf, String)>,
     /// Image-builder VM: boot with only this empty ext4 as the agent's root (no image).
     pub(crate) builder_target: Option<PathBuf>,
+    /// Start from this user snapshot ([`Sandbox::snapshot`]) instead of the root filesystem:
+    /// its CPUs, memory, kernel and image are the snapshot's; `rootfs`, `cpus`, `memory_mib`
+    /// and `disk_mib` are ignored.
+    pub from_snapshot: Option<String>,
     /// Boot this kernel instead of [`assets::kernel`]'s.
     pub kernel: Option<PathBuf>,
     /// Always boot (no warm start from a template). Sandboxes with shares or volumes always
@@ -193,6 +198,7 @@ impl SandboxSpec {
             share_owner: (0, 0),
             bench_9p: None,
             builder_target: None,
+            from_snapshot: None,
             kernel: None,
             cold: false,
         }
@@ -267,6 +273,8 @@ pub struct Sandbox {
     monitor: std::sync::Mutex<Option<qmp::Monitor>>,
     /// Key of the template this sandbox was restored from; `None`: it booted cold.
     template: Option<String>,
+    /// How it was launched (for snapshots); `None` for image builders.
+    launch: Option<snapshot::LaunchInfo>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -317,6 +325,9 @@ impl Sandbox {
         backend: &dyn Backend,
         warm_allowed: bool,
     ) -> Result<Sandbox, Error> {
+        if let Some(name) = spec.from_snapshot.clone() {
+            return snapshot::start(spec, &name, backend).await;
+        }
         if spec.cpus == 0 || spec.cpus > 64 {
             return Err(Error::Setup(format!(
                 "--cpus {} is out of range (1-64)",
@@ -546,6 +557,24 @@ impl Sandbox {
             bench_9p: spec.bench_9p.clone(),
         };
         let monitor = monitor.map(|(host, _vm)| host);
+        let launch = base.as_ref().map(|b| snapshot::LaunchInfo {
+            kernel: cfg.kernel.clone(),
+            initrd: cfg.initrd.clone(),
+            base: b.clone(),
+            cpus: spec.cpus,
+            memory_mib: spec.memory_mib,
+            disk_mib: spec.disk_mib,
+            nic: cfg.nic.is_some(),
+            cmdline: cfg.cmdline_extra.clone(),
+            accel: accel.accel.to_string(),
+            pinned: if !spec.shares.is_empty() {
+                Some("has shares".into())
+            } else if !spec.volumes.is_empty() {
+                Some("has volumes".into())
+            } else {
+                None
+            },
+        });
         tracing::debug!(%id, accel = %accel.accel, warm = template.is_some(), "starting sandbox");
         let vm = backend.launch(cfg)?;
         let mut monitor = monitor;
@@ -597,36 +626,17 @@ impl Sandbox {
                     .or(monitor.map(qmp::Monitor::Raw)),
             ),
             template: template.as_ref().map(|t| t.key.clone()),
+            launch,
         };
         sb.watch_vm();
 
-        let hostname = spec.hostname.clone().unwrap_or_else(|| id.clone());
-        let (net_init, ca_pem, base_env) = match &sb.network {
-            Some(net) => {
-                let pem = net.ca_pem();
-                (
-                    Some(network::guest_config()),
-                    (!pem.is_empty()).then_some(pem),
-                    net.placeholders(),
-                )
-            }
-            None => (None, None, Vec::new()),
-        };
         let init = || {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap_or_default();
-            Init {
-                hostname: hostname.clone(),
-                time_unix_ns: now.as_nanos() as u64,
-                net: net_init.clone(),
-                ca_pem: ca_pem.clone(),
-                env: base_env.clone(),
-                shares: share_mounts.clone(),
-                volumes: volume_mounts.clone(),
-                rng_seed: random_bytes::<32>().to_vec(),
-                machine_id: Some(hex::encode(random_bytes::<16>())),
-            }
+            init_message(
+                &sb,
+                spec.hostname.clone(),
+                share_mounts.clone(),
+                volume_mounts.clone(),
+            )
         };
         let restored = template.is_some();
         let handshake = async {
@@ -653,6 +663,9 @@ impl Sandbox {
                     Some(conn::ControlEvent::Ready(r)) => {
                         tracing::debug!("guest ready");
                         return Ok(r.kernel);
+                    }
+                    Some(conn::ControlEvent::Resumed) => {
+                        return Err(Error::Protocol("guest sent Resumed unasked".into()))
                     }
                     None => return Err(Error::Protocol("control channel closed".into())),
                 }
@@ -1349,4 +1362,39 @@ async fn build_template(b: &template::Builder, ctx: &BuildCtx<'_>) -> Result<(),
     drop(nic_pair);
     drop(host);
     Ok(())
+}
+
+/// The `Init` a sandbox's agent gets: per-sandbox identity (hostname, machine-id, RNG seed,
+/// clock), network, CA and environment.
+fn init_message(
+    sb: &Sandbox,
+    hostname: Option<String>,
+    shares: Vec<airlock_proto::ShareMount>,
+    volumes: Vec<airlock_proto::VolumeMount>,
+) -> Init {
+    let (net, ca_pem, env) = match &sb.network {
+        Some(net) => {
+            let pem = net.ca_pem();
+            (
+                Some(network::guest_config()),
+                (!pem.is_empty()).then_some(pem),
+                net.placeholders(),
+            )
+        }
+        None => (None, None, Vec::new()),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Init {
+        hostname: hostname.unwrap_or_else(|| sb.id.clone()),
+        time_unix_ns: now.as_nanos() as u64,
+        net,
+        ca_pem,
+        env,
+        shares,
+        volumes,
+        rng_seed: random_bytes::<32>().to_vec(),
+        machine_id: Some(hex::encode(random_bytes::<16>())),
+    }
 }

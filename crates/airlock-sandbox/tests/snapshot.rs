@@ -226,3 +226,68 @@ async fn corrupted_template_is_detected_and_rebuilt() {
     assert_eq!(sh(&sb, "echo ok").await.0, "ok\n");
     sb.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_then_start_copies_with_its_files_and_processes() {
+    let name = format!("test-{}", std::process::id());
+    let src = Sandbox::start(spec(320)).await.unwrap();
+    let (pid, _, code) = sh(
+        &src,
+        "echo hello > /root/f; sleep 1000 >/dev/null 2>&1 & echo $!",
+    )
+    .await;
+    assert_eq!(code, Some(0));
+    let pid = pid.trim().to_string();
+    // A command still streaming output at the moment of the snapshot: its frames belong to
+    // the source's host, and the copies must not trip over them.
+    let mut ticking = src
+        .exec(ExecSpec::new([
+            "sh",
+            "-c",
+            "while true; do echo tick; sleep 0.1; done",
+        ]))
+        .await
+        .unwrap();
+    let _ = ticking.next().await.unwrap();
+    let info = src.snapshot(&name).await.expect("snapshot");
+    assert_eq!(info.source, src.id());
+    let err = src.snapshot(&name).await.unwrap_err().to_string();
+    assert!(err.contains("exists"), "{err}");
+
+    // The source runs on, its streaming command included.
+    assert_eq!(sh(&src, "cat /root/f").await.0, "hello\n");
+    assert!(ticking.next().await.unwrap().is_some());
+
+    let mut from = SandboxSpec::new(RootfsSource::from_path(root()).unwrap());
+    from.from_snapshot = Some(name.clone());
+    let (a, b) = tokio::join!(Sandbox::start(from.clone()), Sandbox::start(from.clone()));
+    let (a, b) = (a.expect("copy a"), b.expect("copy b"));
+    let probe = format!(
+        "cat /root/f; kill -0 {pid} && echo alive; hostname; cat /etc/machine-id; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'"
+    );
+    let (pa, pb) = (sh(&a, &probe).await, sh(&b, &probe).await);
+    assert_eq!(pa.2, Some(0), "{pa:?}");
+    let (la, lb): (Vec<&str>, Vec<&str>) = (pa.0.lines().collect(), pb.0.lines().collect());
+    assert_eq!(&la[..2], ["hello", "alive"], "{pa:?}");
+    assert_eq!(&lb[..2], ["hello", "alive"], "{pb:?}");
+    assert_eq!(la[2], a.id());
+    assert_ne!(la[2], lb[2], "hostname");
+    assert_ne!(la[3], lb[3], "machine-id");
+    assert_ne!(la[4], lb[4], "/dev/urandom");
+    // Copies are independent: a write in one is not seen by the other or the source.
+    sh(&a, "echo only-a > /root/f").await;
+    assert_eq!(sh(&b, "cat /root/f").await.0, "hello\n");
+    assert_eq!(sh(&src, "cat /root/f").await.0, "hello\n");
+    drop(ticking);
+    for sb in [a, b, src] {
+        sb.stop().await.unwrap();
+    }
+    assert!(airlock_sandbox::snapshot::list()
+        .iter()
+        .any(|s| s.name == name));
+    airlock_sandbox::snapshot::remove(&name).unwrap();
+    let mut gone = SandboxSpec::new(RootfsSource::from_path(root()).unwrap());
+    gone.from_snapshot = Some(name.clone());
+    let err = Sandbox::start(gone).await.unwrap_err().to_string();
+    assert!(err.contains("no snapshot named"), "{err}");
+}
