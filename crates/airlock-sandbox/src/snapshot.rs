@@ -53,6 +53,17 @@ pub struct SnapshotInfo {
     scratch_size: u64,
 }
 
+impl SnapshotInfo {
+    /// Virtual CPUs of the snapshotted sandbox.
+    pub fn cpus(&self) -> u32 {
+        self.launch.cpus
+    }
+    /// Its guest RAM, MiB.
+    pub fn memory_mib(&self) -> u32 {
+        self.launch.memory_mib
+    }
+}
+
 /// `<cache>/snapshots`.
 pub fn snapshots_dir() -> PathBuf {
     crate::assets::cache_dir().join("snapshots")

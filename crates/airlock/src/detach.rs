@@ -183,6 +183,41 @@ pub fn run_detached(req: SuperviseRequest) -> i32 {
     }
 }
 
+/// Starts a detached sandbox from snapshot `name` with the network policy sandbox `source` was
+/// started with (secrets excepted: their values live only in its supervisor); returns its id.
+pub fn start_from_snapshot(name: &str, source: &str) -> Result<String, String> {
+    let meta = read_meta(&find(source)?)?;
+    let launch = Launch {
+        image: None,
+        rootfs: None,
+        platform: None,
+        insecure_registry: Vec::new(),
+        cpus: meta.cpus,
+        memory_mib: meta.memory_mib,
+        disk_mib: airlock_sandbox::DEFAULT_DISK_MIB,
+        accel: None,
+        hostname: None,
+        kernel_args: Vec::new(),
+        cold: false,
+        from: Some(name.to_string()),
+        net: crate::launch::Net {
+            disabled: meta.no_network,
+            allow_hosts: meta.allow_hosts.clone(),
+            ..Default::default()
+        },
+        mounts: Vec::new(),
+        fs_rules: Vec::new(),
+    };
+    start_supervisor(&SuperviseRequest {
+        launch,
+        cmd: Vec::new(),
+        env: Vec::new(),
+        workdir: None,
+        user: None,
+        source: format!("fork of {}", meta.id),
+    })
+}
+
 fn start_supervisor(req: &SuperviseRequest) -> Result<String, String> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().map_err(|e| format!("cannot find own binary: {e}"))?;
