@@ -395,10 +395,8 @@ pub fn list() -> Vec<TemplateInfo> {
 pub fn gc() -> Vec<String> {
     let mut removed = Vec::new();
     for t in list() {
-        if !t.current || t.problem.is_some() {
-            if remove(&t.key) {
-                removed.push(t.key);
-            }
+        if (!t.current || t.problem.is_some()) && remove(&t.key) {
+            removed.push(t.key);
         }
     }
     if let Ok(rd) = std::fs::read_dir(templates_dir()) {

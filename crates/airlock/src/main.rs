@@ -1002,109 +1002,6 @@ async fn run_command(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cli_parses() {
-        Cli::command_for_test();
-        let c = Cli::try_parse_from([
-            "airlock", "run", "--rootfs", "/r", "-e", "A=1", "-it", "--", "sh", "-c", "x",
-        ])
-        .unwrap();
-        let Cmd::Run(r) = c.cmd else { panic!() };
-        assert!(r.interactive && r.tty);
-        assert_eq!(r.cmd, vec!["sh", "-c", "x"]);
-        assert!(Cli::try_parse_from([
-            "airlock", "run", "--rootfs", "/r", "--cpus", "0", "--", "true"
-        ])
-        .is_err());
-        assert!(
-            Cli::try_parse_from(["airlock", "run", "--", "true"]).is_err(),
-            "needs --image or --rootfs"
-        );
-        assert!(Cli::try_parse_from([
-            "airlock", "run", "--rootfs", "/r", "--image", "x", "--", "true"
-        ])
-        .is_err());
-        assert!(Cli::try_parse_from([
-            "airlock", "run", "--rootfs", "/r", "--accel", "hvf", "--", "true"
-        ])
-        .is_err());
-        assert_eq!(
-            parse_env(&["A=b=c".into()]).unwrap(),
-            vec![("A".into(), "b=c".into())]
-        );
-        assert!(parse_env(&["=x".into()]).is_err());
-    }
-
-    #[test]
-    fn publish_specs() {
-        let p = |s: &str| parse_publish(s);
-        assert_eq!(
-            p("8080:80").unwrap().bind,
-            "127.0.0.1:8080".parse().unwrap()
-        );
-        assert_eq!(p("8080:80").unwrap().guest, 80);
-        assert_eq!(p("0:80").unwrap().bind.port(), 0);
-        assert_eq!(
-            p("0.0.0.0:8080:80").unwrap().bind,
-            "0.0.0.0:8080".parse().unwrap()
-        );
-        assert_eq!(
-            p("[::1]:8080:80").unwrap().bind,
-            "[::1]:8080".parse().unwrap()
-        );
-        assert_eq!(
-            p("::1:8080:80").unwrap().bind,
-            "[::1]:8080".parse().unwrap()
-        );
-        for bad in [
-            "80",
-            "8080:0",
-            "8080:70000",
-            "x:80",
-            "8080:",
-            "host:8080:80",
-            "-1:80",
-            "",
-        ] {
-            let e = p(bad).unwrap_err();
-            assert!(
-                e.contains("[ADDR:]HOST:GUEST") || e.contains("e.g."),
-                "{bad}: {e}"
-            );
-        }
-        let c = Cli::try_parse_from([
-            "airlock",
-            "run",
-            "--rootfs",
-            "/r",
-            "-p",
-            "8080:80",
-            "--publish",
-            "0:22",
-            "--",
-            "true",
-        ])
-        .unwrap();
-        let Cmd::Run(r) = c.cmd else { panic!() };
-        assert_eq!(r.publish.len(), 2);
-        assert!(Cli::try_parse_from([
-            "airlock", "run", "--rootfs", "/r", "-p", "80", "--", "true"
-        ])
-        .is_err());
-    }
-
-    impl Cli {
-        fn command_for_test() {
-            use clap::CommandFactory;
-            Cli::command().debug_assert();
-        }
-    }
-}
-
 fn template_cmd(t: TemplateCmd) -> Result<(), String> {
     use airlock_sandbox::template;
     match t {
@@ -1225,4 +1122,107 @@ async fn fork(id: &str) -> Result<(), String> {
     let _ = airlock_sandbox::snapshot::remove(&name);
     println!("{}", r?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_parses() {
+        Cli::command_for_test();
+        let c = Cli::try_parse_from([
+            "airlock", "run", "--rootfs", "/r", "-e", "A=1", "-it", "--", "sh", "-c", "x",
+        ])
+        .unwrap();
+        let Cmd::Run(r) = c.cmd else { panic!() };
+        assert!(r.interactive && r.tty);
+        assert_eq!(r.cmd, vec!["sh", "-c", "x"]);
+        assert!(Cli::try_parse_from([
+            "airlock", "run", "--rootfs", "/r", "--cpus", "0", "--", "true"
+        ])
+        .is_err());
+        assert!(
+            Cli::try_parse_from(["airlock", "run", "--", "true"]).is_err(),
+            "needs --image or --rootfs"
+        );
+        assert!(Cli::try_parse_from([
+            "airlock", "run", "--rootfs", "/r", "--image", "x", "--", "true"
+        ])
+        .is_err());
+        assert!(Cli::try_parse_from([
+            "airlock", "run", "--rootfs", "/r", "--accel", "hvf", "--", "true"
+        ])
+        .is_err());
+        assert_eq!(
+            parse_env(&["A=b=c".into()]).unwrap(),
+            vec![("A".into(), "b=c".into())]
+        );
+        assert!(parse_env(&["=x".into()]).is_err());
+    }
+
+    #[test]
+    fn publish_specs() {
+        let p = |s: &str| parse_publish(s);
+        assert_eq!(
+            p("8080:80").unwrap().bind,
+            "127.0.0.1:8080".parse().unwrap()
+        );
+        assert_eq!(p("8080:80").unwrap().guest, 80);
+        assert_eq!(p("0:80").unwrap().bind.port(), 0);
+        assert_eq!(
+            p("0.0.0.0:8080:80").unwrap().bind,
+            "0.0.0.0:8080".parse().unwrap()
+        );
+        assert_eq!(
+            p("[::1]:8080:80").unwrap().bind,
+            "[::1]:8080".parse().unwrap()
+        );
+        assert_eq!(
+            p("::1:8080:80").unwrap().bind,
+            "[::1]:8080".parse().unwrap()
+        );
+        for bad in [
+            "80",
+            "8080:0",
+            "8080:70000",
+            "x:80",
+            "8080:",
+            "host:8080:80",
+            "-1:80",
+            "",
+        ] {
+            let e = p(bad).unwrap_err();
+            assert!(
+                e.contains("[ADDR:]HOST:GUEST") || e.contains("e.g."),
+                "{bad}: {e}"
+            );
+        }
+        let c = Cli::try_parse_from([
+            "airlock",
+            "run",
+            "--rootfs",
+            "/r",
+            "-p",
+            "8080:80",
+            "--publish",
+            "0:22",
+            "--",
+            "true",
+        ])
+        .unwrap();
+        let Cmd::Run(r) = c.cmd else { panic!() };
+        assert_eq!(r.publish.len(), 2);
+        assert!(Cli::try_parse_from([
+            "airlock", "run", "--rootfs", "/r", "-p", "80", "--", "true"
+        ])
+        .is_err());
+    }
+
+    impl Cli {
+        fn command_for_test() {
+            use clap::CommandFactory;
+            Cli::command().debug_assert();
+        }
+    }
 }
