@@ -519,6 +519,53 @@ mod hostile_guest {
         conn.closed_reason().unwrap()
     }
 
+    #[tokio::test]
+    async fn restored_guest_leftovers_before_the_resumed_marker_are_skipped() {
+        let (host, mut guest) = tokio::net::UnixStream::pair().unwrap();
+        let marker = Frame::json(
+            Kind::Resumed,
+            CONTROL_STREAM,
+            &airlock_proto::Resumed {
+                nonce: "n0nce".into(),
+            },
+        )
+        .encode();
+        let (conn, mut ctl) = Conn::start_after(host, Some(marker.clone()));
+        let (rx, _) = conn.open_port_stream(5);
+        // Half a frame and an old stream's data (the old host's), then the marker split
+        // across writes, then a real frame for the new host.
+        let mut old = Frame::new(Kind::Data, 5, vec![7; 100]).encode();
+        old.truncate(40);
+        old.extend_from_slice(&[0xff; 300]);
+        guest.write_all(&old).await.unwrap();
+        guest.write_all(&marker[..5]).await.unwrap();
+        guest.write_all(&marker[5..]).await.unwrap();
+        send(&mut guest, &[Frame::new(Kind::Connected, 5, vec![])]).await;
+        let ev = tokio::time::timeout(std::time::Duration::from_secs(5), ctl.recv())
+            .await
+            .unwrap();
+        assert!(matches!(ev, Some(ControlEvent::Resumed)), "{ev:?}");
+        let mut rx = rx;
+        let ev = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap();
+        assert!(matches!(ev, Some(PortEvent::Connected)), "{ev:?}");
+        assert!(conn.closed_reason().is_none());
+    }
+
+    #[tokio::test]
+    async fn restored_guest_that_never_answers_resume_is_cut_off() {
+        let (host, mut guest) = tokio::net::UnixStream::pair().unwrap();
+        let (conn, _ctl) = Conn::start_after(host, Some(b"never-sent-marker".to_vec()));
+        let junk = vec![0u8; 1 << 20];
+        for _ in 0..(MAX_RESUME_SKIP >> 20) + 2 {
+            if guest.write_all(&junk).await.is_err() {
+                break;
+            }
+        }
+        assert!(closed(&conn).await.contains("never answered Resume"));
+    }
+
     fn data(n: usize) -> Frame {
         Frame::new(Kind::Data, 5, vec![0; n])
     }

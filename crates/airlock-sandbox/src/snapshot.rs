@@ -164,6 +164,9 @@ impl Sandbox {
         let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir(&tmp)?;
+        // Guest memory and files: the user's only.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o700))?;
         let r = self.capture(&tmp).await;
         let r = r.and_then(|()| {
             let info = SnapshotInfo {

@@ -325,6 +325,8 @@ pub fn find_or_start(inputs: &Inputs) -> Result<Result<Template, Builder>, Strin
     let dir = root.join(format!(".tmp-{key}-{}-{n}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
     Ok(Err(Builder {
         dir,
         inputs: inputs.clone(),
