@@ -531,6 +531,11 @@ impl Sandbox {
             Some(t) => Some(std::fs::File::open(t.state())?.into()),
             None => None,
         };
+        // A restore must see the command line its template booted with.
+        let cmdline_extra = match &template {
+            Some(t) => t.boot_cmdline.clone(),
+            None => cmdline_extra,
+        };
         let cfg = VmConfig {
             kernel,
             initrd,
@@ -1203,7 +1208,7 @@ fn warm_inputs(
         memory_mib: spec.memory_mib,
         disk_mib: spec.disk_mib,
         nic,
-        cmdline: cmdline.to_string(),
+        cmdline: template::key_cmdline(cmdline),
         accel: accel.to_string(),
     })
 }
@@ -1245,7 +1250,7 @@ async fn template_for(inputs: &template::Inputs, ctx: &BuildCtx<'_>) -> Option<t
         }
     };
     match build_template(&builder, ctx).await {
-        Ok(()) => match builder.commit() {
+        Ok(()) => match builder.commit(ctx.cmdline_extra) {
             Ok(t) => Some(t),
             Err(why) => {
                 tracing::warn!("cannot store the template ({why}); booting cold");

@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use crate::assets::cache_dir;
 
 /// Bumped whenever the template layout or the capture point changes.
-pub(crate) const FORMAT: u32 = 1;
+pub(crate) const FORMAT: u32 = 2;
 
 /// Identity of one input file: a change of any of these invalidates the template.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,7 +73,8 @@ pub struct Inputs {
     pub disk_mib: u64,
     /// Whether the VM has a NIC.
     pub nic: bool,
-    /// Kernel command-line words beyond the backend's own.
+    /// Kernel command-line words beyond the backend's own, without the measured TSC rate
+    /// (it wobbles between measurements; the template keeps the one it booted with).
     pub cmdline: String,
     /// Accelerator.
     pub accel: String,
@@ -112,11 +113,23 @@ struct Entry {
     sha256: Option<String>,
 }
 
+/// `cmdline` without the words that may differ between runs of one host (`tsc_early_khz=`).
+pub fn key_cmdline(cmdline: &str) -> String {
+    cmdline
+        .split_whitespace()
+        .filter(|w| !w.starts_with("tsc_early_khz="))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// `manifest.json` of a template.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Manifest {
     /// What the template was made from.
     pub inputs: Inputs,
+    /// The kernel command-line words it booted with (restores reuse them).
+    #[serde(default)]
+    pub boot_cmdline: String,
     files: Vec<Entry>,
     /// When it was made, seconds since the epoch.
     pub created_unix: u64,
@@ -129,6 +142,8 @@ pub struct Template {
     pub dir: PathBuf,
     /// Its key.
     pub key: String,
+    /// The kernel command-line words it booted with.
+    pub boot_cmdline: String,
 }
 
 impl Template {
@@ -223,7 +238,11 @@ pub fn lookup(inputs: &Inputs) -> Lookup {
         return Lookup::Missing;
     }
     match verify(&dir) {
-        Ok(m) if m.inputs == *inputs => Lookup::Found(Template { dir, key }),
+        Ok(m) if m.inputs == *inputs => Lookup::Found(Template {
+            dir,
+            key,
+            boot_cmdline: m.boot_cmdline,
+        }),
         Ok(_) => {
             remove(&key);
             Lookup::Corrupt("its manifest names other inputs".into())
@@ -269,7 +288,7 @@ impl Builder {
 
     /// Records the manifest and moves the template into place. Another process that made the
     /// same template first wins; ours is dropped.
-    pub fn commit(self) -> Result<Template, String> {
+    pub fn commit(self, boot_cmdline: &str) -> Result<Template, String> {
         let files = [RAM, STATE, SCRATCH]
             .iter()
             .map(|n| file_entry(&self.dir, n, *n == STATE))
@@ -277,6 +296,7 @@ impl Builder {
             .map_err(|e| format!("template files: {e}"))?;
         let m = Manifest {
             inputs: self.inputs.clone(),
+            boot_cmdline: boot_cmdline.to_string(),
             files,
             created_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
@@ -290,7 +310,11 @@ impl Builder {
         if std::fs::rename(&self.dir, &dest).is_err() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
-        Ok(Template { dir: dest, key })
+        Ok(Template {
+            dir: dest,
+            key,
+            boot_cmdline: boot_cmdline.to_string(),
+        })
     }
 }
 
