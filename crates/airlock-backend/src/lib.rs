@@ -54,11 +54,21 @@ pub struct VmConfig {
     pub accel: Accel,
     /// The NIC, if the sandbox has one.
     pub nic: Option<NicConfig>,
-    /// virtio-fs devices. When there are any, guest RAM lives in `shared_memory_file`
-    /// (shared memory the vhost-user backends map).
+    /// virtio-fs devices. They need guest RAM in `shared_memory_file` (shared memory the
+    /// vhost-user backends map).
     pub fs_devices: Vec<FsDevice>,
-    /// Backing file for guest RAM when it must be shared (tmpfs; the caller removes it).
+    /// Backing file for guest RAM (the caller removes it): shared with vhost-user backends,
+    /// or a snapshot's RAM being written (`share=on`), or a snapshot's RAM being restored
+    /// copy-on-write ([`VmConfig::memory_private`]).
     pub shared_memory_file: Option<PathBuf>,
+    /// Map `shared_memory_file` private (`share=off`): the guest's writes never reach the
+    /// file, so many VMs can restore from one snapshot RAM file.
+    pub memory_private: bool,
+    /// A QMP monitor on this connected stream socket (snapshots need one).
+    pub monitor: Option<OwnedFd>,
+    /// Start paused waiting for migration state (`-incoming defer`); the caller then feeds
+    /// `incoming` with QMP `migrate-incoming fd:N` where N is [`Vm::incoming_fd`].
+    pub incoming: Option<OwnedFd>,
     /// Benchmark-only: a QEMU virtio-9p share `(host dir, tag)` to compare virtio-fs against.
     #[doc(hidden)]
     pub bench_9p: Option<(PathBuf, String)>,
@@ -104,6 +114,10 @@ pub trait Vm: Send + Sync {
     fn kill(&self);
     /// Watch that turns `Some` when the VMM process has ended.
     fn exit_watch(&self) -> tokio::sync::watch::Receiver<Option<VmExit>>;
+    /// The number the VMM knows [`VmConfig::incoming`] by, if it got one.
+    fn incoming_fd(&self) -> Option<i32> {
+        None
+    }
 }
 
 /// Errors starting a VM.
@@ -128,4 +142,9 @@ pub trait Backend: Send + Sync {
     fn name(&self) -> &'static str;
     /// Starts a VM.
     fn launch(&self, cfg: VmConfig) -> Result<Box<dyn Vm>, BackendError>;
+    /// The VMM binary, if this backend can save and restore VMs (QMP monitor, `-incoming`);
+    /// its identity is part of every snapshot's key.
+    fn snapshot_binary(&self) -> Option<PathBuf> {
+        None
+    }
 }

@@ -53,6 +53,16 @@ impl Qemu {
     /// The argument vector for `cfg`, with the control channel at fd `control_fd` and the
     /// NIC's socket (if `cfg.nic`) at `nic_fd`.
     pub fn args(cfg: &VmConfig, control_fd: RawFd, nic_fd: Option<RawFd>) -> Vec<String> {
+        Qemu::args_with(cfg, control_fd, nic_fd, None)
+    }
+
+    /// [`Qemu::args`] with the QMP monitor socket at `monitor_fd`.
+    pub fn args_with(
+        cfg: &VmConfig,
+        control_fd: RawFd,
+        nic_fd: Option<RawFd>,
+        monitor_fd: Option<RawFd>,
+    ) -> Vec<String> {
         let mut a: Vec<String> = Vec::new();
         let mut push = |items: &[&str]| a.extend(items.iter().map(|s| s.to_string()));
         // Without ACPI the guest sees only the first IOAPIC: virtio-mmio transports get legacy
@@ -80,16 +90,21 @@ impl Qemu {
         }
         let mem = format!("{}M", cfg.memory_mib);
         push(&["-smp", &cpus, "-m", &mem]);
-        if !cfg.fs_devices.is_empty() {
-            // vhost-user backends map guest RAM, so it must be a shared file mapping (a file
-            // rather than memfd so a later snapshot can reuse it).
-            if let Some(f) = &cfg.shared_memory_file {
-                let obj = format!(
-                    "memory-backend-file,id=mem,size={mem},mem-path={},share=on",
-                    qemu_escape(&f.to_string_lossy())
-                );
-                push(&["-object", &obj, "-machine", "memory-backend=mem"]);
-            }
+        // vhost-user backends map guest RAM, so it must be a shared file mapping; snapshots
+        // want a file too: written through (share=on) when one is taken, mapped
+        // copy-on-write (share=off) when restored, and skipped by migration (x-ignore-shared).
+        if let Some(f) = &cfg.shared_memory_file {
+            let share = if cfg.memory_private { "off" } else { "on" };
+            let obj = format!(
+                "memory-backend-file,id=mem,size={mem},mem-path={},share={share}",
+                qemu_escape(&f.to_string_lossy())
+            );
+            push(&["-object", &obj, "-machine", "memory-backend=mem"]);
+        } else {
+            // Named like the file backend, so a snapshot of any sandbox (its RAM block is
+            // "mem" either way) restores into this form.
+            let obj = format!("memory-backend-ram,id=mem,size={mem}");
+            push(&["-object", &obj, "-machine", "memory-backend=mem"]);
         }
         let cmdline = format!("{BASE_CMDLINE} {}", cfg.cmdline_extra);
         push(&[
@@ -156,6 +171,13 @@ impl Qemu {
             );
             push(&["-netdev", &netdev, "-device", &dev]);
         }
+        if let Some(fd) = monitor_fd {
+            let chr = format!("socket,id=mon,fd={fd}");
+            push(&["-chardev", &chr, "-mon", "chardev=mon,mode=control"]);
+        }
+        if cfg.incoming.is_some() {
+            push(&["-incoming", "defer"]);
+        }
         push(&[
             "-sandbox",
             "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
@@ -202,9 +224,14 @@ struct QemuVm {
     pid: u32,
     pidfd: OwnedFd,
     exit: tokio::sync::watch::Receiver<Option<VmExit>>,
+    incoming: Option<RawFd>,
 }
 
 impl Vm for QemuVm {
+    fn incoming_fd(&self) -> Option<i32> {
+        self.incoming
+    }
+
     fn pid(&self) -> u32 {
         self.pid
     }
@@ -240,6 +267,10 @@ impl Backend for Qemu {
         "qemu"
     }
 
+    fn snapshot_binary(&self) -> Option<PathBuf> {
+        Some(self.binary.clone())
+    }
+
     fn launch(&self, cfg: VmConfig) -> Result<Box<dyn Vm>, BackendError> {
         let n = essential_devices(&cfg);
         if n > MAX_VIRTIO_DEVICES {
@@ -273,7 +304,25 @@ impl Backend for Qemu {
             None => None,
         };
         let nic_fd = nic_high.as_ref().map(|f| f.as_raw_fd());
-        let args = Qemu::args(&cfg, high.as_raw_fd(), nic_fd);
+        let dup_high = |fd: &OwnedFd, what: &str| {
+            // SAFETY: as above; the result is a fresh fd we own.
+            cvt(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 100) })
+                .map(|n| unsafe { OwnedFd::from_raw_fd(n) })
+                .map_err(|e| BackendError::Host(format!("dup {what} fd: {e}")))
+        };
+        let mon_high = cfg
+            .monitor
+            .as_ref()
+            .map(|f| dup_high(f, "monitor"))
+            .transpose()?;
+        let inc_high = cfg
+            .incoming
+            .as_ref()
+            .map(|f| dup_high(f, "incoming"))
+            .transpose()?;
+        let mon_fd = mon_high.as_ref().map(|f| f.as_raw_fd());
+        let inc_fd = inc_high.as_ref().map(|f| f.as_raw_fd());
+        let args = Qemu::args_with(&cfg, high.as_raw_fd(), nic_fd, mon_fd);
         tracing::debug!(binary = %self.binary.display(), ?args, "launching qemu");
         let mut cmd = Command::new(&self.binary);
         cmd.args(&args)
@@ -294,7 +343,7 @@ impl Backend for Qemu {
                 // QEMU never needs to gain privileges (no setuid helper, no file caps).
                 cvt(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
                 cvt(libc::fcntl(fd, libc::F_SETFD, 0))?;
-                if let Some(n) = nic_fd {
+                for n in [nic_fd, mon_fd, inc_fd].into_iter().flatten() {
                     cvt(libc::fcntl(n, libc::F_SETFD, 0))?;
                 }
                 Ok(())
@@ -378,6 +427,7 @@ impl Backend for Qemu {
             pid,
             pidfd,
             exit: rx,
+            incoming: inc_fd,
         }))
     }
 }
@@ -407,11 +457,14 @@ mod tests {
             nic: None,
             fs_devices: vec![],
             shared_memory_file: None,
+            memory_private: false,
+            monitor: None,
+            incoming: None,
             bench_9p: None,
         };
         let args = Qemu::args(&cfg, 101, None).join(" ");
         assert!(
-            !args.contains("memory-backend"),
+            !args.contains("memory-backend-file") && args.contains("memory-backend-ram,id=mem"),
             "no shares, no shared RAM: {args}"
         );
         assert!(args.contains("-accel tcg,thread=multi"));
@@ -422,6 +475,39 @@ mod tests {
         assert!(args.contains("-sandbox on"));
         assert!(args.contains("airlock.x=1"));
         assert!(args.contains("rtc=on"), "few devices keep the RTC: {args}");
+        assert!(!args.contains("-incoming") && !args.contains("-mon"));
+    }
+
+    #[test]
+    fn restore_maps_snapshot_ram_private_and_defers_incoming() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (m, _n) = std::os::unix::net::UnixStream::pair().unwrap();
+        let f = std::fs::File::open("/dev/null").unwrap();
+        let cfg = VmConfig {
+            kernel: "/k/vmlinux".into(),
+            initrd: "/k/initrd".into(),
+            cmdline_extra: String::new(),
+            cpus: 1,
+            memory_mib: 256,
+            disks: vec![],
+            control: a.into(),
+            console_log: "/s/console.log".into(),
+            accel: Accel::Tcg,
+            nic: None,
+            fs_devices: vec![],
+            shared_memory_file: Some("/t/ram".into()),
+            memory_private: true,
+            monitor: Some(m.into()),
+            incoming: Some(f.into()),
+            bench_9p: None,
+        };
+        let args = Qemu::args_with(&cfg, 101, None, Some(103)).join(" ");
+        assert!(
+            args.contains("memory-backend-file,id=mem,size=256M,mem-path=/t/ram,share=off"),
+            "{args}"
+        );
+        assert!(args.contains("-chardev socket,id=mon,fd=103 -mon chardev=mon,mode=control"));
+        assert!(args.contains("-incoming defer"));
     }
 
     #[test]
@@ -453,6 +539,9 @@ mod tests {
                 tag: "airlock-fs0".into(),
             }],
             shared_memory_file: Some("/dev/shm/x.mem".into()),
+            memory_private: false,
+            monitor: None,
+            incoming: None,
             bench_9p: None,
             nic: None,
         };
@@ -495,6 +584,9 @@ mod tests {
                     })
                     .collect(),
                 shared_memory_file: Some("/dev/shm/x.mem".into()),
+                memory_private: false,
+                monitor: None,
+                incoming: None,
                 bench_9p: None,
                 nic: Some(crate::NicConfig {
                     fd: n.into(),

@@ -22,6 +22,7 @@ mod api;
 mod common;
 mod fsbench;
 mod net;
+mod snap;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -48,7 +49,8 @@ const USAGE: &str =
   --net-only      only the network benchmarks (printed, docs untouched)
   --only-ports    run only the port-forward benchmark (prints its table)
   --only-fs       only the workspace (virtio-fs) benchmark; prints its section
-  --only-api      only the exec round trip by API (Rust API, airlock rpc, CLI)";
+  --only-api      only the exec round trip by API (Rust API, airlock rpc, CLI)
+  --only-snap     only warm start (template restore) against cold boot";
 
 struct Opts {
     iterations: usize,
@@ -59,6 +61,8 @@ struct Opts {
     only_fs: bool,
     /// Only the exec-by-API comparison (`api.rs`).
     only_api: bool,
+    /// Only warm against cold start (`snap.rs`).
+    only_snap: bool,
 }
 
 fn parse_args() -> Result<Option<Opts>> {
@@ -70,6 +74,7 @@ fn parse_args() -> Result<Option<Opts>> {
         only_ports: false,
         only_fs: false,
         only_api: false,
+        only_snap: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -88,6 +93,7 @@ fn parse_args() -> Result<Option<Opts>> {
             "--only-ports" => o.only_ports = true,
             "--only-fs" => o.only_fs = true,
             "--only-api" => o.only_api = true,
+            "--only-snap" => o.only_snap = true,
             "-h" | "--help" => return Ok(None),
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
@@ -218,7 +224,9 @@ async fn bench_boot(o: &Opts, accel: Accel, rootfs: &Path) -> Result<Boot> {
     let airlock = airlock_bin()?;
     let airlock_cmd = || {
         let mut c = tokio::process::Command::new(&airlock);
+        // A boot against a boot: warm starts (restores) are measured in snap.rs.
         c.arg("run")
+            .arg("--cold")
             .arg("--rootfs")
             .arg(rootfs)
             .args(["--", "true"]);
@@ -664,6 +672,10 @@ async fn main() -> Result<()> {
     eprintln!("accelerator: {} ({}); {qemu}", accel.accel, accel.reason);
     if o.only_api {
         println!("\n{}", api::bench_api(o.execs, &rootfs).await?);
+        return Ok(());
+    }
+    if o.only_snap {
+        println!("\n{}", snap::section(o.iterations, &rootfs).await?);
         return Ok(());
     }
 

@@ -17,18 +17,25 @@ mod user;
 
 use std::fs::File;
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 
-use airlock_proto::{Decoder, Frame, Hello, Init, Kind, Ready, CONTROL_STREAM, VERSION};
+use airlock_proto::{
+    Decoder, Frame, Hello, Init, Kind, Ready, Resume, Resumed, CONTROL_STREAM, VERSION,
+};
 
 /// Sends frames to the host. Cloneable; frames go out in the order they were sent.
 #[derive(Clone)]
-pub struct Tx(SyncSender<Frame>);
+pub struct Tx(SyncSender<Frame>, Arc<AtomicU32>);
 
 impl Tx {
-    /// Queues a frame; returns false once the host connection is gone.
+    /// Queues a frame; returns false once the host connection is gone. Frames of streams that
+    /// belonged to a host before a snapshot restore are dropped (reported as sent).
     pub fn send(&self, f: Frame) -> bool {
+        if f.stream != CONTROL_STREAM && f.stream < self.1.load(Ordering::Relaxed) {
+            return true;
+        }
         self.0.send(f).is_ok()
     }
 }
@@ -63,7 +70,7 @@ fn run() -> Result<(), String> {
     // Bounded: a host that stops reading stalls the senders rather than growing guest memory.
     let (tx, rx) = sync_channel::<Frame>(256);
     std::thread::spawn(move || write_loop(writer, rx));
-    let tx = Tx(tx);
+    let tx = Tx(tx, Arc::new(AtomicU32::new(0)));
 
     let execs = Arc::new(exec::Registry::new(tx.clone()));
     {
@@ -144,6 +151,19 @@ fn read_loop(
                         &Ready {
                             kernel: setup::kernel_release(),
                         },
+                    ));
+                }
+                (Kind::Resume, CONTROL_STREAM) => {
+                    let r: Resume = frame.parse().map_err(|e| e.to_string())?;
+                    // Old streams' processes keep running; their output has no reader now.
+                    tx.1.fetch_max(r.first_stream, Ordering::Relaxed);
+                    exec::set_privileged(r.init.privileged);
+                    setup::apply_init(&r.init);
+                    hostname = r.init.hostname.clone();
+                    tx.send(Frame::json(
+                        Kind::Resumed,
+                        CONTROL_STREAM,
+                        &Resumed { nonce: r.nonce },
                     ));
                 }
                 (Kind::Shutdown, CONTROL_STREAM) => {

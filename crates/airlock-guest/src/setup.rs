@@ -228,8 +228,39 @@ pub fn open_control_port() -> Result<File, String> {
     }
 }
 
+/// Mixes the host's seed into the kernel RNG, credits it and forces a reseed, so a VM restored
+/// from a snapshot stops sharing its RNG state with its siblings at once.
+fn reseed_rng(seed: &[u8]) {
+    const RNDADDENTROPY: libc::c_ulong = 0x4008_5203; // _IOW('R', 3, int[2])
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207; // _IO('R', 7)
+    let seed = &seed[..seed.len().min(512)];
+    let Ok(f) = OpenOptions::new().write(true).open("/dev/urandom") else {
+        return;
+    };
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }
+    let mut info = Vec::with_capacity(8 + seed.len());
+    info.extend_from_slice(&((seed.len() * 8) as i32).to_ne_bytes());
+    info.extend_from_slice(&(seed.len() as i32).to_ne_bytes());
+    info.extend_from_slice(seed);
+    info.resize(8 + seed.len().div_ceil(4) * 4, 0);
+    use std::os::fd::AsRawFd;
+    // SAFETY: ioctls on an open /dev/urandom with a buffer laid out as rand_pool_info.
+    unsafe {
+        libc::ioctl(f.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr());
+        libc::ioctl(f.as_raw_fd(), RNDRESEEDCRNG as _);
+    }
+}
+
 /// Applies the host's per-sandbox settings.
 pub fn apply_init(init: &Init) {
+    if !init.rng_seed.is_empty() {
+        reseed_rng(&init.rng_seed);
+    }
+    if let Some(id) = &init.machine_id {
+        if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let _ = fs::write("/etc/machine-id", format!("{id}\n"));
+        }
+    }
     if !init.hostname.is_empty() {
         // Kernel hostname only: writing /etc/hostname would copy /etc up into the writable
         // layer on every boot (measurable under TCG) for a file few programs read.

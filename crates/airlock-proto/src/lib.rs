@@ -89,6 +89,13 @@ pub enum Kind {
     /// JSON [`FileEntry`] per line); both within the usual credit windows. The stream ends
     /// with [`Kind::Exit`] (code 0) on success or [`Kind::ExecFailed`] with the reason.
     FileOp = 24,
+    /// host → guest, control stream, JSON [`Resume`]: this VM was restored from a user
+    /// snapshot and talks to a new host; forget the old one's streams, apply the new `Init`.
+    Resume = 25,
+    /// guest → host, control stream, JSON [`Resumed`]: the answer to [`Kind::Resume`]. The
+    /// new host discards every byte before this frame (the old host's leftovers, possibly a
+    /// partial frame) by looking for its exact encoding, nonce included.
+    Resumed = 26,
 }
 
 impl Kind {
@@ -119,6 +126,8 @@ impl Kind {
             21 => Eof,
             22 => Reset,
             24 => FileOp,
+            25 => Resume,
+            26 => Resumed,
             _ => return None,
         })
     }
@@ -405,6 +414,32 @@ pub struct Init {
     /// CAP_SYS_BOOT in any of their capability sets.
     #[serde(default)]
     pub privileged: bool,
+    /// Fresh entropy the guest mixes into its RNG and credits, then forces a reseed: a VM
+    /// restored from a snapshot otherwise shares its RNG state with every sibling.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rng_seed: Vec<u8>,
+    /// 32 lowercase hex digits for /etc/machine-id (unique per sandbox).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub machine_id: Option<String>,
+}
+
+/// Sent to a guest restored from a user snapshot.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Resume {
+    /// Echoed in [`Resumed`] (random, so old bytes cannot mimic the answer).
+    pub nonce: String,
+    /// Streams below this id belonged to the old host: their frames are dropped from now on
+    /// (their processes keep running). The new host opens streams from here.
+    pub first_stream: u32,
+    /// The new sandbox's settings (hostname, clock, RNG seed, machine-id, network, CA, env).
+    pub init: Init,
+}
+
+/// Answer to [`Resume`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Resumed {
+    /// The [`Resume::nonce`].
+    pub nonce: String,
 }
 
 /// How a share appears in the guest.

@@ -452,6 +452,16 @@ impl Conn {
                 }
                 Ok(json!({"hosts": p.hosts}))
             }
+            "snapshot" => {
+                // Airlock extension (not in matchlock): capture the running sandbox.
+                let p: wire::SnapshotParams = wire::params(p)?;
+                let sb = self.shared.need_sandbox()?;
+                let info = sb
+                    .snapshot(&p.name)
+                    .await
+                    .map_err(|e| RpcError::params(e.to_string()))?;
+                Ok(json!({"name": info.name, "source": info.source}))
+            }
             "share_diff" => {
                 let sb = self.shared.need_sandbox()?;
                 let changes = sb.share_diff().await.map_err(file_error)?;

@@ -494,12 +494,20 @@ pub const METHODS: &[&str] = &[
     "allow_list_add",
     "allow_list_delete",
     "share_diff",
+    "snapshot",
     "copy_out",
     "cancel",
     "close",
     "info",
     "shutdown",
 ];
+
+/// `snapshot` (an Airlock extension): capture the running sandbox under `name`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SnapshotParams {
+    /// Snapshot name.
+    pub name: String,
+}
 
 /// Checks that `req` names a known method with parameters of the right shape.
 pub fn validate(req: &Request) -> Result<(), RpcError> {
@@ -517,6 +525,7 @@ pub fn validate(req: &Request) -> Result<(), RpcError> {
         "cancel" => params::<CancelParams>(p).map(drop),
         "close" => params::<CloseParams>(p).map(drop),
         "copy_out" => params::<CopyOutParams>(p).map(drop),
+        "snapshot" => params::<SnapshotParams>(p).map(drop),
         "info" | "shutdown" | "share_diff" => Ok(()),
         _ => Err(RpcError::new(
             METHOD_NOT_FOUND,

@@ -66,6 +66,8 @@ enum Events {
 pub enum ControlEvent {
     Hello(Hello),
     Ready(Ready),
+    /// The restored guest answered Resume.
+    Resumed,
 }
 
 pub(crate) struct StreamState {
@@ -105,6 +107,10 @@ pub struct Conn {
     streams: Mutex<HashMap<u32, StreamState>>,
     /// Why the connection ended; `None` while it is alive.
     closed: watch::Sender<Option<String>>,
+    /// Held (by a snapshot) to keep the writer from starting another write.
+    pub(crate) write_gate: Arc<tokio::sync::Mutex<()>>,
+    /// The socket, for asking how much of what was written the VMM has not read yet.
+    raw_fd: std::os::fd::RawFd,
 }
 
 impl Conn {
@@ -113,6 +119,18 @@ impl Conn {
     pub fn start(
         stream: tokio::net::UnixStream,
     ) -> (Arc<Conn>, mpsc::UnboundedReceiver<ControlEvent>) {
+        Conn::start_after(stream, None)
+    }
+
+    /// As [`Conn::start`], but for a guest restored from a user snapshot: every byte before
+    /// `marker` (the exact encoding of the expected [`Kind::Resumed`] frame) is the old host's
+    /// and is discarded; the marker itself is delivered as [`ControlEvent::Resumed`].
+    pub fn start_after(
+        stream: tokio::net::UnixStream,
+        marker: Option<Vec<u8>>,
+    ) -> (Arc<Conn>, mpsc::UnboundedReceiver<ControlEvent>) {
+        use std::os::fd::AsRawFd;
+        let raw_fd = stream.as_raw_fd();
         let (rd, wr) = stream.into_split();
         let (out_tx, out_rx) = mpsc::unbounded_channel();
         let (ctl_tx, ctl_rx) = mpsc::unbounded_channel();
@@ -120,10 +138,24 @@ impl Conn {
             out: out_tx,
             streams: Mutex::new(HashMap::new()),
             closed: watch::channel(None).0,
+            write_gate: Arc::new(tokio::sync::Mutex::new(())),
+            raw_fd,
         });
         tokio::spawn(write_loop(wr, out_rx, conn.clone()));
-        tokio::spawn(read_loop(rd, conn.clone(), ctl_tx));
+        tokio::spawn(read_loop(rd, conn.clone(), ctl_tx, marker));
         (conn, ctl_rx)
+    }
+
+    /// Bytes written to the guest's socket that the VMM has not read yet (SIOCOUTQ).
+    pub(crate) fn unsent(&self) -> usize {
+        let mut n: libc::c_int = 0;
+        // SAFETY: SIOCOUTQ (= TIOCOUTQ) into a c_int, on the socket this Conn's halves own.
+        let r = unsafe { libc::ioctl(self.raw_fd, libc::TIOCOUTQ, &mut n) };
+        if r < 0 {
+            0
+        } else {
+            n as usize
+        }
     }
 
     /// Queues a frame for the guest.
@@ -351,18 +383,50 @@ impl Conn {
     }
 }
 
+/// Most a restored guest may send before its Resumed answer (the old host's leftovers are
+/// bounded by the agent's queue and the stream windows; this is far above that).
+const MAX_RESUME_SKIP: usize = 64 << 20;
+
 async fn read_loop(
     mut rd: OwnedReadHalf,
     conn: Arc<Conn>,
     ctl: mpsc::UnboundedSender<ControlEvent>,
+    mut marker: Option<Vec<u8>>,
 ) {
     let mut dec = Decoder::new();
     let mut buf = vec![0u8; 256 * 1024];
+    // Bytes kept while looking for the marker: at most its length minus one past a read.
+    let mut pending: Vec<u8> = Vec::new();
+    let mut skipped = 0usize;
     let why = loop {
-        match rd.read(&mut buf).await {
+        let n = match rd.read(&mut buf).await {
             Ok(0) => break "guest closed the control channel".to_string(),
-            Ok(n) => dec.push(&buf[..n]),
+            Ok(n) => n,
             Err(e) => break format!("control channel read: {e}"),
+        };
+        match &marker {
+            None => dec.push(&buf[..n]),
+            Some(m) => {
+                pending.extend_from_slice(&buf[..n]);
+                match pending.windows(m.len()).position(|w| w == m.as_slice()) {
+                    Some(at) => {
+                        let rest = pending.split_off(at + m.len());
+                        pending.clear();
+                        marker = None;
+                        let _ = ctl.send(ControlEvent::Resumed);
+                        dec.push(&rest);
+                    }
+                    None => {
+                        let keep = pending.len().min(m.len() - 1);
+                        skipped += pending.len() - keep;
+                        pending.drain(..pending.len() - keep);
+                        if skipped > MAX_RESUME_SKIP {
+                            break "restored guest never answered Resume".to_string();
+                        }
+                        continue;
+                    }
+                }
+            }
         }
         let mut err = None;
         loop {
@@ -399,6 +463,7 @@ async fn write_loop(
             f = rx.recv() => match f { Some(f) => f, None => return },
             _ = closed.wait_for(|c| c.is_some()) => return,
         };
+        let _gate = conn.write_gate.clone().lock_owned().await;
         buf.clear();
         f.encode_into(&mut buf);
         while buf.len() < 256 * 1024 {
@@ -452,6 +517,53 @@ mod hostile_guest {
         assert!(ended.is_ok(), "the host must end the connection");
         drop(ended);
         conn.closed_reason().unwrap()
+    }
+
+    #[tokio::test]
+    async fn restored_guest_leftovers_before_the_resumed_marker_are_skipped() {
+        let (host, mut guest) = tokio::net::UnixStream::pair().unwrap();
+        let marker = Frame::json(
+            Kind::Resumed,
+            CONTROL_STREAM,
+            &airlock_proto::Resumed {
+                nonce: "n0nce".into(),
+            },
+        )
+        .encode();
+        let (conn, mut ctl) = Conn::start_after(host, Some(marker.clone()));
+        let (rx, _) = conn.open_port_stream(5);
+        // Half a frame and an old stream's data (the old host's), then the marker split
+        // across writes, then a real frame for the new host.
+        let mut old = Frame::new(Kind::Data, 5, vec![7; 100]).encode();
+        old.truncate(40);
+        old.extend_from_slice(&[0xff; 300]);
+        guest.write_all(&old).await.unwrap();
+        guest.write_all(&marker[..5]).await.unwrap();
+        guest.write_all(&marker[5..]).await.unwrap();
+        send(&mut guest, &[Frame::new(Kind::Connected, 5, vec![])]).await;
+        let ev = tokio::time::timeout(std::time::Duration::from_secs(5), ctl.recv())
+            .await
+            .unwrap();
+        assert!(matches!(ev, Some(ControlEvent::Resumed)), "{ev:?}");
+        let mut rx = rx;
+        let ev = tokio::time::timeout(std::time::Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap();
+        assert!(matches!(ev, Some(PortEvent::Connected)), "{ev:?}");
+        assert!(conn.closed_reason().is_none());
+    }
+
+    #[tokio::test]
+    async fn restored_guest_that_never_answers_resume_is_cut_off() {
+        let (host, mut guest) = tokio::net::UnixStream::pair().unwrap();
+        let (conn, _ctl) = Conn::start_after(host, Some(b"never-sent-marker".to_vec()));
+        let junk = vec![0u8; 1 << 20];
+        for _ in 0..(MAX_RESUME_SKIP >> 20) + 2 {
+            if guest.write_all(&junk).await.is_err() {
+                break;
+            }
+        }
+        assert!(closed(&conn).await.contains("never answered Resume"));
     }
 
     fn data(n: usize) -> Frame {

@@ -21,9 +21,12 @@ mod files;
 pub mod imagefs;
 pub mod network;
 mod ports;
+mod qmp;
 pub mod rootfs;
 pub mod shares;
+pub mod snapshot;
 mod state;
+pub mod template;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -167,6 +170,15 @@ pub struct SandboxSpec {
     pub bench_9p: Option<(PathBuf, String)>,
     /// Image-builder VM: boot with only this empty ext4 as the agent's root (no image).
     pub(crate) builder_target: Option<PathBuf>,
+    /// Start from this user snapshot ([`Sandbox::snapshot`]) instead of the root filesystem:
+    /// its CPUs, memory, kernel and image are the snapshot's; `rootfs`, `cpus`, `memory_mib`
+    /// and `disk_mib` are ignored.
+    pub from_snapshot: Option<String>,
+    /// Boot this kernel instead of [`assets::kernel`]'s.
+    pub kernel: Option<PathBuf>,
+    /// Always boot (no warm start from a template). Sandboxes with shares or volumes always
+    /// boot: vhost-user-fs cannot migrate in QEMU 7.2.
+    pub cold: bool,
 }
 
 impl SandboxSpec {
@@ -190,6 +202,9 @@ impl SandboxSpec {
             privileged: false,
             bench_9p: None,
             builder_target: None,
+            from_snapshot: None,
+            kernel: None,
+            cold: false,
         }
     }
 }
@@ -258,6 +273,12 @@ pub struct Sandbox {
     _volumes: Vec<shares::VolumeLease>,
     /// Shared guest-RAM file, removed once QEMU has it mapped.
     ram_file: Option<PathBuf>,
+    /// QEMU's monitor (snapshots), if the backend has one.
+    monitor: std::sync::Mutex<Option<qmp::Monitor>>,
+    /// Key of the template this sandbox was restored from; `None`: it booted cold.
+    template: Option<String>,
+    /// How it was launched (for snapshots); `None` for image builders.
+    launch: Option<snapshot::LaunchInfo>,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -298,6 +319,19 @@ impl Sandbox {
 
     /// Boots a sandbox with `backend`.
     pub async fn start_with(spec: SandboxSpec, backend: &dyn Backend) -> Result<Sandbox, Error> {
+        Sandbox::start_inner(spec, backend, true).await
+    }
+
+    /// `warm_allowed`: whether a template may be used; a failed restore removes the template
+    /// and starts over cold.
+    async fn start_inner(
+        spec: SandboxSpec,
+        backend: &dyn Backend,
+        warm_allowed: bool,
+    ) -> Result<Sandbox, Error> {
+        if let Some(name) = spec.from_snapshot.clone() {
+            return snapshot::start(spec, &name, backend).await;
+        }
         if spec.cpus == 0 || spec.cpus > 64 {
             return Err(Error::Setup(format!(
                 "--cpus {} is out of range (1-64)",
@@ -311,7 +345,10 @@ impl Sandbox {
             )));
         }
         tracing::debug!("preparing assets");
-        let kernel = assets::kernel()?;
+        let kernel = match &spec.kernel {
+            Some(k) => k.clone(),
+            None => assets::kernel()?,
+        };
         let initrd = assets::initramfs(&assets::agent()?)?;
         let forced = match spec.accel {
             Some(a) => Some(a),
@@ -320,44 +357,21 @@ impl Sandbox {
         let accel = airlock_backend::detect_accel(forced);
         let id = new_id();
         let state = state::StateDir::create(&id)?;
-        let disks = match &spec.builder_target {
-            Some(target) => vec![DiskConfig {
-                path: target.clone(),
-                read_only: false,
-                serial: "airlock-target".into(),
-            }],
-            None => {
-                let base = match &spec.rootfs {
-                    RootfsSource::Oci { store, image } => {
-                        state.set_image(&image.manifest_digest)?;
-                        // Boxed: building boots a (builder) sandbox itself.
-                        Box::pin(imagefs::build(store, image)).await?
-                    }
-                    src => {
-                        let src = src.clone();
-                        tokio::task::spawn_blocking(move || src.prepare())
-                            .await
-                            .map_err(|e| Error::Setup(e.to_string()))??
-                    }
-                };
-                let scratch = state.path().join("scratch.ext4");
-                let (s, mib) = (scratch.clone(), spec.disk_mib);
-                tokio::task::spawn_blocking(move || rootfs::create_scratch(&s, mib))
-                    .await
-                    .map_err(|e| Error::Setup(e.to_string()))??;
-                vec![
-                    DiskConfig {
-                        path: base,
-                        read_only: true,
-                        serial: "airlock-root".into(),
-                    },
-                    DiskConfig {
-                        path: scratch,
-                        read_only: false,
-                        serial: "airlock-scratch".into(),
-                    },
-                ]
-            }
+        let base = match &spec.builder_target {
+            Some(_) => None,
+            None => Some(match &spec.rootfs {
+                RootfsSource::Oci { store, image } => {
+                    state.set_image(&image.manifest_digest)?;
+                    // Boxed: building boots a (builder) sandbox itself.
+                    Box::pin(imagefs::build(store, image)).await?
+                }
+                src => {
+                    let src = src.clone();
+                    tokio::task::spawn_blocking(move || src.prepare())
+                        .await
+                        .map_err(|e| Error::Setup(e.to_string()))??
+                }
+            }),
         };
 
         let network = if spec.network.disabled {
@@ -376,7 +390,7 @@ impl Sandbox {
             }
             None => None,
         };
-        let mut disks = disks;
+        let mut disks = Vec::new();
         let mut volume_leases = Vec::new();
         let mut volume_mounts = Vec::new();
         for (i, v) in spec.volumes.iter().enumerate() {
@@ -433,6 +447,78 @@ impl Sandbox {
                 mode: sh.mode,
             });
         }
+        let cmdline_extra = guest_kernel_args(accel.accel)
+            .into_iter()
+            .chain(spec.kernel_args.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(" ");
+        let warm = warm_allowed
+            .then(|| {
+                warm_inputs(
+                    &spec,
+                    backend,
+                    &kernel,
+                    &initrd,
+                    base.as_deref(),
+                    accel.accel,
+                    &cmdline_extra,
+                    network.is_some(),
+                )
+            })
+            .flatten();
+        let template = match &warm {
+            Some(inputs) => {
+                let ctx = BuildCtx {
+                    backend,
+                    kernel: &kernel,
+                    initrd: &initrd,
+                    base: base.as_deref().unwrap_or(std::path::Path::new("")),
+                    spec: &spec,
+                    accel: accel.accel,
+                    cmdline_extra: &cmdline_extra,
+                    nic: network.is_some(),
+                    console_log: state.console_log(),
+                };
+                template_for(inputs, &ctx).await
+            }
+            None => None,
+        };
+        let mut vm_disks = match (&spec.builder_target, &base) {
+            (Some(target), _) => vec![DiskConfig {
+                path: target.clone(),
+                read_only: false,
+                serial: "airlock-target".into(),
+            }],
+            (None, Some(base)) => {
+                let scratch = state.path().join("scratch.ext4");
+                let (s, mib) = (scratch.clone(), spec.disk_mib);
+                let from = template.as_ref().map(|t| t.scratch());
+                tokio::task::spawn_blocking(move || match from {
+                    Some(t) => template::copy_disk(&t, &s).map_err(|e| {
+                        Error::Rootfs(format!("copy the template's writable disk: {e}"))
+                    }),
+                    None => rootfs::create_scratch(&s, mib),
+                })
+                .await
+                .map_err(|e| Error::Setup(e.to_string()))??;
+                vec![
+                    DiskConfig {
+                        path: base.clone(),
+                        read_only: true,
+                        serial: "airlock-root".into(),
+                    },
+                    DiskConfig {
+                        path: scratch,
+                        read_only: false,
+                        serial: "airlock-scratch".into(),
+                    },
+                ]
+            }
+            (None, None) => Vec::new(),
+        };
+        vm_disks.extend(disks);
+        let disks = vm_disks;
+
         // Shared RAM on tmpfs (never written back to a disk), named for this sandbox.
         let ram_file =
             (!fs_devices.is_empty()).then(|| PathBuf::from(format!("/dev/shm/airlock-{id}.ram")));
@@ -440,14 +526,23 @@ impl Sandbox {
         let (host_end, vm_end) = std::os::unix::net::UnixStream::pair()?;
         host_end.set_nonblocking(true)?;
         let host_end = tokio::net::UnixStream::from_std(host_end)?;
+        let monitor = match backend.snapshot_binary() {
+            Some(_) => Some(std::os::unix::net::UnixStream::pair()?),
+            None => None,
+        };
+        let incoming = match &template {
+            Some(t) => Some(std::fs::File::open(t.state())?.into()),
+            None => None,
+        };
+        // A restore must see the command line its template booted with.
+        let cmdline_extra = match &template {
+            Some(t) => t.boot_cmdline.clone(),
+            None => cmdline_extra,
+        };
         let cfg = VmConfig {
             kernel,
             initrd,
-            cmdline_extra: guest_kernel_args(accel.accel)
-                .into_iter()
-                .chain(spec.kernel_args.iter().cloned())
-                .collect::<Vec<_>>()
-                .join(" "),
+            cmdline_extra,
             cpus: spec.cpus,
             memory_mib: spec.memory_mib,
             disks,
@@ -456,11 +551,70 @@ impl Sandbox {
             accel: accel.accel,
             nic,
             fs_devices,
-            shared_memory_file: ram_file.clone(),
+            shared_memory_file: match &template {
+                Some(t) => Some(t.ram()),
+                None => ram_file.clone(),
+            },
+            memory_private: template.is_some(),
+            monitor: monitor
+                .as_ref()
+                .map(|(_, vm)| vm.try_clone())
+                .transpose()?
+                .map(Into::into),
+            incoming,
             bench_9p: spec.bench_9p.clone(),
         };
-        tracing::debug!(%id, accel = %accel.accel, "starting sandbox");
+        let monitor = monitor.map(|(host, _vm)| host);
+        let launch = base.as_ref().map(|b| snapshot::LaunchInfo {
+            kernel: cfg.kernel.clone(),
+            initrd: cfg.initrd.clone(),
+            base: b.clone(),
+            cpus: spec.cpus,
+            memory_mib: spec.memory_mib,
+            disk_mib: spec.disk_mib,
+            nic: cfg.nic.is_some(),
+            cmdline: cfg.cmdline_extra.clone(),
+            accel: accel.accel.to_string(),
+            pinned: if !spec.shares.is_empty() {
+                Some("has shares".into())
+            } else if !spec.volumes.is_empty() {
+                Some("has volumes".into())
+            } else {
+                None
+            },
+        });
+        tracing::debug!(%id, accel = %accel.accel, warm = template.is_some(), "starting sandbox");
         let vm = backend.launch(cfg)?;
+        let mut monitor = monitor;
+        let mut restored_qmp = None;
+        if let Some(t) = &template {
+            // Feed QEMU the saved device state; it resumes the guest by itself once loaded.
+            let (Some(mon), Some(fd)) = (monitor.take(), vm.incoming_fd()) else {
+                return Err(Error::Setup("backend lost the snapshot fds".into()));
+            };
+            let r = tokio::task::spawn_blocking(move || {
+                let mut q = qmp::Qmp::connect(mon)?;
+                q.ignore_shared(true)?;
+                q.restore(fd, RESTORE_TIMEOUT)?;
+                Ok::<_, String>(q)
+            })
+            .await
+            .map_err(|e| Error::Setup(e.to_string()))?;
+            match r {
+                Ok(q) => restored_qmp = Some(q),
+                Err(why) if warm_allowed => {
+                    vm.kill();
+                    tracing::warn!(
+                        "template {} could not be restored ({why}); removing it and booting cold",
+                        t.key
+                    );
+                    template::remove(&t.key);
+                    drop((vm, network, state));
+                    return Box::pin(Sandbox::start_inner(spec, backend, false)).await;
+                }
+                Err(why) => return Err(Error::Setup(format!("restore from template: {why}"))),
+            }
+        }
         let (conn, mut ctl) = conn::Conn::start(host_end);
         let mut sb = Sandbox {
             id: id.clone(),
@@ -474,22 +628,33 @@ impl Sandbox {
             _fs: fs_servers,
             _volumes: volume_leases,
             ram_file,
+            monitor: std::sync::Mutex::new(
+                restored_qmp
+                    .map(qmp::Monitor::Ready)
+                    .or(monitor.map(qmp::Monitor::Raw)),
+            ),
+            template: template.as_ref().map(|t| t.key.clone()),
+            launch,
         };
         sb.watch_vm();
 
-        let hostname = spec.hostname.clone().unwrap_or_else(|| id.clone());
-        let (net_init, ca_pem, base_env) = match &sb.network {
-            Some(net) => {
-                let pem = net.ca_pem();
-                (
-                    Some(network::guest_config()),
-                    (!pem.is_empty()).then_some(pem),
-                    net.placeholders(),
-                )
-            }
-            None => (None, None, Vec::new()),
+        let init = || {
+            init_message(
+                &sb,
+                spec.hostname.clone(),
+                share_mounts.clone(),
+                volume_mounts.clone(),
+                spec.privileged,
+            )
         };
+        let restored = template.is_some();
         let handshake = async {
+            if restored {
+                // The restored agent said Hello before the capture and now waits for Init.
+                conn.send(Frame::json(Kind::Init, CONTROL_STREAM, &init()))
+                    .await
+                    .map_err(Error::Protocol)?;
+            }
             loop {
                 match ctl.recv().await {
                     Some(conn::ControlEvent::Hello(h)) => {
@@ -500,20 +665,7 @@ impl Sandbox {
                                 h.agent, h.version
                             )));
                         }
-                        let now = std::time::SystemTime::now()
-                            .duration_since(std::time::UNIX_EPOCH)
-                            .unwrap_or_default();
-                        let init = Init {
-                            hostname: hostname.clone(),
-                            time_unix_ns: now.as_nanos() as u64,
-                            net: net_init.clone(),
-                            ca_pem: ca_pem.clone(),
-                            env: base_env.clone(),
-                            shares: share_mounts.clone(),
-                            volumes: volume_mounts.clone(),
-                            privileged: spec.privileged,
-                        };
-                        conn.send(Frame::json(Kind::Init, CONTROL_STREAM, &init))
+                        conn.send(Frame::json(Kind::Init, CONTROL_STREAM, &init()))
                             .await
                             .map_err(Error::Protocol)?;
                     }
@@ -521,19 +673,38 @@ impl Sandbox {
                         tracing::debug!("guest ready");
                         return Ok(r.kernel);
                     }
+                    Some(conn::ControlEvent::Resumed) => {
+                        return Err(Error::Protocol("guest sent Resumed unasked".into()))
+                    }
                     None => return Err(Error::Protocol("control channel closed".into())),
                 }
             }
         };
         let mut closed = conn.closed_watch();
+        let timeout = if restored {
+            spec.ready_timeout.min(RESTORE_TIMEOUT)
+        } else {
+            spec.ready_timeout
+        };
         let res = tokio::select! {
             r = handshake => r,
             _ = closed.wait_for(|c| c.is_some()) => Err(Error::Protocol(String::new())),
-            _ = tokio::time::sleep(spec.ready_timeout) => Err(Error::NotReady {
-                secs: spec.ready_timeout.as_secs(),
+            _ = tokio::time::sleep(timeout) => Err(Error::NotReady {
+                secs: timeout.as_secs(),
                 console: String::new(),
             }),
         };
+        if let (Err(e), Some(t), true) = (&res, &template, warm_allowed) {
+            sb.vm.kill();
+            tracing::warn!(
+                "sandbox restored from template {} did not come up ({}); removing the template and booting cold",
+                t.key,
+                e.to_string().lines().next().unwrap_or("")
+            );
+            template::remove(&t.key);
+            drop(sb);
+            return Box::pin(Sandbox::start_inner(spec, backend, false)).await;
+        }
         match res {
             Ok(kernel) => {
                 sb.kernel_release = kernel;
@@ -602,6 +773,11 @@ impl Sandbox {
     /// The sandbox id.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Key of the template this sandbox was restored from (`None`: it booted cold).
+    pub fn template(&self) -> Option<&str> {
+        self.template.as_deref()
     }
 
     /// The accelerator in use and why it was chosen.
@@ -972,4 +1148,264 @@ pub fn paths() -> Vec<(&'static str, PathBuf)> {
         ("kernel", assets::default_kernel_path()),
         ("state", state::runtime_dir()),
     ]
+}
+
+/// How long a restored guest may take to answer `Init` before the template is presumed bad.
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(20);
+
+fn random_bytes<const N: usize>() -> [u8; N] {
+    let mut b = [0u8; N];
+    let mut got = 0;
+    while got < N {
+        // SAFETY: getrandom into the unfilled tail of a valid buffer.
+        let n = unsafe { libc::getrandom(b[got..].as_mut_ptr().cast(), N - got, 0) };
+        if n <= 0 {
+            // getrandom cannot fail on Linux ≥ 3.17 once the pool is up; never reached.
+            break;
+        }
+        got += n as usize;
+    }
+    b
+}
+
+/// The template inputs of a sandbox that may start warm; `None` (and why, in the debug log)
+/// when it must boot.
+#[allow(clippy::too_many_arguments)]
+fn warm_inputs(
+    spec: &SandboxSpec,
+    backend: &dyn Backend,
+    kernel: &std::path::Path,
+    initrd: &std::path::Path,
+    base: Option<&std::path::Path>,
+    accel: Accel,
+    cmdline: &str,
+    nic: bool,
+) -> Option<template::Inputs> {
+    let why_cold = if spec.cold {
+        "asked to (--cold)"
+    } else if std::env::var_os("AIRLOCK_COLD").is_some_and(|v| !v.is_empty() && v != "0") {
+        "AIRLOCK_COLD is set"
+    } else if !spec.shares.is_empty() {
+        "it has shares (vhost-user-fs cannot migrate in QEMU 7.2)"
+    } else if !spec.volumes.is_empty() {
+        "it has volumes"
+    } else if spec.builder_target.is_some() || spec.bench_9p.is_some() {
+        "it is an image builder or a benchmark VM"
+    } else if backend.snapshot_binary().is_none() {
+        "the backend cannot restore snapshots"
+    } else {
+        ""
+    };
+    if !why_cold.is_empty() {
+        tracing::debug!("booting cold: {why_cold}");
+        return None;
+    }
+    let bin = template::resolve_binary(&backend.snapshot_binary()?)?;
+    let id = |p: &std::path::Path| template::FileId::of(p).ok();
+    Some(template::Inputs {
+        format: template::FORMAT,
+        kernel: id(kernel)?,
+        initrd: id(initrd)?,
+        root: id(base?)?,
+        qemu: id(&bin)?,
+        cpus: spec.cpus,
+        memory_mib: spec.memory_mib,
+        disk_mib: spec.disk_mib,
+        nic,
+        cmdline: template::key_cmdline(cmdline),
+        accel: accel.to_string(),
+    })
+}
+
+/// What building a template needs from the sandbox being started.
+struct BuildCtx<'a> {
+    backend: &'a dyn Backend,
+    kernel: &'a std::path::Path,
+    initrd: &'a std::path::Path,
+    base: &'a std::path::Path,
+    spec: &'a SandboxSpec,
+    accel: Accel,
+    cmdline_extra: &'a str,
+    nic: bool,
+    console_log: PathBuf,
+}
+
+/// The template for `inputs`, built now if there is none; `None` (with a warning) when it
+/// cannot be had, and the sandbox boots cold.
+async fn template_for(inputs: &template::Inputs, ctx: &BuildCtx<'_>) -> Option<template::Template> {
+    let i = inputs.clone();
+    let found = tokio::task::spawn_blocking(move || {
+        if let template::Lookup::Corrupt(why) = template::lookup(&i) {
+            tracing::warn!(
+                "template {} is damaged ({why}): removed it; booting cold to rebuild it",
+                i.key()
+            );
+        }
+        template::find_or_start(&i)
+    })
+    .await
+    .ok()?;
+    let builder = match found {
+        Ok(Ok(t)) => return Some(t),
+        Ok(Err(b)) => b,
+        Err(why) => {
+            tracing::warn!("cannot use templates ({why}); booting cold");
+            return None;
+        }
+    };
+    match build_template(&builder, ctx).await {
+        Ok(()) => match builder.commit(ctx.cmdline_extra) {
+            Ok(t) => Some(t),
+            Err(why) => {
+                tracing::warn!("cannot store the template ({why}); booting cold");
+                None
+            }
+        },
+        Err(why) => {
+            tracing::warn!("cannot make a template ({why}); booting cold");
+            None
+        }
+    }
+}
+
+/// Boots a VM for the template, waits for its agent's Hello, then saves it (RAM stays in the
+/// file it was written to) and ends it.
+async fn build_template(b: &template::Builder, ctx: &BuildCtx<'_>) -> Result<(), String> {
+    use tokio::io::AsyncReadExt;
+    let (scratch, mib) = (b.scratch(), ctx.spec.disk_mib);
+    tokio::task::spawn_blocking(move || rootfs::create_scratch(&scratch, mib))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    let io = |e: std::io::Error| e.to_string();
+    let (host_end, vm_end) = std::os::unix::net::UnixStream::pair().map_err(io)?;
+    let (mon_host, mon_vm) = std::os::unix::net::UnixStream::pair().map_err(io)?;
+    // The NIC is part of the device set; its host end stays open (link up) but unread.
+    let nic_pair = match ctx.nic {
+        true => Some(std::os::unix::net::UnixStream::pair().map_err(io)?),
+        false => None,
+    };
+    let cfg = VmConfig {
+        kernel: ctx.kernel.to_path_buf(),
+        initrd: ctx.initrd.to_path_buf(),
+        cmdline_extra: ctx.cmdline_extra.to_string(),
+        cpus: ctx.spec.cpus,
+        memory_mib: ctx.spec.memory_mib,
+        disks: vec![
+            DiskConfig {
+                path: ctx.base.to_path_buf(),
+                read_only: true,
+                serial: "airlock-root".into(),
+            },
+            DiskConfig {
+                path: b.scratch(),
+                read_only: false,
+                serial: "airlock-scratch".into(),
+            },
+        ],
+        control: vm_end.into(),
+        console_log: ctx.console_log.clone(),
+        accel: ctx.accel,
+        nic: match &nic_pair {
+            Some((_, vm)) => Some(NicConfig {
+                fd: vm.try_clone().map_err(io)?.into(),
+                mac: airlock_net::stack::GUEST_MAC,
+            }),
+            None => None,
+        },
+        fs_devices: Vec::new(),
+        shared_memory_file: Some(b.ram()),
+        memory_private: false,
+        monitor: Some(mon_vm.into()),
+        incoming: None,
+        bench_9p: None,
+    };
+    let vm = ctx.backend.launch(cfg).map_err(|e| e.to_string())?;
+    host_end.set_nonblocking(true).map_err(io)?;
+    let mut host = tokio::net::UnixStream::from_std(host_end).map_err(io)?;
+    let wait_hello = async {
+        let mut dec = airlock_proto::Decoder::new();
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let n = host.read(&mut buf).await.map_err(io)?;
+            if n == 0 {
+                return Err("the VM ended before its agent was up".to_string());
+            }
+            dec.push(&buf[..n]);
+            if let Some(f) = dec.next_frame().map_err(|e| e.to_string())? {
+                if f.kind != Kind::Hello {
+                    return Err(format!("expected Hello, got {:?}", f.kind));
+                }
+                let h: airlock_proto::Hello = f.parse().map_err(|e| e.to_string())?;
+                if h.version != VERSION {
+                    return Err(format!("agent speaks protocol {}", h.version));
+                }
+                if dec.buffered() > 0 {
+                    return Err("agent sent more than Hello".into());
+                }
+                return Ok(());
+            }
+            if dec.buffered() > 64 * 1024 {
+                return Err("oversized Hello".into());
+            }
+        }
+    };
+    let mut exit = vm.exit_watch();
+    tokio::select! {
+        r = wait_hello => r?,
+        _ = exit.wait_for(|e| e.is_some()) => return Err("the VM ended before its agent was up".into()),
+        _ = tokio::time::sleep(ctx.spec.ready_timeout) => return Err("its agent was not up in time".into()),
+    }
+    let state = b.state();
+    tokio::task::spawn_blocking(move || {
+        let mut q = qmp::Qmp::connect(mon_host)?;
+        q.ignore_shared(true)?;
+        let out = std::fs::File::create(&state).map_err(|e| format!("{}: {e}", state.display()))?;
+        q.save(&out, Duration::from_secs(60))?;
+        out.sync_all().map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    vm.kill();
+    let _ = tokio::time::timeout(Duration::from_secs(10), exit.wait_for(|e| e.is_some())).await;
+    drop(nic_pair);
+    drop(host);
+    Ok(())
+}
+
+/// The `Init` a sandbox's agent gets: per-sandbox identity (hostname, machine-id, RNG seed,
+/// clock), network, CA and environment.
+fn init_message(
+    sb: &Sandbox,
+    hostname: Option<String>,
+    shares: Vec<airlock_proto::ShareMount>,
+    volumes: Vec<airlock_proto::VolumeMount>,
+    privileged: bool,
+) -> Init {
+    let (net, ca_pem, env) = match &sb.network {
+        Some(net) => {
+            let pem = net.ca_pem();
+            (
+                Some(network::guest_config()),
+                (!pem.is_empty()).then_some(pem),
+                net.placeholders(),
+            )
+        }
+        None => (None, None, Vec::new()),
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    Init {
+        hostname: hostname.unwrap_or_else(|| sb.id.clone()),
+        time_unix_ns: now.as_nanos() as u64,
+        net,
+        ca_pem,
+        env,
+        shares,
+        volumes,
+        rng_seed: random_bytes::<32>().to_vec(),
+        machine_id: Some(hex::encode(random_bytes::<16>())),
+        privileged,
+    }
 }

@@ -209,7 +209,7 @@ pub fn create_scratch(dest: &Path, size_mib: u64) -> Result<(), Error> {
 
 /// Copies only the data extents (SEEK_DATA/SEEK_HOLE). std::fs::copy would fill the holes of
 /// a 5 GiB sparse image with zeros.
-fn sparse_copy(src: &Path, dst: &Path) -> std::io::Result<()> {
+pub(crate) fn sparse_copy(src: &Path, dst: &Path) -> std::io::Result<()> {
     use std::io::{Read, Seek, SeekFrom, Write};
     let mut s = std::fs::File::open(src)?;
     let len = s.metadata()?.len();

@@ -67,6 +67,9 @@ pub struct Meta {
     pub allow_hosts: Vec<String>,
     /// Secret names and their hosts.
     pub secrets: Vec<SecretMeta>,
+    /// Started `--privileged` (a fork keeps it).
+    #[serde(default)]
+    pub privileged: bool,
 }
 
 /// A secret as recorded: name and hosts only.
@@ -181,6 +184,42 @@ pub fn run_detached(req: SuperviseRequest) -> i32 {
             crate::EXIT_SANDBOX_FAILED
         }
     }
+}
+
+/// Starts a detached sandbox from snapshot `name` with the network policy sandbox `source` was
+/// started with (secrets excepted: their values live only in its supervisor); returns its id.
+pub fn start_from_snapshot(name: &str, source: &str) -> Result<String, String> {
+    let meta = read_meta(&find(source)?)?;
+    let launch = Launch {
+        image: None,
+        rootfs: None,
+        platform: None,
+        insecure_registry: Vec::new(),
+        cpus: meta.cpus,
+        memory_mib: meta.memory_mib,
+        disk_mib: airlock_sandbox::DEFAULT_DISK_MIB,
+        accel: None,
+        hostname: None,
+        kernel_args: Vec::new(),
+        cold: false,
+        from: Some(name.to_string()),
+        net: crate::launch::Net {
+            disabled: meta.no_network,
+            allow_hosts: meta.allow_hosts.clone(),
+            ..Default::default()
+        },
+        mounts: Vec::new(),
+        fs_rules: Vec::new(),
+        privileged: meta.privileged,
+    };
+    start_supervisor(&SuperviseRequest {
+        launch,
+        cmd: Vec::new(),
+        env: Vec::new(),
+        workdir: None,
+        user: None,
+        source: format!("fork of {}", meta.id),
+    })
 }
 
 fn start_supervisor(req: &SuperviseRequest) -> Result<String, String> {
@@ -307,6 +346,7 @@ pub async fn supervise() -> i32 {
             cpus: req.launch.cpus,
             memory_mib: req.launch.memory_mib,
             no_network: req.launch.net.disabled,
+            privileged: req.launch.privileged,
             allow_hosts: req.launch.net.allow_hosts.clone(),
             secrets: req
                 .launch

@@ -34,6 +34,12 @@ pub struct Launch {
     /// Extra kernel words.
     #[serde(default)]
     pub kernel_args: Vec<String>,
+    /// Boot instead of restoring a warm-start template.
+    #[serde(default)]
+    pub cold: bool,
+    /// Start from this snapshot instead of an image.
+    #[serde(default)]
+    pub from: Option<String>,
     /// Network policy (secrets included).
     #[serde(default)]
     pub net: Net,
@@ -160,6 +166,8 @@ impl Launch {
                     image: Box::new(rec),
                 }
             }
+            // The root comes from the snapshot; this placeholder is never opened.
+            (None, None) if self.from.is_some() => RootfsSource::Dir("/".into()),
             (None, None) => return Err("give an image or a root filesystem".into()),
         };
         let mut spec = SandboxSpec::new(rootfs);
@@ -169,6 +177,8 @@ impl Launch {
         spec.hostname = self.hostname.clone();
         spec.privileged = self.privileged;
         spec.kernel_args = self.kernel_args.clone();
+        spec.cold = self.cold;
+        spec.from_snapshot = self.from.clone();
         spec.accel = match &self.accel {
             Some(a) => Some(a.parse().map_err(|e: String| e)?),
             None => None,
@@ -258,6 +268,8 @@ impl Launch {
             hostname: p.hostname.or(net.hostname.clone()),
             privileged: p.privileged,
             kernel_args: Vec::new(),
+            cold: false,
+            from: None,
             net: Net {
                 disabled: net.no_network,
                 allow_hosts: net.allowed_hosts,

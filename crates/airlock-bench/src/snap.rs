@@ -1,0 +1,166 @@
+//! Warm starts against cold boots, in the same run: `airlock run --rootfs R -- true` restored
+//! from a template against the same with `--cold`; the time to a command's first output
+//! either way; and the memory an idle warm-started sandbox costs the host (its QEMU's RSS and
+//! PSS: restored RAM is a copy-on-write mapping of the template file, so pages the guest only
+//! reads are shared between sandboxes and PSS is the fairer per-sandbox figure).
+
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use airlock_sandbox::{RootfsSource, Sandbox, SandboxSpec};
+use anyhow::{bail, Context, Result};
+use tokio::io::AsyncReadExt;
+
+use crate::{airlock_bin, ms, pct, timed};
+
+/// Goal from the issue: a warm `run --rm IMG -- true` costs at most this share of a cold one.
+const WARM_RATIO_GOAL: f64 = 0.08;
+/// Idle sandboxes measured for memory.
+const IDLE_SANDBOXES: usize = 4;
+
+fn run_cmd(rootfs: &Path, cold: bool, argv: &[&str]) -> Result<tokio::process::Command> {
+    let mut c = tokio::process::Command::new(airlock_bin()?);
+    c.arg("run");
+    if cold {
+        c.arg("--cold");
+    }
+    c.arg("--rootfs").arg(rootfs).arg("--").args(argv);
+    Ok(c)
+}
+
+/// Spawn to the first byte of the command's stdout.
+async fn first_output(rootfs: &Path, cold: bool) -> Result<Duration> {
+    let mut c = run_cmd(rootfs, cold, &["echo", "hi"])?;
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    let t = Instant::now();
+    let mut child = c.spawn().context("spawn airlock run")?;
+    let mut out = child.stdout.take().context("stdout")?;
+    let mut b = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(180), out.read(&mut b))
+        .await
+        .context("no output in 180 s")??;
+    let d = t.elapsed();
+    if n == 0 {
+        bail!("airlock run -- echo hi printed nothing");
+    }
+    let st = child.wait().await?;
+    if !st.success() {
+        bail!("airlock run -- echo hi: {st}");
+    }
+    Ok(d)
+}
+
+/// `(VmRSS, Pss)` of a process, KiB.
+fn rss_pss(pid: u32) -> Result<(u64, u64)> {
+    let field = |text: &str, name: &str| -> Option<u64> {
+        text.lines()
+            .find(|l| l.starts_with(name))?
+            .split_whitespace()
+            .nth(1)?
+            .parse()
+            .ok()
+    };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))?;
+    Ok((
+        field(&status, "VmRSS:").context("VmRSS")?,
+        field(&rollup, "Pss:").context("Pss")?,
+    ))
+}
+
+/// Mean `(RSS, PSS)` KiB of the VMMs of `n` idle sandboxes started together.
+async fn idle_memory(rootfs: &Path, cold: bool, n: usize) -> Result<(u64, u64)> {
+    let mut sbs = Vec::new();
+    for _ in 0..n {
+        let mut s = SandboxSpec::new(RootfsSource::from_path(rootfs)?);
+        s.cold = cold;
+        sbs.push(Sandbox::start(s).await?);
+    }
+    // Let boot-time activity settle.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (mut rss, mut pss) = (0, 0);
+    for sb in &sbs {
+        let (r, p) = rss_pss(sb.vm_pid())?;
+        rss += r;
+        pss += p;
+    }
+    for sb in sbs {
+        sb.stop().await?;
+    }
+    Ok((rss / n as u64, pss / n as u64))
+}
+
+/// Runs the measurements; returns the markdown section.
+pub async fn section(iterations: usize, rootfs: &Path) -> Result<String> {
+    // Uncounted: builds the rootfs image and the template.
+    timed(&mut run_cmd(rootfs, false, &["true"])?)
+        .await
+        .context("warm-up (builds the template)")?;
+    timed(&mut run_cmd(rootfs, true, &["true"])?).await?;
+    let (mut warm, mut cold, mut warm_first, mut cold_first) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for i in 0..iterations {
+        eprint!("\rwarm/cold {}/{iterations}", i + 1);
+        cold.push(timed(&mut run_cmd(rootfs, true, &["true"])?).await?);
+        warm.push(timed(&mut run_cmd(rootfs, false, &["true"])?).await?);
+        cold_first.push(first_output(rootfs, true).await?);
+        warm_first.push(first_output(rootfs, false).await?);
+    }
+    eprintln!();
+    let list = |v: &[Duration]| {
+        v.iter()
+            .map(|d| format!("{:.0}", ms(*d)))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    eprintln!("cold ms: {}\nwarm ms: {}", list(&cold), list(&warm));
+    eprintln!("idle memory");
+    let (wr, wp) = idle_memory(rootfs, false, IDLE_SANDBOXES).await?;
+    let (cr, cp) = idle_memory(rootfs, true, IDLE_SANDBOXES).await?;
+
+    let (w50, c50) = (pct(&warm, 0.5), pct(&cold, 0.5));
+    let ratio = w50.as_secs_f64() / c50.as_secs_f64();
+    let verdict = if ratio <= WARM_RATIO_GOAL {
+        "meets"
+    } else {
+        "misses"
+    };
+    let mut t = String::new();
+    t += "## Warm start from templates\n\n";
+    t += &format!(
+        "`airlock run --rootfs <demo> -- true` (process spawn to exit), warm (restored from a \
+         template) against `--cold`, interleaved, {iterations} runs each; first output: spawn to \
+         the first byte of `echo hi`; memory: mean over {IDLE_SANDBOXES} idle sandboxes started \
+         by the Rust API (512 MiB guests), QEMU's RSS and PSS 2 s after start.\n\n"
+    );
+    t += "| | cold p50 | warm p50 | cold p90 | warm p90 | warm ÷ cold (p50) |\n";
+    t += "|---|---|---|---|---|---|\n";
+    t += &format!(
+        "| `run -- true` | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | **{ratio:.3}** ({verdict} the ≤ {WARM_RATIO_GOAL} goal) |\n",
+        ms(c50),
+        ms(w50),
+        ms(pct(&cold, 0.9)),
+        ms(pct(&warm, 0.9)),
+    );
+    let (wf, cf) = (pct(&warm_first, 0.5), pct(&cold_first, 0.5));
+    t += &format!(
+        "| first output of `echo hi` | {:.0} ms | {:.0} ms | {:.0} ms | {:.0} ms | {:.3} |\n",
+        ms(cf),
+        ms(wf),
+        ms(pct(&cold_first, 0.9)),
+        ms(pct(&warm_first, 0.9)),
+        wf.as_secs_f64() / cf.as_secs_f64()
+    );
+    t += &format!(
+        "\n| idle sandbox, QEMU | RSS | PSS |\n|---|---|---|\n| cold boot | {} MiB | {} MiB |\n| warm start | {} MiB | {} MiB |\n",
+        cr / 1024,
+        cp / 1024,
+        wr / 1024,
+        wp / 1024
+    );
+    Ok(t)
+}
