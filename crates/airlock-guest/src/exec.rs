@@ -44,6 +44,22 @@ pub(crate) struct Entry {
     pub(crate) progress: Mutex<Progress>,
     /// A process-less entry was signalled: stop its work.
     pub(crate) cancelled: std::sync::atomic::AtomicBool,
+    /// The kernel's OOM-kill count when the process was spawned (see [`oom_kills`]).
+    oom_kills_at_spawn: u64,
+}
+
+/// How many processes the guest kernel's OOM killer has killed since boot (`oom_kill` in
+/// /proc/vmstat). A process that dies of SIGKILL while this count rose is reported as
+/// OOM-killed: the kernel tells no one else which process it chose.
+fn oom_kills() -> u64 {
+    std::fs::read_to_string("/proc/vmstat")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("oom_kill "))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
 }
 
 impl Entry {
@@ -64,6 +80,7 @@ impl Entry {
                 done: false,
             }),
             cancelled: Default::default(),
+            oom_kills_at_spawn: 0,
         });
         (e, stdin_rx)
     }
@@ -236,6 +253,7 @@ impl Registry {
             });
         }
 
+        let oom_kills_at_spawn = oom_kills();
         let mut by_pid = self.by_pid.lock().unwrap();
         let mut child = cmd.spawn().map_err(|e| {
             let kind = match e.kind() {
@@ -290,6 +308,7 @@ impl Registry {
                 done: false,
             }),
             cancelled: Default::default(),
+            oom_kills_at_spawn,
         });
         by_pid.insert(pid, entry.clone());
         self.spawned
@@ -334,6 +353,7 @@ impl Registry {
             stdin: Mutex::new(None),
             pty: None,
             cancelled: Default::default(),
+            oom_kills_at_spawn: 0,
             progress: Mutex::new(Progress {
                 exit: None,
                 readers_left: 2,
@@ -363,7 +383,7 @@ impl Registry {
                 let mut p = entry.progress.lock().unwrap();
                 p.exit = Some(ExitStatus {
                     code: Some(code),
-                    signal: None,
+                    ..Default::default()
                 });
                 p.readers_left == 0 && !std::mem::replace(&mut p.done, true)
             };
@@ -399,7 +419,7 @@ impl Registry {
             };
             entry.progress.lock().unwrap().exit = Some(ExitStatus {
                 code: Some(code),
-                signal: None,
+                ..Default::default()
             });
             entry.progress.lock().unwrap().done = true;
             reg.finish(&entry);
@@ -589,12 +609,14 @@ impl Registry {
             let exit = if libc::WIFEXITED(status) {
                 ExitStatus {
                     code: Some(libc::WEXITSTATUS(status)),
-                    signal: None,
+                    ..Default::default()
                 }
             } else {
+                let signal = libc::WTERMSIG(status);
                 ExitStatus {
                     code: None,
-                    signal: Some(libc::WTERMSIG(status)),
+                    signal: Some(signal),
+                    oom_killed: signal == libc::SIGKILL && oom_kills() > e.oom_kills_at_spawn,
                 }
             };
             let finish = {

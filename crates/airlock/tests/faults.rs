@@ -330,7 +330,8 @@ fn guest_kernel_panic_in_detached_sandbox_marks_it_exited() {
 }
 
 /// Fault: a workload allocates past the guest's RAM. The guest kernel's OOM killer ends that
-/// command (exit 137, SIGKILL), and the sandbox keeps working.
+/// command (exit 137, SIGKILL, and a message naming the OOM killer), and the sandbox keeps
+/// working. A `kill -9` that is not the OOM killer's gets no such message.
 #[test]
 fn guest_oom_kills_the_command_and_the_sandbox_survives() {
     let env = Env::new();
@@ -344,11 +345,23 @@ fn guest_oom_kills_the_command_and_the_sandbox_survives() {
         "x=a; while :; do x=$x$x; done",
     ]);
     assert_eq!(o.status.code(), Some(137), "{}", text(&o.stderr));
+    assert!(
+        text(&o.stderr).contains("out-of-memory killer"),
+        "137 alone does not say why: {}",
+        text(&o.stderr)
+    );
     let o = env.run(&["exec", &id, "--", "sh", "-c", "echo alive; dmesg"]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o.stderr));
     let out = text(&o.stdout);
     assert!(out.starts_with("alive\n"), "{out}");
     assert!(out.contains("Out of memory: Killed process"), "{out}");
+    let o = env.run(&["exec", &id, "--", "sh", "-c", "kill -9 $$"]);
+    assert_eq!(o.status.code(), Some(137));
+    assert!(
+        !text(&o.stderr).contains("out-of-memory"),
+        "{}",
+        text(&o.stderr)
+    );
     assert_eq!(env.status(&id).as_deref(), Some("running"));
     env.ok(&["rm", "-f", &id]);
     env.assert_clean();
