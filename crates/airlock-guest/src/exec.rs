@@ -44,22 +44,35 @@ pub(crate) struct Entry {
     pub(crate) progress: Mutex<Progress>,
     /// A process-less entry was signalled: stop its work.
     pub(crate) cancelled: std::sync::atomic::AtomicBool,
-    /// The kernel's OOM-kill count when the process was spawned (see [`oom_kills`]).
-    oom_kills_at_spawn: u64,
 }
 
-/// How many processes the guest kernel's OOM killer has killed since boot (`oom_kill` in
-/// /proc/vmstat). A process that dies of SIGKILL while this count rose is reported as
-/// OOM-killed: the kernel tells no one else which process it chose.
-fn oom_kills() -> u64 {
-    std::fs::read_to_string("/proc/vmstat")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("oom_kill "))
-                .and_then(|v| v.trim().parse().ok())
-        })
-        .unwrap_or(0)
+/// Whether the guest kernel's OOM killer chose `pid`: its log says "Killed process PID (".
+/// The kernel tells no one else (our minimal kernel has no `oom_kill` count in /proc/vmstat,
+/// and commands run in no memory cgroup). Called only for deaths by SIGKILL.
+fn oom_killed(pid: i32) -> bool {
+    const SYSLOG_ACTION_READ_ALL: i32 = 3;
+    const SYSLOG_ACTION_SIZE_BUFFER: i32 = 10;
+    let needle = format!("Killed process {pid} (");
+    // The victim may die on another CPU before the killer's line is printed: look twice.
+    for _ in 0..2 {
+        // SAFETY: SIZE_BUFFER takes no buffer.
+        let size = unsafe { libc::klogctl(SYSLOG_ACTION_SIZE_BUFFER, std::ptr::null_mut(), 0) };
+        if size <= 0 {
+            return false;
+        }
+        let mut buf = vec![0u8; size as usize];
+        // SAFETY: buf is valid for `size` bytes.
+        let n = unsafe { libc::klogctl(SYSLOG_ACTION_READ_ALL, buf.as_mut_ptr().cast(), size) };
+        if n > 0
+            && buf[..n as usize]
+                .windows(needle.len())
+                .any(|w| w == needle.as_bytes())
+        {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    false
 }
 
 impl Entry {
@@ -80,7 +93,6 @@ impl Entry {
                 done: false,
             }),
             cancelled: Default::default(),
-            oom_kills_at_spawn: 0,
         });
         (e, stdin_rx)
     }
@@ -253,7 +265,6 @@ impl Registry {
             });
         }
 
-        let oom_kills_at_spawn = oom_kills();
         let mut by_pid = self.by_pid.lock().unwrap();
         let mut child = cmd.spawn().map_err(|e| {
             let kind = match e.kind() {
@@ -308,7 +319,6 @@ impl Registry {
                 done: false,
             }),
             cancelled: Default::default(),
-            oom_kills_at_spawn,
         });
         by_pid.insert(pid, entry.clone());
         self.spawned
@@ -353,7 +363,6 @@ impl Registry {
             stdin: Mutex::new(None),
             pty: None,
             cancelled: Default::default(),
-            oom_kills_at_spawn: 0,
             progress: Mutex::new(Progress {
                 exit: None,
                 readers_left: 2,
@@ -616,7 +625,7 @@ impl Registry {
                 ExitStatus {
                     code: None,
                     signal: Some(signal),
-                    oom_killed: signal == libc::SIGKILL && oom_kills() > e.oom_kills_at_spawn,
+                    oom_killed: signal == libc::SIGKILL && oom_killed(pid),
                 }
             };
             let finish = {
