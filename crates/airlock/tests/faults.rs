@@ -466,9 +466,9 @@ fn broken_upstream(reset: bool) -> (u16, std::sync::mpsc::Receiver<&'static str>
     (port, rx)
 }
 
-fn upstream_args(port: u16) -> Vec<String> {
+/// `run -d` flags for the Debian image (curl) with `up.test` pinned to the host's loopback.
+fn upstream_args() -> Vec<String> {
     debian::ensure_image();
-    let _ = port;
     [
         "--image",
         "demo/debian:bookworm",
@@ -487,7 +487,7 @@ fn upstream_args(port: u16) -> Vec<String> {
 fn upstream_reset_mid_response_is_an_error_in_the_guest() {
     let env = Env::new();
     let (port, rx) = broken_upstream(true);
-    let args = upstream_args(port);
+    let args = upstream_args();
     let id = env.start(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let t = Instant::now();
     let o = env.run(&[
@@ -518,7 +518,7 @@ fn upstream_reset_mid_response_is_an_error_in_the_guest() {
 fn upstream_stall_mid_response_times_out_and_the_proxy_lets_go() {
     let env = Env::new();
     let (port, rx) = broken_upstream(false);
-    let args = upstream_args(port);
+    let args = upstream_args();
     let id = env.start(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let o = env.run(&[
         "exec",
