@@ -6,7 +6,6 @@
 //! Real guests (TCG here); each test has its own runtime dir.
 
 #[path = "../../airlock-image/tests/common/mod.rs"]
-#[allow(dead_code)]
 mod common;
 mod debian;
 
