@@ -575,11 +575,16 @@ fn exec_client_killed_mid_stream_leaves_the_sandbox_working() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    assert_eq!(
-        fd_count(sup),
-        fds,
-        "supervisor descriptors leaked by killed exec clients"
-    );
+    // A leak is growth (the baseline may still hold the first exec's closing connection).
+    let t = Instant::now();
+    while fd_count(sup) > fds {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "supervisor descriptors leaked by killed exec clients: {} > {fds}",
+            fd_count(sup)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert_eq!(env.status(&id).as_deref(), Some("running"));
     env.ok(&["rm", "-f", &id]);
     env.assert_clean();
