@@ -46,6 +46,35 @@ pub(crate) struct Entry {
     pub(crate) cancelled: std::sync::atomic::AtomicBool,
 }
 
+/// Whether the guest kernel's OOM killer chose `pid`: its log says "Killed process PID (".
+/// The kernel tells no one else (our minimal kernel has no `oom_kill` count in /proc/vmstat,
+/// and commands run in no memory cgroup). Called only for deaths by SIGKILL.
+fn oom_killed(pid: i32) -> bool {
+    const SYSLOG_ACTION_READ_ALL: i32 = 3;
+    const SYSLOG_ACTION_SIZE_BUFFER: i32 = 10;
+    let needle = format!("Killed process {pid} (");
+    // The victim may die on another CPU before the killer's line is printed: look twice.
+    for _ in 0..2 {
+        // SAFETY: SIZE_BUFFER takes no buffer.
+        let size = unsafe { libc::klogctl(SYSLOG_ACTION_SIZE_BUFFER, std::ptr::null_mut(), 0) };
+        if size <= 0 {
+            return false;
+        }
+        let mut buf = vec![0u8; size as usize];
+        // SAFETY: buf is valid for `size` bytes.
+        let n = unsafe { libc::klogctl(SYSLOG_ACTION_READ_ALL, buf.as_mut_ptr().cast(), size) };
+        if n > 0
+            && buf[..n as usize]
+                .windows(needle.len())
+                .any(|w| w == needle.as_bytes())
+        {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    false
+}
+
 impl Entry {
     /// A process-less entry (builtin, file operation) with stdin attached.
     pub(crate) fn builtin(stream: u32) -> (Arc<Entry>, std::sync::mpsc::Receiver<StdinMsg>) {
@@ -367,7 +396,7 @@ impl Registry {
                 let mut p = entry.progress.lock().unwrap();
                 p.exit = Some(ExitStatus {
                     code: Some(code),
-                    signal: None,
+                    ..Default::default()
                 });
                 p.readers_left == 0 && !std::mem::replace(&mut p.done, true)
             };
@@ -403,7 +432,7 @@ impl Registry {
             };
             entry.progress.lock().unwrap().exit = Some(ExitStatus {
                 code: Some(code),
-                signal: None,
+                ..Default::default()
             });
             entry.progress.lock().unwrap().done = true;
             reg.finish(&entry);
@@ -593,12 +622,14 @@ impl Registry {
             let exit = if libc::WIFEXITED(status) {
                 ExitStatus {
                     code: Some(libc::WEXITSTATUS(status)),
-                    signal: None,
+                    ..Default::default()
                 }
             } else {
+                let signal = libc::WTERMSIG(status);
                 ExitStatus {
                     code: None,
-                    signal: Some(libc::WTERMSIG(status)),
+                    signal: Some(signal),
+                    oom_killed: signal == libc::SIGKILL && oom_killed(pid),
                 }
             };
             let finish = {

@@ -52,7 +52,7 @@ pub fn start(reg: &Arc<Registry>, stream: u32, frame: &Frame) {
                     let mut p = entry.progress.lock().unwrap();
                     p.exit = Some(ExitStatus {
                         code: Some(0),
-                        signal: None,
+                        ..Default::default()
                     });
                     p.done = true;
                 }

@@ -557,6 +557,9 @@ pub struct ExitStatus {
     pub code: Option<i32>,
     /// Signal number, if a signal killed it.
     pub signal: Option<i32>,
+    /// The guest kernel's OOM killer ended it (SIGKILL, and the kernel log names its pid).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub oom_killed: bool,
 }
 
 /// Why a process could not be started.

@@ -723,6 +723,9 @@ impl Conn {
                     if let Some(sig) = s.signal {
                         r["signal"] = json!(sig);
                     }
+                    if s.oom_killed {
+                        r["oom_killed"] = json!(true);
+                    }
                     if collect {
                         r["stdout"] = json!(b64(&stdout));
                         r["stderr"] = json!(b64(&stderr));

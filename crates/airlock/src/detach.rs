@@ -694,6 +694,9 @@ async fn exec_inner(o: ExecOpts) -> Result<i32, String> {
                                 if msg.contains("not found") { 127 } else if msg.contains("ermission denied") { 126 } else { 125 }
                             } else { crate::EXIT_SANDBOX_FAILED });
                         }
+                        if v["result"]["oom_killed"] == json!(true) {
+                            eprintln!("airlock: {}", crate::OOM_MESSAGE);
+                        }
                         return Ok(v["result"]["exit_code"].as_i64().unwrap_or(125) as i32);
                     }
                     None => {}

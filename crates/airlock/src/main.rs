@@ -22,6 +22,9 @@ use clap::{Args, Parser, Subcommand};
 pub const EXIT_SANDBOX_FAILED: i32 = 125;
 /// Exit code when `--timeout` expired (as coreutils' timeout).
 pub const EXIT_TIMEOUT: i32 = 124;
+/// Printed when the guest's OOM killer ended the command (exit code 137 alone does not say why).
+pub const OOM_MESSAGE: &str =
+    "the command was killed by the guest kernel's out-of-memory killer (give the sandbox more with --memory MB)";
 
 #[derive(Parser)]
 #[command(
@@ -977,6 +980,9 @@ async fn run_command(
                     if timed_out {
                         eprintln!("airlock: command timed out");
                         return EXIT_TIMEOUT;
+                    }
+                    if s.oom_killed {
+                        eprintln!("airlock: {OOM_MESSAGE}");
                     }
                     return match (s.code, s.signal) {
                         (Some(c), _) => c,

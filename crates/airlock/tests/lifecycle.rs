@@ -260,6 +260,8 @@ fn lifecycle_run_exec_ls_logs_kill_rm_prune() {
     assert!(left.is_empty(), "state left: {left:?}");
 }
 
+/// Fault: `kill -9` of a detached sandbox's supervisor. Its QEMU is gone within 2 s, `ls`
+/// marks the sandbox dead, and `prune` removes everything it left.
 #[test]
 fn supervisor_sigkill_takes_vm_ls_says_dead_prune_cleans() {
     let env = Env::new();
@@ -272,9 +274,12 @@ fn supervisor_sigkill_takes_vm_ls_says_dead_prune_cleans() {
     assert!(!gone_or_zombie(vm));
     // SAFETY: kill(2) on the supervisor this test started.
     unsafe { libc::kill(sup as i32, libc::SIGKILL) };
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + Duration::from_secs(2);
     while !(gone_or_zombie(vm) && gone_or_zombie(sup)) {
-        assert!(Instant::now() < deadline, "VM {vm} outlived its supervisor");
+        assert!(
+            Instant::now() < deadline,
+            "VM {vm} outlived its supervisor by 2 s"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(env.status(&id).as_deref(), Some("dead"));
