@@ -603,6 +603,16 @@ impl Section {
     }
 }
 
+const SNAP_NOTES: &str = "\
+- Where a warm run's time goes (`AIRLOCK_LOG=debug`, 2026-11-23, load ~9): host preparation \
+~25 ms, QEMU spawn + restore + `Init` → `Ready` ~340 ms, the command ~150 ms. The last is TCG \
+translating the guest's fork/exec paths and busybox afresh in every new QEMU process (the \
+first-exec cost a cold boot pays too): under TCG it bounds the ratio from below; with KVM it \
+disappears.
+- The restored RAM is a private mapping of the template file, so pages the guest only reads are \
+shared by every sandbox from that template: PSS is the fair per-sandbox cost.
+- This section alone: `cargo run --release -p airlock-bench -- --only-snap`.";
+
 const NET_NOTES: &str = "\
 - The throughput row is one process: the in-process \"guest\" is a second smoltcp stack on the \
 other core. MTU is 16 KiB, which halves the per-byte cost in the TCG guest against 1500 \
@@ -789,8 +799,7 @@ async fn main() -> Result<()> {
     let api = api::bench_api(o.execs, &rootfs).await?;
 
     // Every module's section, in page order. A new module adds one line here (and its
-    // `--only-*` flag above); the snapshot benchmark (`snap.rs`, `--only-snap`) goes after
-    // the boot figures it is compared with.
+    // `--only-*` flag above).
     let sections = vec![
         Section::new(
             "Boot, exec and images",
@@ -798,6 +807,11 @@ async fn main() -> Result<()> {
                 + &image_table(&o, &small, &large)
                 + &first_run_table(&o, &skopeo, &first),
             "",
+        ),
+        Section::new(
+            "Warm start from templates",
+            snap::section(o.iterations, &rootfs).await?,
+            SNAP_NOTES,
         ),
         Section::new(
             "Network (sealed netstack, MITM)",

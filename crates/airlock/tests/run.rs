@@ -179,7 +179,14 @@ fn stdin_round_trip() {
 #[test]
 fn timeout_kills_the_command() {
     let t = Instant::now();
-    let out = run(&["--timeout", "2", "--", "sh", "-c", "echo started; sleep 60"]);
+    let out = run(&[
+        "--timeout",
+        "10",
+        "--",
+        "sh",
+        "-c",
+        "echo started; sleep 60",
+    ]);
     assert_eq!(out.status.code(), Some(124));
     assert_eq!(text(&out.stdout), "started\n");
     assert!(
