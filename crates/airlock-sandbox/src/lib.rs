@@ -501,18 +501,7 @@ impl Sandbox {
                 })
                 .await
                 .map_err(|e| Error::Setup(e.to_string()))??;
-                vec![
-                    DiskConfig {
-                        path: base.clone(),
-                        read_only: true,
-                        serial: "airlock-root".into(),
-                    },
-                    DiskConfig {
-                        path: scratch,
-                        read_only: false,
-                        serial: "airlock-scratch".into(),
-                    },
-                ]
+                image_disks(base.clone(), scratch)
             }
             (None, None) => Vec::new(),
         };
@@ -1408,4 +1397,21 @@ fn init_message(
         machine_id: Some(hex::encode(random_bytes::<16>())),
         privileged,
     }
+}
+
+/// The two disks of a sandbox booted from an image: the shared read-only root and its own
+/// writable layer (the agent finds them by serial).
+pub(crate) fn image_disks(base: PathBuf, scratch: PathBuf) -> Vec<DiskConfig> {
+    vec![
+        DiskConfig {
+            path: base,
+            read_only: true,
+            serial: "airlock-root".into(),
+        },
+        DiskConfig {
+            path: scratch,
+            read_only: false,
+            serial: "airlock-scratch".into(),
+        },
+    ]
 }

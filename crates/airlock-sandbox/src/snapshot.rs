@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use airlock_backend::{Accel, Backend, DiskConfig, NicConfig, VmConfig};
+use airlock_backend::{Accel, Backend, NicConfig, VmConfig};
 use airlock_proto::{Frame, Kind, Resume, Resumed, CONTROL_STREAM};
 use serde::{Deserialize, Serialize};
 
@@ -304,18 +304,7 @@ pub(crate) async fn start(
         cmdline_extra: l.cmdline.clone(),
         cpus: l.cpus,
         memory_mib: l.memory_mib,
-        disks: vec![
-            DiskConfig {
-                path: l.base.clone(),
-                read_only: true,
-                serial: "airlock-root".into(),
-            },
-            DiskConfig {
-                path: scratch,
-                read_only: false,
-                serial: "airlock-scratch".into(),
-            },
-        ],
+        disks: crate::image_disks(l.base.clone(), scratch),
         control: vm_end.into(),
         console_log: state.console_log(),
         accel,
