@@ -4,13 +4,13 @@
 //! can be swapped for the real values in flight, and every decision is an audit event.
 //!
 //! ```no_run
-//! # async fn demo(sock: tokio::net::UnixStream) -> Result<(), airlock_net::NetError> {
+//! # fn demo(sock: std::os::unix::net::UnixStream) -> Result<(), airlock_net::NetError> {
 //! use airlock_net::{Network, NetworkConfig};
 //! let net = Network::new(NetworkConfig {
 //!     allow_hosts: vec!["api.example.com".into()],
 //!     ..Default::default()
 //! })?;
-//! net.start(sock); // the host end of QEMU's `-netdev stream` socket
+//! net.start(sock)?; // the host end of QEMU's `-netdev stream` socket; served on its own thread
 //! net.allow("*.github.com")?;
 //! # Ok(()) }
 //! ```
