@@ -437,20 +437,17 @@ mod tests {
     use super::*;
     use crate::DiskConfig;
 
-    #[test]
-    fn command_line_shape() {
+    /// A minimal configuration: 1 vCPU, 256 MiB, no disks or devices beyond the control port.
+    /// Only the command line is built from it, so the control socket's peer is not kept.
+    fn base_cfg() -> VmConfig {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let cfg = VmConfig {
+        VmConfig {
             kernel: "/k/vmlinux".into(),
             initrd: "/k/initrd".into(),
-            cmdline_extra: "airlock.x=1".into(),
-            cpus: 2,
-            memory_mib: 512,
-            disks: vec![DiskConfig {
-                path: "/d/a,b.ext4".into(),
-                read_only: true,
-                serial: "airlock-root".into(),
-            }],
+            cmdline_extra: String::new(),
+            cpus: 1,
+            memory_mib: 256,
+            disks: vec![],
             control: a.into(),
             console_log: "/s/console.log".into(),
             accel: Accel::Tcg,
@@ -461,6 +458,36 @@ mod tests {
             monitor: None,
             incoming: None,
             bench_9p: None,
+        }
+    }
+
+    fn root_and_scratch() -> Vec<DiskConfig> {
+        vec![
+            DiskConfig {
+                path: "/d/root".into(),
+                read_only: true,
+                serial: "airlock-root".into(),
+            },
+            DiskConfig {
+                path: "/d/scratch".into(),
+                read_only: false,
+                serial: "airlock-scratch".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn command_line_shape() {
+        let cfg = VmConfig {
+            cmdline_extra: "airlock.x=1".into(),
+            cpus: 2,
+            memory_mib: 512,
+            disks: vec![DiskConfig {
+                path: "/d/a,b.ext4".into(),
+                read_only: true,
+                serial: "airlock-root".into(),
+            }],
+            ..base_cfg()
         };
         let args = Qemu::args(&cfg, 101, None).join(" ");
         assert!(
@@ -480,26 +507,14 @@ mod tests {
 
     #[test]
     fn restore_maps_snapshot_ram_private_and_defers_incoming() {
-        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         let (m, _n) = std::os::unix::net::UnixStream::pair().unwrap();
         let f = std::fs::File::open("/dev/null").unwrap();
         let cfg = VmConfig {
-            kernel: "/k/vmlinux".into(),
-            initrd: "/k/initrd".into(),
-            cmdline_extra: String::new(),
-            cpus: 1,
-            memory_mib: 256,
-            disks: vec![],
-            control: a.into(),
-            console_log: "/s/console.log".into(),
-            accel: Accel::Tcg,
-            nic: None,
-            fs_devices: vec![],
             shared_memory_file: Some("/t/ram".into()),
             memory_private: true,
             monitor: Some(m.into()),
             incoming: Some(f.into()),
-            bench_9p: None,
+            ..base_cfg()
         };
         let args = Qemu::args_with(&cfg, 101, None, Some(103)).join(" ");
         assert!(
@@ -512,38 +527,14 @@ mod tests {
 
     #[test]
     fn virtio_fs_devices_use_shared_file_ram() {
-        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         let cfg = VmConfig {
-            kernel: "/k/vmlinux".into(),
-            initrd: "/k/initrd".into(),
-            cmdline_extra: String::new(),
-            cpus: 1,
-            memory_mib: 256,
-            disks: vec![
-                DiskConfig {
-                    path: "/d/root".into(),
-                    read_only: true,
-                    serial: "airlock-root".into(),
-                },
-                DiskConfig {
-                    path: "/d/scratch".into(),
-                    read_only: false,
-                    serial: "airlock-scratch".into(),
-                },
-            ],
-            control: a.into(),
-            console_log: "/s/console.log".into(),
-            accel: Accel::Tcg,
+            disks: root_and_scratch(),
             fs_devices: vec![crate::FsDevice {
                 socket: "/r/fs0.sock".into(),
                 tag: "airlock-fs0".into(),
             }],
             shared_memory_file: Some("/dev/shm/x.mem".into()),
-            memory_private: false,
-            monitor: None,
-            incoming: None,
-            bench_9p: None,
-            nic: None,
+            ..base_cfg()
         };
         let args = Qemu::args(&cfg, 101, None).join(" ");
         assert!(args.contains("-object memory-backend-file,id=mem,size=256M,mem-path=/dev/shm/x.mem,share=on -machine memory-backend=mem"), "{args}");
@@ -558,25 +549,9 @@ mod tests {
     #[test]
     fn rng_yields_its_transport_and_too_many_devices_is_an_error() {
         let cfg = |shares: usize| {
-            let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
             let (n, _m) = std::os::unix::net::UnixStream::pair().unwrap();
             VmConfig {
-                kernel: "/k/vmlinux".into(),
-                initrd: "/k/initrd".into(),
-                cmdline_extra: String::new(),
-                cpus: 1,
-                memory_mib: 256,
-                disks: vec![
-                    DiskConfig {
-                        path: "/d/root".into(),
-                        read_only: true,
-                        serial: "airlock-root".into(),
-                    };
-                    2
-                ],
-                control: a.into(),
-                console_log: "/s/console.log".into(),
-                accel: Accel::Tcg,
+                disks: root_and_scratch(),
                 fs_devices: (0..shares)
                     .map(|i| crate::FsDevice {
                         socket: format!("/r/fs{i}.sock").into(),
@@ -584,14 +559,11 @@ mod tests {
                     })
                     .collect(),
                 shared_memory_file: Some("/dev/shm/x.mem".into()),
-                memory_private: false,
-                monitor: None,
-                incoming: None,
-                bench_9p: None,
                 nic: Some(crate::NicConfig {
                     fd: n.into(),
                     mac: [2, 0, 0, 0, 0, 1],
                 }),
+                ..base_cfg()
             }
         };
         let a = Qemu::args(&cfg(3), 101, Some(102)).join(" ");
