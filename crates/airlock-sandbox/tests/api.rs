@@ -3,19 +3,10 @@
 
 use std::time::{Duration, Instant};
 
-use airlock_sandbox::{Error, ExecEvent, ExecSpec, RootfsSource, Sandbox, SandboxSpec, WinSize};
+use airlock_sandbox::{Error, ExecEvent, ExecSpec, Sandbox, WinSize};
 
-fn spec() -> SandboxSpec {
-    let root = std::env::var("AIRLOCK_TEST_ROOTFS").unwrap_or_else(|_| {
-        airlock_sandbox::assets::cache_dir()
-            .join("demo-rootfs")
-            .display()
-            .to_string()
-    });
-    SandboxSpec::new(
-        RootfsSource::from_path(&root).expect("demo rootfs missing: run scripts/setup"),
-    )
-}
+mod common;
+use common::spec;
 
 async fn start() -> Sandbox {
     Sandbox::start(spec()).await.expect("sandbox start")

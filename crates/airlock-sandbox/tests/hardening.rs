@@ -1,19 +1,10 @@
 //! Hardening on both sides of a real guest: Airlock's device threads confined by seccomp and
 //! landlock, and workloads without the capabilities that reach past the sandbox's own kernel.
 
-use airlock_sandbox::{ExecSpec, RootfsSource, Sandbox, SandboxSpec, Share, ShareMode};
+use airlock_sandbox::{ExecSpec, Sandbox, Share, ShareMode};
 
-fn spec() -> SandboxSpec {
-    let root = std::env::var("AIRLOCK_TEST_ROOTFS").unwrap_or_else(|_| {
-        airlock_sandbox::assets::cache_dir()
-            .join("demo-rootfs")
-            .display()
-            .to_string()
-    });
-    SandboxSpec::new(
-        RootfsSource::from_path(&root).expect("demo rootfs missing: run scripts/setup"),
-    )
-}
+mod common;
+use common::spec;
 
 async fn sh(sb: &Sandbox, script: &str) -> (i32, String) {
     let out = sb

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use airlock_sandbox::{ExecSpec, RootfsSource, Sandbox, SandboxSpec, Share, ShareMode};
+use airlock_sandbox::{ExecSpec, Sandbox, SandboxSpec, Share, ShareMode};
 
 /// One runtime dir and one TMPDIR for this test binary, set before any sandbox starts (both
 /// are read from the environment).
@@ -26,16 +26,10 @@ fn dirs() -> &'static (PathBuf, PathBuf) {
     })
 }
 
+mod common;
+
 fn spec(memory_mib: u32) -> SandboxSpec {
-    let root = std::env::var("AIRLOCK_TEST_ROOTFS").unwrap_or_else(|_| {
-        airlock_sandbox::assets::cache_dir()
-            .join("demo-rootfs")
-            .display()
-            .to_string()
-    });
-    let mut s = SandboxSpec::new(
-        RootfsSource::from_path(&root).expect("demo rootfs missing: run scripts/setup"),
-    );
+    let mut s = common::spec();
     s.memory_mib = memory_mib;
     // Twenty TCG boots share two cores: each takes many times its idle boot time.
     s.ready_timeout = Duration::from_secs(600);

@@ -5,23 +5,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use airlock_sandbox::{
-    ConnectErrorKind, Error, Exec, ExecSpec, GuestStream, RootfsSource, Sandbox, SandboxSpec,
-};
+use airlock_sandbox::{ConnectErrorKind, Error, Exec, ExecSpec, GuestStream, Sandbox};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-fn spec() -> SandboxSpec {
-    let root = std::env::var("AIRLOCK_TEST_ROOTFS").unwrap_or_else(|_| {
-        airlock_sandbox::assets::cache_dir()
-            .join("demo-rootfs")
-            .display()
-            .to_string()
-    });
-    SandboxSpec::new(
-        RootfsSource::from_path(&root).expect("demo rootfs missing: run scripts/setup"),
-    )
-}
+mod common;
+use common::spec;
 
 fn hex_sha(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))

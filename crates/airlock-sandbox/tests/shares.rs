@@ -4,15 +4,8 @@ use std::path::{Path, PathBuf};
 
 use airlock_sandbox::{ExecSpec, FsRule, RootfsSource, Sandbox, SandboxSpec, Share, ShareMode};
 
-fn rootfs() -> RootfsSource {
-    let root = std::env::var("AIRLOCK_TEST_ROOTFS").unwrap_or_else(|_| {
-        airlock_sandbox::assets::cache_dir()
-            .join("demo-rootfs")
-            .display()
-            .to_string()
-    });
-    RootfsSource::from_path(&root).expect("demo rootfs missing: run scripts/setup")
-}
+mod common;
+use common::rootfs;
 
 fn share(host: &Path, guest: &str, mode: ShareMode) -> Share {
     Share {

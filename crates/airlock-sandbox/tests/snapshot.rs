@@ -4,14 +4,8 @@
 
 use airlock_sandbox::{template, ExecSpec, RootfsSource, Sandbox, SandboxSpec};
 
-fn root() -> String {
-    std::env::var("AIRLOCK_TEST_ROOTFS").unwrap_or_else(|_| {
-        airlock_sandbox::assets::cache_dir()
-            .join("demo-rootfs")
-            .display()
-            .to_string()
-    })
-}
+mod common;
+use common::root_path as root;
 
 fn spec(memory_mib: u32) -> SandboxSpec {
     let mut s =
