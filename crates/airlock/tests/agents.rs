@@ -261,55 +261,54 @@ fn assert_key_stays_on_host(a: &Agent, out: &Output, api: &StandIn, audit: &str,
     );
 }
 
+/// With the default overlay share the agent's edits stay in the sandbox.
+fn assert_host_untouched(project: &std::path::Path) {
+    assert_eq!(
+        std::fs::read_to_string(project.join("README.md")).unwrap(),
+        "original\n",
+        "an overlay share must leave the host file untouched"
+    );
+    assert!(!project.join("NEW.txt").exists());
+}
+
+/// With a `rw` share the agent's edit and new file reach the host.
+fn assert_edits_landed(project: &std::path::Path) {
+    assert_eq!(
+        std::fs::read_to_string(project.join("README.md")).unwrap(),
+        "original\nedited-by-agent\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(project.join("NEW.txt")).unwrap(),
+        "new\n"
+    );
+}
+
 #[test]
 fn claude_code_edits_stay_in_the_overlay_and_the_key_on_the_host() {
     let (out, project, api, audit, key) = run_agent(&CLAUDE, None);
     assert_key_stays_on_host(&CLAUDE, &out, &api, &audit, &key);
-    assert_eq!(
-        std::fs::read_to_string(project.path().join("README.md")).unwrap(),
-        "original\n",
-        "an overlay share must leave the host file untouched"
-    );
-    assert!(!project.path().join("NEW.txt").exists());
+    assert_host_untouched(project.path());
 }
 
 #[test]
 fn claude_code_edits_land_with_a_rw_share() {
     let (out, project, api, audit, key) = run_agent(&CLAUDE, Some("rw"));
     assert_key_stays_on_host(&CLAUDE, &out, &api, &audit, &key);
-    assert_eq!(
-        std::fs::read_to_string(project.path().join("README.md")).unwrap(),
-        "original\nedited-by-agent\n"
-    );
-    assert_eq!(
-        std::fs::read_to_string(project.path().join("NEW.txt")).unwrap(),
-        "new\n"
-    );
+    assert_edits_landed(project.path());
 }
 
 #[test]
 fn codex_edits_stay_in_the_overlay() {
     let (out, project, api, audit, key) = run_agent(&CODEX, None);
     assert_key_stays_on_host(&CODEX, &out, &api, &audit, &key);
-    assert_eq!(
-        std::fs::read_to_string(project.path().join("README.md")).unwrap(),
-        "original\n"
-    );
-    assert!(!project.path().join("NEW.txt").exists());
+    assert_host_untouched(project.path());
 }
 
 #[test]
 fn codex_edits_land_with_a_rw_share_and_the_key_stays_on_the_host() {
     let (out, project, api, audit, key) = run_agent(&CODEX, Some("rw"));
     assert_key_stays_on_host(&CODEX, &out, &api, &audit, &key);
-    assert_eq!(
-        std::fs::read_to_string(project.path().join("README.md")).unwrap(),
-        "original\nedited-by-agent\n"
-    );
-    assert_eq!(
-        std::fs::read_to_string(project.path().join("NEW.txt")).unwrap(),
-        "new\n"
-    );
+    assert_edits_landed(project.path());
     // Codex's own update and telemetry traffic hits the sealed network and is denied.
     assert!(audit.contains(r#""allowed":false"#), "{audit}");
 }
