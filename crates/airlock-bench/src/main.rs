@@ -56,7 +56,8 @@ With no --only-* flag: every benchmark, then docs/benchmarks.md is rewritten.
   --only-ports    run only the port-forward benchmark (prints its table)
   --only-fs       only the workspace (virtio-fs) benchmark; prints its section
   --only-api      only the exec round trip by API (Rust API, airlock rpc, CLI)
-  --only-snap     only warm start (template restore) against cold boot";
+  --only-snap     only warm start (template restore) against cold boot
+  --only-boot     only cold boot against bare QEMU, and exec round trips (prints its tables)";
 
 struct Opts {
     iterations: usize,
@@ -69,6 +70,8 @@ struct Opts {
     only_api: bool,
     /// Only warm against cold start (`snap.rs`).
     only_snap: bool,
+    /// Only cold boot against bare QEMU, and exec round trips.
+    only_boot: bool,
 }
 
 fn parse_args() -> Result<Option<Opts>> {
@@ -81,6 +84,7 @@ fn parse_args() -> Result<Option<Opts>> {
         only_fs: false,
         only_api: false,
         only_snap: false,
+        only_boot: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -101,6 +105,7 @@ fn parse_args() -> Result<Option<Opts>> {
             "--only-fs" => o.only_fs = true,
             "--only-api" => o.only_api = true,
             "--only-snap" => o.only_snap = true,
+            "--only-boot" => o.only_boot = true,
             "-h" | "--help" => return Ok(None),
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
@@ -790,6 +795,10 @@ async fn main() -> Result<()> {
     let boot = bench_boot(&o, accel.accel, &rootfs).await?;
     eprintln!("exec round trips: {}", o.execs);
     let execs = bench_exec(&o, &rootfs).await?;
+    if o.only_boot {
+        println!("\n{}", tables(&o, &boot, &execs));
+        return Ok(());
+    }
 
     let (small, large) = bench_images(&o).await?;
     let (skopeo, first) = bench_first_run(&o).await?;
