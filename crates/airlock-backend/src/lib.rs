@@ -70,7 +70,10 @@ pub struct VmConfig {
     /// `incoming` with QMP `migrate-incoming fd:N` where N is [`Vm::incoming_fd`].
     pub incoming: Option<OwnedFd>,
     /// Benchmark-only: a QEMU virtio-9p share `(host dir, tag)` to compare virtio-fs against.
+    /// It bypasses every file rule (`security_model=none`), hence the feature no release
+    /// binary enables.
     #[doc(hidden)]
+    #[cfg(feature = "bench-9p")]
     pub bench_9p: Option<(PathBuf, String)>,
 }
 

@@ -145,6 +145,7 @@ impl Qemu {
             );
             push(&["-chardev", &chr, "-device", &dev]);
         }
+        #[cfg(feature = "bench-9p")]
         if let Some((dir, tag)) = &cfg.bench_9p {
             let fsdev = format!(
                 "local,id=p9,path={},security_model=none",
@@ -187,10 +188,11 @@ pub const MAX_VIRTIO_DEVICES: usize = 8;
 
 /// Devices a sandbox cannot run without: control port, disks, shares, NIC.
 fn essential_devices(cfg: &VmConfig) -> usize {
-    1 + cfg.disks.len()
-        + cfg.fs_devices.len()
-        + usize::from(cfg.bench_9p.is_some())
-        + usize::from(cfg.nic.is_some())
+    #[cfg(feature = "bench-9p")]
+    let bench_9p = usize::from(cfg.bench_9p.is_some());
+    #[cfg(not(feature = "bench-9p"))]
+    let bench_9p = 0;
+    1 + cfg.disks.len() + cfg.fs_devices.len() + bench_9p + usize::from(cfg.nic.is_some())
 }
 
 fn wants_rng(cfg: &VmConfig) -> bool {
@@ -453,6 +455,7 @@ mod tests {
             memory_private: false,
             monitor: None,
             incoming: None,
+            #[cfg(feature = "bench-9p")]
             bench_9p: None,
         }
     }

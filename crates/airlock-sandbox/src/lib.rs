@@ -165,8 +165,10 @@ pub struct SandboxSpec {
     /// Run commands with every capability and without no_new_privs, like `docker run
     /// --privileged` (default: no_new_privs, and no CAP_SYS_MODULE, CAP_SYS_RAWIO, CAP_SYS_BOOT).
     pub privileged: bool,
-    /// Benchmark only: also expose this host directory over QEMU's virtio-9p with this tag.
+    /// Benchmark only: also expose this host directory over QEMU's virtio-9p with this tag
+    /// (no file rules apply to it: feature `bench-9p`, which no release binary enables).
     #[doc(hidden)]
+    #[cfg(feature = "bench-9p")]
     pub bench_9p: Option<(PathBuf, String)>,
     /// Image-builder VM: boot with only this empty ext4 as the agent's root (no image).
     pub(crate) builder_target: Option<PathBuf>,
@@ -200,6 +202,7 @@ impl SandboxSpec {
             fs_events: None,
             share_owner: (0, 0),
             privileged: false,
+            #[cfg(feature = "bench-9p")]
             bench_9p: None,
             builder_target: None,
             from_snapshot: None,
@@ -551,6 +554,7 @@ impl Sandbox {
                 .transpose()?
                 .map(Into::into),
             incoming,
+            #[cfg(feature = "bench-9p")]
             bench_9p: spec.bench_9p.clone(),
         };
         let monitor = monitor.map(|(host, _vm)| host);
@@ -1158,6 +1162,18 @@ fn random_bytes<const N: usize>() -> [u8; N] {
 }
 
 /// The template inputs of a sandbox that may start warm; `None` (and why, in the debug log)
+/// Whether the spec asks for the benchmark-only virtio-9p share (always false without the
+/// `bench-9p` feature).
+fn bench_9p(spec: &SandboxSpec) -> bool {
+    #[cfg(feature = "bench-9p")]
+    return spec.bench_9p.is_some();
+    #[cfg(not(feature = "bench-9p"))]
+    {
+        let _ = spec;
+        false
+    }
+}
+
 /// when it must boot.
 #[allow(clippy::too_many_arguments)]
 fn warm_inputs(
@@ -1178,7 +1194,7 @@ fn warm_inputs(
         "it has shares (vhost-user-fs cannot migrate in QEMU 7.2)"
     } else if !spec.volumes.is_empty() {
         "it has volumes"
-    } else if spec.builder_target.is_some() || spec.bench_9p.is_some() {
+    } else if spec.builder_target.is_some() || bench_9p(spec) {
         "it is an image builder or a benchmark VM"
     } else if backend.snapshot_binary().is_none() {
         "the backend cannot restore snapshots"
@@ -1307,6 +1323,7 @@ async fn build_template(b: &template::Builder, ctx: &BuildCtx<'_>) -> Result<(),
         memory_private: false,
         monitor: Some(mon_vm.into()),
         incoming: None,
+        #[cfg(feature = "bench-9p")]
         bench_9p: None,
     };
     let vm = ctx.backend.launch(cfg).map_err(|e| e.to_string())?;

@@ -314,6 +314,7 @@ pub(crate) async fn start(
         memory_private: false,
         monitor: Some(mon_vm.into()),
         incoming: Some(std::fs::File::open(dir.join("state"))?.into()),
+        #[cfg(feature = "bench-9p")]
         bench_9p: None,
     };
     let vm = backend.launch(cfg)?;
