@@ -111,9 +111,17 @@ async fn slow_reader_slows_the_guest_instead_of_buffering() {
         ]))
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    // The guest filled exactly the window and stopped; had it sent more, the host would have
+    // The guest fills exactly the window and stops; had it sent more, the host would have
     // ended the sandbox for a protocol violation.
+    common::wait_until(
+        "the guest filled the window",
+        Duration::from_secs(120),
+        || {
+            let n = e.buffered_bytes();
+            async move { n >= airlock_proto::INITIAL_WINDOW }
+        },
+    )
+    .await;
     assert_eq!(e.buffered_bytes(), airlock_proto::INITIAL_WINDOW);
     let mut total = 0usize;
     loop {

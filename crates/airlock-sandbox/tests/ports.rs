@@ -285,14 +285,22 @@ async fn forward_port_serves_curl_refuses_cleanly_and_stops_on_drop() {
 
     // Dropping the forward stops listening.
     drop(fwd);
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(tokio::net::TcpStream::connect(addr).await.is_err());
+    common::wait_until(
+        "the dropped forward stops listening",
+        Duration::from_secs(30),
+        || async { tokio::net::TcpStream::connect(addr).await.is_err() },
+    )
+    .await;
 
     // Stopping the sandbox stops the other one too.
     let addr2 = refused.local_addr();
     sb.stop().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(tokio::net::TcpStream::connect(addr2).await.is_err());
+    common::wait_until(
+        "the stopped sandbox's forward stops listening",
+        Duration::from_secs(30),
+        || async { tokio::net::TcpStream::connect(addr2).await.is_err() },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -362,9 +370,17 @@ async fn a_guest_flooding_a_stream_nobody_reads_stalls_in_the_guest() {
     // Nobody reads for a while: the host holds at most one window.
     let mut first = [0u8; 1];
     s.read_exact(&mut first).await.unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // (The one byte read may hold back its credit, so "full" is at least half here.)
+    common::wait_until(
+        "the guest filled the window",
+        Duration::from_secs(120),
+        || {
+            let n = s.buffered_bytes();
+            async move { n >= airlock_proto::INITIAL_WINDOW / 2 }
+        },
+    )
+    .await;
     let held = s.buffered_bytes();
-    assert!(held > 0, "the guest should have filled the window");
     assert!(
         held <= airlock_proto::INITIAL_WINDOW,
         "host buffered {held} bytes"

@@ -23,3 +23,21 @@ pub fn rootfs() -> RootfsSource {
 pub fn spec() -> SandboxSpec {
     SandboxSpec::new(rootfs())
 }
+
+/// Polls `cond` every 20 ms until it holds; panics naming `what` after `limit`. Tests wait on
+/// a condition rather than sleeping a fixed time: a loaded machine makes a sleep too short, an
+/// idle one makes it wasted.
+pub async fn wait_until<F, Fut>(what: &str, limit: std::time::Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + limit;
+    while !cond().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting until {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
