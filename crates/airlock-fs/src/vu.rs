@@ -1,6 +1,15 @@
 //! The vhost-user device: QEMU's `vhost-user-fs-device` connects to our socket, hands over the
 //! guest's (shared) RAM and the virtqueues; each request chain is decoded by fuse-backend-rs's
 //! hardened FUSE server and answered by [`GuardFs`](crate::guard::GuardFs).
+//!
+//! **Threat notes.** The guest controls the descriptor chains (addresses, lengths, flags) and
+//! every FUSE request inside them; QEMU (itself confined) controls the vhost-user messages.
+//! Descriptor addresses are resolved only through vm-memory against the regions QEMU handed
+//! over, so a chain cannot reach outside guest RAM; virtio-queue bounds the chains (queue size
+//! 1024, indirect tables checked); fuse-backend-rs's server validates each request's lengths
+//! before `GuardFs` sees it, and `GuardFs` confines paths to the share and applies file rules.
+//! A malformed chain fails that request only; the thread serving it runs under the
+//! `airlock-confine` seccomp filter and Landlock (fuzz target `fs_guard` drives `GuardFs`).
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};

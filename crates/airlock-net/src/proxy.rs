@@ -5,6 +5,19 @@
 //! terminated with a leaf from the per-sandbox CA so each HTTP request can be checked and its
 //! placeholders replaced before it is re-encrypted to the real server. Plain HTTP gets the same
 //! request treatment; anything else is spliced through.
+//!
+//! **Threat notes.** Both ends are untrusted: the guest writes every byte of the ClientHello,
+//! the request heads and bodies, and the upstream server answers with bytes a guest may have
+//! chosen (it picked the allowed host). Bounds: at most [`MAX_PEEK`] bytes are buffered before
+//! the TLS/HTTP decision, a started ClientHello must finish within 10 s, upstream connects and
+//! handshakes within 10 s, HTTP/1 heads are capped at 64 KiB and must arrive within 60 s,
+//! HTTP/2 has at most 100 concurrent streams and 64 KiB of headers, and only bodies up to
+//! [`MAX_SUBST_BODY`] are buffered for substitution (larger ones stream untouched). The SNI,
+//! the Host / `:authority` and the connection's name must agree before a placeholder is
+//! replaced, so a guest cannot steer a secret to another host by naming it in a header; a
+//! placeholder bound elsewhere gets a 403. Secret values exist only in this process's memory
+//! and are masked in what the server echoes back. Head parsing is `rewrite.rs` (fuzzed by
+//! `fuzz/fuzz_targets/http_rewrite.rs`); HTTP framing is hyper's.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -2,6 +2,14 @@
 //! placeholders are replaced in header values and the URL path and query, and a placeholder of a
 //! secret not bound to the host refuses the request. Pure functions over `http` types, so they
 //! can be fuzzed without a network.
+//!
+//! **Threat notes.** Every input here comes from the guest (request target, header names and
+//! values) and is parsed already by `http`/hyper; this module must never panic on any of it
+//! (fuzz target `http_rewrite`), never grow a head without bound (a replacement is at most the
+//! secret's length per placeholder occurrence, and heads are capped by the proxy), and never
+//! substitute a secret for a host it is not bound to: the host is taken only from the URI
+//! authority and the Host header, which must agree, after normalisation (case, trailing dot,
+//! port).
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::uri::{PathAndQuery, Uri};

@@ -10,6 +10,14 @@
 //! }
 //! # Ok(()) }
 //! ```
+//!
+//! **Threat notes.** Reads and listings come back from the guest, which may lie about sizes,
+//! stream forever or send malformed entries: a read collects at most [`READ_FILE_MAX`] bytes
+//! in memory (bigger files go to a writer in bounded chunks), a listing at most a million
+//! entries of bounded line length, and everything arrives under the control channel's credit
+//! windows, so a guest cannot make the host buffer more than one window per stream. Names in a
+//! listing are data for the caller, never paths the host opens: callers that write guest files
+//! to the host (`airlock cp` out) must confine them themselves.
 
 use airlock_proto::{FileEntry, FileOpKind, FileRequest, Kind, MAX_CHUNK};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
