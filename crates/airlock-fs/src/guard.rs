@@ -120,6 +120,26 @@ impl PathTable {
         }
     }
 
+    /// A successful `RENAME_EXCHANGE`: the two names swapped their inodes.
+    pub fn exchanged(&mut self, adir: u64, aname: &[u8], bdir: u64, bname: &[u8]) {
+        let find = |nodes: &HashMap<u64, Node>, dir: u64, name: &[u8]| {
+            nodes
+                .iter()
+                .find(|(_, n)| n.parent == dir && n.name == name)
+                .map(|(i, _)| *i)
+        };
+        let (a, b) = (
+            find(&self.nodes, adir, aname),
+            find(&self.nodes, bdir, bname),
+        );
+        for (inode, dir, name) in [(a, bdir, bname), (b, adir, aname)] {
+            if let Some(n) = inode.and_then(|i| self.nodes.get_mut(&i)) {
+                n.parent = dir;
+                n.name = name.to_vec();
+            }
+        }
+    }
+
     /// Path of `inode` relative to the share root (`""` for the root), if known.
     pub fn path(&self, mut inode: u64) -> Option<Vec<u8>> {
         let mut parts: Vec<&[u8]> = Vec::new();
@@ -169,6 +189,8 @@ pub struct GuardFs {
     tag: String,
     sink: Option<FsEventSink>,
     paths: Mutex<PathTable>,
+    /// Serialises renames (see [`GuardFs::rename`]).
+    renames: Mutex<()>,
 }
 
 impl GuardFs {
@@ -191,6 +213,7 @@ impl GuardFs {
             tag: tag.to_string(),
             sink,
             paths: Mutex::new(PathTable::default()),
+            renames: Mutex::new(()),
         }
     }
 
@@ -245,6 +268,29 @@ impl GuardFs {
             return Err(eacces());
         };
         match self.rules.check(op, &path) {
+            Verdict::Allow => Ok(()),
+            Verdict::Audit => {
+                self.emit(op, &path, false);
+                Ok(())
+            }
+            Verdict::Deny => {
+                self.emit(op, &path, true);
+                Err(eacces())
+            }
+        }
+    }
+
+    /// Applies the rules to `op` moving or removing `parent/child` with everything below it
+    /// ([`RuleSet::check_below`]); unknown paths fail closed.
+    fn check_below(&self, op: Op, parent: u64, child: &CStr) -> io::Result<()> {
+        if !self.tracking() {
+            return Ok(());
+        }
+        let Some(path) = self.guest_path(parent, Some(child)) else {
+            self.emit(op, b"?", true);
+            return Err(eacces());
+        };
+        match self.rules.check_below(op, &path) {
             Verdict::Allow => Ok(()),
             Verdict::Audit => {
                 self.emit(op, &path, false);
@@ -359,7 +405,13 @@ impl FileSystem for GuardFs {
         valid: SetattrValid,
     ) -> io::Result<(stat64, Duration)> {
         self.writable()?;
-        if valid.contains(SetattrValid::SIZE) {
+        // Size and timestamps are content and metadata: `write` (a rule naming it) covers them.
+        let times = SetattrValid::ATIME
+            | SetattrValid::MTIME
+            | SetattrValid::ATIME_NOW
+            | SetattrValid::MTIME_NOW
+            | SetattrValid::CTIME;
+        if valid.contains(SetattrValid::SIZE) || valid.intersects(times) {
             self.check(Op::Write, inode, None)?;
         }
         if valid.contains(SetattrValid::MODE) {
@@ -466,6 +518,7 @@ impl FileSystem for GuardFs {
         self.writable()?;
         name_ok(name, false)?;
         self.check(Op::Remove, parent, Some(name))?;
+        self.check_below(Op::Remove, parent, name)?;
         self.inner.rmdir(&host_ctx(ctx), parent, name)
     }
 
@@ -481,17 +534,24 @@ impl FileSystem for GuardFs {
         self.writable()?;
         name_ok(oldname, false)?;
         name_ok(newname, false)?;
+        // One rename at a time from check to path-table update, so a concurrent rename of an
+        // ancestor cannot slip between them and make a check use a name that no longer holds.
+        let _one = self.renames.lock().unwrap();
         self.check(Op::Rename, olddir, Some(oldname))?;
         self.check(Op::Rename, newdir, Some(newname))?;
+        // Whatever is below the old name leaves it, and whatever is below a directory renamed
+        // over (or exchanged with) the new name leaves that.
+        self.check_below(Op::Rename, olddir, oldname)?;
+        self.check_below(Op::Rename, newdir, newname)?;
         self.inner
             .rename(&host_ctx(ctx), olddir, oldname, newdir, newname, flags)?;
         if self.tracking() {
-            self.paths.lock().unwrap().renamed(
-                olddir,
-                oldname.to_bytes(),
-                newdir,
-                newname.to_bytes(),
-            );
+            let mut paths = self.paths.lock().unwrap();
+            if flags & libc::RENAME_EXCHANGE != 0 {
+                paths.exchanged(olddir, oldname.to_bytes(), newdir, newname.to_bytes());
+            } else {
+                paths.renamed(olddir, oldname.to_bytes(), newdir, newname.to_bytes());
+            }
         }
         Ok(())
     }

@@ -4,6 +4,15 @@
 //! ACTION is `deny` (the guest gets EACCES and an event is logged) or `audit` (allowed, but
 //! logged); OPS is a comma list of [`Op`] names; GLOB matches guest paths (`*` stays within one
 //! component, `**` crosses them). The first matching `deny` wins over any `audit`.
+//!
+//! Rules hold by what a path *is*, whatever it was called when the operation came:
+//! - `write` covers every operation that changes content or metadata: write and truncate,
+//!   create, mkdir, mknod, symlink, link, remove, rename in and out, chmod, chown and
+//!   timestamps (the narrower names stay usable on their own).
+//! - An operation that moves or removes a whole directory (rename of it or over it, rmdir) is
+//!   refused when a rule denying that operation could match anything *below* the directory,
+//!   old name or new: renaming `/w/.git` away under `deny write /w/.git/**` is refused, since
+//!   afterwards its contents would no longer be called `/w/.git/...`.
 
 use std::fmt;
 use std::str::FromStr;
@@ -65,6 +74,11 @@ impl Op {
     fn bit(self) -> u16 {
         1 << (self as u16)
     }
+
+    /// Whether the operation changes content or metadata (and so falls under `write`).
+    pub fn modifies(self) -> bool {
+        !matches!(self, Op::Read | Op::List)
+    }
 }
 
 impl fmt::Display for Op {
@@ -105,13 +119,50 @@ pub struct FsRule {
     /// Glob over guest paths.
     pub glob: String,
     matcher: GlobMatcher,
+    /// The glob split at `/`: `None` for a `**` component (or one that does not compile on
+    /// its own, which is then treated as `**`: wider, never narrower).
+    components: Vec<Option<GlobMatcher>>,
     bits: u16,
 }
 
 impl FsRule {
-    fn covers(&self, op: Op, path: &std::path::Path) -> bool {
-        self.bits & op.bit() != 0 && self.matcher.is_match(path)
+    fn names(&self, op: Op) -> bool {
+        self.bits & op.bit() != 0 || (op.modifies() && self.bits & Op::Write.bit() != 0)
     }
+
+    fn covers(&self, op: Op, path: &std::path::Path) -> bool {
+        self.names(op) && self.matcher.is_match(path)
+    }
+
+    /// Whether the glob could match some path strictly below `dir` (a guest path, `/`-separated
+    /// bytes). Component by component: a `**` before `dir` is used up could reach anything
+    /// below it; otherwise every component of `dir` must match its glob component and the
+    /// glob must go on past `dir`.
+    fn could_match_below(&self, dir: &[u8]) -> bool {
+        use std::os::unix::ffi::OsStrExt;
+        let parts = dir.split(|b| *b == b'/').filter(|p| !p.is_empty());
+        let mut globs = self.components.iter();
+        for part in parts {
+            match globs.next() {
+                None => return false,
+                Some(None) => return true,
+                Some(Some(m)) => {
+                    if !m.is_match(std::path::Path::new(std::ffi::OsStr::from_bytes(part))) {
+                        return false;
+                    }
+                }
+            }
+        }
+        globs.next().is_some()
+    }
+}
+
+fn glob_matcher(glob: &str) -> Result<GlobMatcher, globset::Error> {
+    Ok(GlobBuilder::new(glob)
+        .literal_separator(true)
+        .backslash_escape(true)
+        .build()?
+        .compile_matcher())
 }
 
 impl fmt::Display for FsRule {
@@ -160,18 +211,22 @@ impl FromStr for FsRule {
                 "file rule {s:?}: the glob must be an absolute guest path (like /workspace/**)"
             ));
         }
-        let matcher = GlobBuilder::new(glob)
-            .literal_separator(true)
-            .backslash_escape(true)
-            .build()
-            .map_err(|e| format!("file rule {s:?}: bad glob: {e}"))?
-            .compile_matcher();
+        let matcher = glob_matcher(glob).map_err(|e| format!("file rule {s:?}: bad glob: {e}"))?;
+        let components = glob
+            .split('/')
+            .filter(|c| !c.is_empty())
+            .map(|c| match c {
+                "**" => None,
+                c => glob_matcher(c).ok(),
+            })
+            .collect();
         let bits = list.iter().fold(0, |b, o| b | o.bit());
         Ok(FsRule {
             action,
             ops: list,
             glob: glob.to_string(),
             matcher,
+            components,
             bits,
         })
     }
@@ -220,6 +275,21 @@ impl RuleSet {
         }
         v
     }
+
+    /// The verdict for `op` moving or removing the directory `dir` as a whole: what the rules
+    /// say about anything that could be below it (see the module docs).
+    pub fn check_below(&self, op: Op, dir: &[u8]) -> Verdict {
+        let mut v = Verdict::Allow;
+        for r in &self.rules {
+            if r.names(op) && r.could_match_below(dir) {
+                match r.action {
+                    Action::Deny => return Verdict::Deny,
+                    Action::Audit => v = Verdict::Audit,
+                }
+            }
+        }
+        v
+    }
 }
 
 #[cfg(test)]
@@ -251,6 +321,43 @@ mod tests {
         assert_eq!(set.check(Op::Read, b"/workspace/x.env"), Verdict::Audit);
         assert_eq!(set.check(Op::Read, b"/workspace/d/x.env"), Verdict::Allow);
         assert_eq!(set.check(Op::Read, b"/workspace/\xff.env"), Verdict::Audit);
+    }
+
+    #[test]
+    fn write_covers_every_change() {
+        let set = RuleSet::new(vec!["deny write /w/.git/**".parse().unwrap()]);
+        for op in Op::ALL {
+            let want = if op.modifies() {
+                Verdict::Deny
+            } else {
+                Verdict::Allow
+            };
+            assert_eq!(set.check(op, b"/w/.git/hooks/x"), want, "{op}");
+        }
+        // The narrow names stay narrow.
+        let set = RuleSet::new(vec!["deny create /w/.git/**".parse().unwrap()]);
+        assert_eq!(set.check(Op::Rename, b"/w/.git/x"), Verdict::Allow);
+    }
+
+    #[test]
+    fn directories_above_protected_paths_cannot_move() {
+        let set = RuleSet::new(vec![
+            "deny write,create,remove /w/.git/**".parse().unwrap(),
+            "deny write /w/*.env".parse().unwrap(),
+            "audit rename /w/**/logs/*".parse().unwrap(),
+        ]);
+        for dir in [&b"/w/.git"[..], b"/w/.git/hooks", b"/w", b"/"] {
+            assert_eq!(set.check_below(Op::Rename, dir), Verdict::Deny, "{dir:?}");
+            assert_eq!(set.check_below(Op::Remove, dir), Verdict::Deny, "{dir:?}");
+        }
+        // `*.env` cannot reach below a subdirectory; `**/logs/*` can, but only audits.
+        assert_eq!(set.check_below(Op::Rename, b"/w/src"), Verdict::Audit);
+        assert_eq!(set.check_below(Op::Rename, b"/elsewhere"), Verdict::Allow);
+        assert_eq!(set.check_below(Op::Read, b"/w/.git"), Verdict::Allow);
+        let set = RuleSet::new(vec!["deny write /w/*/secret".parse().unwrap()]);
+        assert_eq!(set.check_below(Op::Rename, b"/w/a"), Verdict::Deny);
+        assert_eq!(set.check_below(Op::Rename, b"/w/a/b"), Verdict::Allow);
+        assert_eq!(set.check_below(Op::Rename, b"/v"), Verdict::Allow);
     }
 
     #[test]

@@ -372,3 +372,87 @@ fn rules_deny_with_eacces_and_log() {
     );
     assert!(!f.share.join("sub/hook").exists());
 }
+
+/// Issue 18.1: a rule holds by what a path is, whatever the guest renames around it. Every
+/// attack here once got through (`mv /w/sub /w/g2`, write, `mv /w/g2 /w/sub`; rename in and
+/// out; mkdir, chmod and utimes under a `write,create,remove` rule).
+#[test]
+fn renames_around_a_rule_cannot_dodge_it() {
+    for rule in ["deny all /w/sub/**", "deny write,create,remove /w/sub/**"] {
+        let f = fixture(Access::ReadWrite, &[rule]);
+        std::fs::create_dir(f.share.join("sub/hooks")).unwrap();
+        std::fs::write(f.share.join("sub/hooks/pre"), "orig").unwrap();
+        std::fs::create_dir(f.share.join("other")).unwrap();
+        let sub = lookup(&f, ROOT, "sub").unwrap();
+        let other = lookup(&f, ROOT, "other").unwrap();
+        let file = lookup(&f, ROOT, "file").unwrap();
+        // Moving the protected directory (or one above it) away, or another over it.
+        for (od, on, nd, nn, flags) in [
+            (ROOT, "sub", ROOT, "g2", 0),
+            (ROOT, "sub", other, "sub", 0),
+            (ROOT, "other", ROOT, "sub", libc::RENAME_EXCHANGE),
+            (ROOT, "other", ROOT, "sub", 0),
+        ] {
+            assert_eq!(
+                errno(f.fs.rename(&ctx(), od, &c(on), nd, &c(nn), flags)),
+                libc::EACCES,
+                "{rule}: rename {on} -> {nn} (flags {flags})"
+            );
+        }
+        // Rename into and out of it.
+        assert_eq!(
+            errno(f.fs.rename(&ctx(), ROOT, &c("file"), sub, &c("file"), 0)),
+            libc::EACCES,
+            "{rule}: rename in"
+        );
+        if let Ok(hooks) = lookup(&f, sub, "hooks") {
+            assert_eq!(
+                errno(f.fs.rename(&ctx(), hooks, &c("pre"), ROOT, &c("pre"), 0)),
+                libc::EACCES,
+                "{rule}: rename out"
+            );
+            assert_eq!(
+                errno(f.fs.rename(&ctx(), sub, &c("hooks"), sub, &c("h2"), 0)),
+                libc::EACCES,
+                "{rule}: rename inside"
+            );
+            let pre = lookup(&f, hooks, "pre").unwrap();
+            // chmod, utimes, truncate.
+            for valid in [
+                SetattrValid::MODE,
+                SetattrValid::MTIME_NOW | SetattrValid::ATIME_NOW,
+                SetattrValid::MTIME,
+                SetattrValid::SIZE,
+            ] {
+                // SAFETY: stat64 is plain data.
+                let mut attr: stat64 = unsafe { std::mem::zeroed() };
+                attr.st_mode = 0o777;
+                assert_eq!(
+                    errno(f.fs.setattr(&ctx(), pre, attr, None, valid)),
+                    libc::EACCES,
+                    "{rule}: setattr {valid:?}"
+                );
+            }
+        }
+        assert_eq!(
+            errno(f.fs.mkdir(&ctx(), sub, &c("d"), 0o755, 0)),
+            libc::EACCES,
+            "{rule}: mkdir"
+        );
+        assert_eq!(errno(f.fs.rmdir(&ctx(), ROOT, &c("sub"))), libc::EACCES);
+        // Elsewhere everything still works, renames of unrelated directories included.
+        f.fs.rename(&ctx(), ROOT, &c("other"), ROOT, &c("other2"), 0)
+            .unwrap();
+        f.fs.rename(&ctx(), ROOT, &c("file"), ROOT, &c("file2"), 0)
+            .unwrap();
+        let _ = file;
+        assert_eq!(
+            std::fs::read_to_string(f.share.join("sub/hooks/pre")).unwrap(),
+            "orig"
+        );
+        let m = std::fs::metadata(f.share.join("sub/hooks/pre")).unwrap();
+        assert_ne!(m.permissions().mode() & 0o777, 0o777);
+        assert!(f.share.join("sub").is_dir() && !f.share.join("g2").exists());
+        assert!(!f.share.join("sub/file").exists() && !f.share.join("sub/d").exists());
+    }
+}
