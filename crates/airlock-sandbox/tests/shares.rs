@@ -497,3 +497,73 @@ async fn volume_persists_across_sandboxes_one_at_a_time() {
     airlock_sandbox::shares::volume_remove("cache").unwrap();
     assert!(airlock_sandbox::shares::volume_list().unwrap().is_empty());
 }
+
+/// Issue 18.1, from a root shell in a real guest: under the README's rule, every way of
+/// changing `.git` by renaming around it is refused, also with two processes racing renames
+/// against writes; afterwards the host's `.git` is byte-for-byte (and mtime-for-mtime) as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn file_rules_survive_renames_links_and_races() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(tmp.path().join(".git/hooks")).unwrap();
+    std::fs::write(
+        tmp.path().join(".git/hooks/pre-commit"),
+        "#!/bin/sh\nexit 0\n",
+    )
+    .unwrap();
+    std::fs::write(tmp.path().join(".git/config"), "[core]\n").unwrap();
+    let before = tree_hash(&tmp.path().join(".git"));
+    let mut spec = SandboxSpec::new(rootfs());
+    spec.shares = vec![share(tmp.path(), "/workspace", ShareMode::Rw)];
+    spec.fs_rules = vec!["deny write,create,remove /workspace/.git/**"
+        .parse::<FsRule>()
+        .unwrap()];
+    let sb = Sandbox::start(spec).await.unwrap();
+    let w = "/workspace";
+    for cmd in [
+        format!("mv {w}/.git {w}/g2"),
+        format!("mv {w}/.git/hooks {w}/.git/h2"),
+        format!("mkdir {w}/g3 && mv {w}/g3 {w}/.git/hooks/g3"),
+        format!("echo evil > {w}/evil && mv {w}/evil {w}/.git/hooks/post-checkout"),
+        format!("mv {w}/.git/hooks/pre-commit {w}/pc"),
+        format!("mkdir {w}/.git/hooks/d"),
+        format!("chmod 777 {w}/.git/hooks/pre-commit"),
+        format!("touch {w}/.git/hooks/pre-commit"),
+        format!("ln {w}/.git/hooks/pre-commit {w}/hardlink"),
+        format!("ln -s .git {w}/lnk && echo evil > {w}/lnk/hooks/post-checkout"),
+        format!("ln -s /workspace/.git/hooks {w}/abs && echo evil > {w}/abs/x"),
+        format!("mkdir -p {w}/fake/hooks && mv -T {w}/fake {w}/.git"),
+    ] {
+        let (code, _, err) = sh(&sb, &cmd).await;
+        assert_ne!(code, 0, "{cmd} was allowed");
+        assert!(
+            err.contains("Permission denied") || err.contains("not empty"),
+            "{cmd}: {err}"
+        );
+    }
+    // Two processes: one keeps trying to rename .git away and back, the other keeps writing a
+    // hook through whichever name exists.
+    let race = format!(
+        "( i=0; while [ $i -lt 40 ]; do mv {w}/.git {w}/g2 2>/dev/null; mv {w}/g2 {w}/.git 2>/dev/null; i=$((i+1)); done ) & \
+         ( i=0; while [ $i -lt 40 ]; do echo evil > {w}/g2/hooks/post-checkout 2>/dev/null; \
+           echo evil > {w}/.git/hooks/post-checkout 2>/dev/null; i=$((i+1)); done ) & wait; echo done"
+    );
+    assert_eq!(sh_ok(&sb, &race).await.trim(), "done");
+    // Next to it, work goes on.
+    sh_ok(
+        &sb,
+        &format!(
+            "mkdir {w}/src && echo x > {w}/src/a && mv {w}/src {w}/src2 && cat {w}/.git/config"
+        ),
+    )
+    .await;
+    sb.stop().await.unwrap();
+    assert_eq!(
+        tree_hash(&tmp.path().join(".git")),
+        before,
+        "the host's .git changed"
+    );
+    for gone in ["g2", "pc", "hardlink"] {
+        assert!(!tmp.path().join(gone).exists(), "{gone} exists on the host");
+    }
+    assert!(tmp.path().join("src2/a").exists());
+}
