@@ -792,8 +792,14 @@ fn docs(
 
 /// The demo rootfs: built (or found) by scripts/mkrootfs-busybox, which prints its path.
 fn demo_rootfs() -> Result<PathBuf> {
-    let script = repo_root().join("scripts/mkrootfs-busybox");
+    script_path("scripts/mkrootfs-busybox", &[])
+}
+
+/// Runs a repo script that builds (or finds) a cached root and prints its path.
+fn script_path(rel: &str, args: &[&str]) -> Result<PathBuf> {
+    let script = repo_root().join(rel);
     let out = std::process::Command::new(&script)
+        .args(args)
         .stderr(Stdio::inherit())
         .output()
         .with_context(|| format!("run {}", script.display()))?;
@@ -813,8 +819,8 @@ async fn main() -> Result<()> {
         Some(r) => r.clone(),
         None => demo_rootfs()?,
     };
-    let debian = airlock_sandbox::assets::cache_dir().join("debian-rootfs");
     if o.only_fs {
+        let debian = script_path("scripts/mkimage-debian", &["--rootfs-only"])?;
         println!("{}", fsbench::run(o.iterations, &rootfs, &debian).await?);
         return Ok(());
     }
@@ -883,7 +889,12 @@ async fn main() -> Result<()> {
         Section::new("Exec round trip by API", api, API_NOTES),
         Section::new(
             "Workspace sharing (virtio-fs)",
-            fsbench::run(o.iterations, &rootfs, &debian).await?,
+            fsbench::run(
+                o.iterations,
+                &rootfs,
+                &script_path("scripts/mkimage-debian", &["--rootfs-only"])?,
+            )
+            .await?,
             FS_NOTES,
         ),
     ];

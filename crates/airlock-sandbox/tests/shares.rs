@@ -382,15 +382,16 @@ async fn escape_suite_from_the_guest() {
 }
 
 fn debian_rootfs() -> RootfsSource {
-    let dir = airlock_sandbox::assets::cache_dir().join("debian-rootfs");
-    if !dir.join(".airlock-complete").exists() {
-        let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts");
-        let st = std::process::Command::new(scripts.join("mkimage-debian"))
-            .status()
-            .unwrap();
-        assert!(st.success(), "scripts/mkimage-debian failed");
-    }
-    RootfsSource::from_path(&dir).unwrap()
+    // The script owns the cache path (keyed by its package list) and builds it once.
+    let scripts = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts");
+    let out = std::process::Command::new(scripts.join("mkimage-debian"))
+        .arg("--rootfs-only")
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "scripts/mkimage-debian failed");
+    let dir = String::from_utf8(out.stdout).unwrap();
+    RootfsSource::from_path(Path::new(dir.trim())).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
