@@ -500,7 +500,10 @@ mod tests {
         assert!(args.contains("readonly=on"));
         assert!(args.contains("-sandbox on"));
         assert!(args.contains("airlock.x=1"));
-        assert!(args.contains("rtc=on"), "the RTC saves a 1 s wall-clock probe: {args}");
+        assert!(
+            args.contains("rtc=on"),
+            "the RTC saves a 1 s wall-clock probe: {args}"
+        );
         assert!(!args.contains("-incoming") && !args.contains("-mon"));
     }
 

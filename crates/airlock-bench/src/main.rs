@@ -543,7 +543,10 @@ fn tables(o: &Opts, b: &Boot, e: &Execs) -> String {
     let _ = writeln!(s, "| | p50 | p99 |\n|---|---:|---:|");
     for (name, v) in [
         ("`true` in one running sandbox", &e.sandbox),
-        ("guest: a shell's fork+exec+wait of `/bin/true` (per spawn, 5 loops of 100)", &e.guest),
+        (
+            "guest: a shell's fork+exec+wait of `/bin/true` (per spawn, 5 loops of 100)",
+            &e.guest,
+        ),
         ("host: spawn `/bin/true`", &e.host),
     ] {
         let _ = writeln!(

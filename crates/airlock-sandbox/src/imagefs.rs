@@ -56,8 +56,7 @@ pub async fn build(store: &Path, image: &ImageRecord) -> Result<PathBuf, Error> 
     // Sparse: the virtual size only bounds what the layers may expand to.
     let compressed: u64 = image.layers.iter().map(|l| l.size).sum();
     let mib = (compressed * 6 / (1 << 20) + 1024).max(2048);
-    let tmp = out.with_extension(format!("build{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
+    let tmp = crate::rootfs::unique_tmp(&out, "build");
     {
         let tmp = tmp.clone();
         let args = ["-E", "root_owner=0:0,lazy_itable_init=1,nodiscard"].map(Into::into);
@@ -73,7 +72,8 @@ pub async fn build(store: &Path, image: &ImageRecord) -> Result<PathBuf, Error> 
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    std::fs::rename(&tmp, &out)?;
+    // Whoever finished first wins; a copy already there stays (see publish_new).
+    crate::rootfs::publish_new(&tmp, &out)?;
     Ok(out)
 }
 

@@ -154,11 +154,38 @@ fn dir_image(dir: &Path) -> Result<PathBuf, Error> {
     Ok(out)
 }
 
+/// A temporary name beside `out` that no other process or thread uses at the same time.
+pub(crate) fn unique_tmp(out: &Path, what: &str) -> PathBuf {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    out.with_extension(format!("{what}{}-{n}", std::process::id()))
+}
+
+/// Moves the finished `tmp` to `out` unless `out` already exists, and never replaces it: a
+/// cached image may be open by a running guest or named by a template whose page cache holds
+/// its blocks, so a second builder's (differently laid out) copy must not take its place.
+/// Returns whether `tmp` became `out` (`false`: another builder got there first).
+pub(crate) fn publish_new(tmp: &Path, out: &Path) -> std::io::Result<bool> {
+    let res = match std::fs::hard_link(tmp, out) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        // A filesystem without hard links: a rename, still never over an existing file.
+        Err(_) if !out.exists() => return std::fs::rename(tmp, out).map(|()| true),
+        Err(e) => Err(e),
+    };
+    let _ = std::fs::remove_file(tmp);
+    res
+}
+
 /// Runs `mkfs.ext4` (no journal, no reserved blocks, plus `args`) into a temporary file and
-/// renames it to `out`, so readers never see a half-made image.
-pub(crate) fn mkfs_ext4(args: &[std::ffi::OsString], out: &Path, size: &str) -> Result<(), String> {
-    let tmp = out.with_extension(format!("tmp{}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
+/// publishes it as `out` ([`publish_new`]), so readers never see a half-made image. Returns
+/// whether this call made `out` (`false`: it already existed).
+pub(crate) fn mkfs_ext4(
+    args: &[std::ffi::OsString],
+    out: &Path,
+    size: &str,
+) -> Result<bool, String> {
+    let tmp = unique_tmp(out, "tmp");
     let st = Command::new("mkfs.ext4")
         .args(["-q", "-F", "-O", "^has_journal", "-m", "0"])
         .args(args)
@@ -173,7 +200,7 @@ pub(crate) fn mkfs_ext4(args: &[std::ffi::OsString], out: &Path, size: &str) -> 
             String::from_utf8_lossy(&st.stderr).trim()
         ));
     }
-    std::fs::rename(&tmp, out).map_err(|e| format!("rename {}: {e}", out.display()))
+    publish_new(&tmp, out).map_err(|e| format!("publish {}: {e}", out.display()))
 }
 
 /// A pristine, empty, sparse ext4 of `size_mib`, made once and cached.
@@ -250,6 +277,20 @@ pub(crate) fn sparse_copy(src: &Path, dst: &Path) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn publish_new_never_replaces_an_existing_image() {
+        let t = tempfile::tempdir().unwrap();
+        let out = t.path().join("img.ext4");
+        let (a, b) = (unique_tmp(&out, "tmp"), unique_tmp(&out, "tmp"));
+        assert_ne!(a, b, "two builders in one process got one temporary name");
+        std::fs::write(&a, "first").unwrap();
+        std::fs::write(&b, "second").unwrap();
+        assert!(publish_new(&a, &out).unwrap());
+        assert!(!publish_new(&b, &out).unwrap());
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), "first");
+        assert!(!a.exists() && !b.exists(), "temporary files left behind");
+    }
 
     #[test]
     fn fingerprint_tracks_changes() {

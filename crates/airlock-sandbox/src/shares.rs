@@ -173,7 +173,11 @@ pub fn volume_create(name: &str, size_mib: u64) -> Result<VolumeInfo, Error> {
         "airlock-vol",
     ]
     .map(Into::into);
-    crate::rootfs::mkfs_ext4(&args, &img, &format!("{size_mib}M")).map_err(Error::Setup)?;
+    if !crate::rootfs::mkfs_ext4(&args, &img, &format!("{size_mib}M")).map_err(Error::Setup)? {
+        return Err(Error::Setup(format!(
+            "volume {name} was created by someone else meanwhile (use it, or remove it with: airlock volume rm {name})"
+        )));
+    }
     volume_info(name)
 }
 

@@ -82,13 +82,25 @@ impl Drop for Env {
     }
 }
 
+/// Whether `pid` has fully exited: gone, or every one of its threads a zombie. A killed
+/// multi-threaded process shows its leader as a zombie while other threads still unwind and
+/// hold its files (and flocks), so the leader's state alone is not enough.
 fn gone_or_zombie(pid: u64) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Err(_) => true,
-        Ok(s) => s
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
-    }
+    let zombie = |stat: &str| {
+        std::fs::read_to_string(stat).map_or(true, |s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+    };
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return true;
+    };
+    tasks.flatten().all(|t| {
+        zombie(&format!(
+            "/proc/{pid}/task/{}/stat",
+            t.file_name().to_string_lossy()
+        ))
+    })
 }
 
 #[test]
