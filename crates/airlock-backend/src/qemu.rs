@@ -328,7 +328,7 @@ impl Backend for Qemu {
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let fd = high.as_raw_fd();
-        // SAFETY: only async-signal-safe calls (prctl, getppid, fcntl, setpgid) in the child.
+        // SAFETY: only async-signal-safe calls (prctl, getppid, fcntl, setpgid, umask) in the child.
         let parent = unsafe { libc::getpid() };
         unsafe {
             cmd.pre_exec(move || {
@@ -338,6 +338,8 @@ impl Backend for Qemu {
                     libc::_exit(1);
                 }
                 cvt(libc::setpgid(0, 0))?;
+                // Whatever QEMU creates (console log, saved state) is the user's only.
+                libc::umask(0o077);
                 // QEMU never needs to gain privileges (no setuid helper, no file caps).
                 cvt(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
                 cvt(libc::fcntl(fd, libc::F_SETFD, 0))?;

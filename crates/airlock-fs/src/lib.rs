@@ -154,6 +154,12 @@ impl FsServer {
         )
         .map_err(|e| srv_err(e.to_string()))?;
         let mut listener = Listener::new(socket, true).map_err(|e| srv_err(e.to_string()))?;
+        // Only QEMU, running as this user, connects; the directory is private already.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| srv_err(format!("chmod {}: {e}", socket.display())))?;
+        }
         let done = Arc::new(AtomicBool::new(false));
         let d = done.clone();
         let tag = cfg.tag.clone();

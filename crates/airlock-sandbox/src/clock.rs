@@ -26,8 +26,13 @@ fn tsc_khz(runtime_dir: &Path) -> Option<u64> {
         }
     }
     let khz = measure()?;
-    let _ = std::fs::create_dir_all(runtime_dir);
-    let _ = std::fs::write(&cache, format!("{} {khz}\n", boot_id.trim()));
+    // Cached only in a directory that is ours alone; the measurement stands either way.
+    if crate::state::private_dir(runtime_dir).is_ok() {
+        if let Ok(mut f) = crate::state::private_file(&cache) {
+            use std::io::Write;
+            let _ = writeln!(f, "{} {khz}", boot_id.trim());
+        }
+    }
     Some(khz)
 }
 

@@ -1124,6 +1124,8 @@ pub fn guest_kernel_args(accel: Accel) -> Vec<String> {
     }
 }
 
+pub use state::{private_dir, private_file, private_runtime_dir};
+
 /// Live sandboxes by the image manifest digest they run (for refusing `image rm`).
 pub fn images_in_use() -> std::collections::HashMap<String, Vec<String>> {
     state::images_in_use()
@@ -1366,7 +1368,8 @@ async fn build_template(b: &template::Builder, ctx: &BuildCtx<'_>) -> Result<(),
     tokio::task::spawn_blocking(move || {
         let mut q = qmp::Qmp::connect(mon_host)?;
         q.ignore_shared(true)?;
-        let out = std::fs::File::create(&state).map_err(|e| format!("{}: {e}", state.display()))?;
+        let out =
+            crate::state::private_file(&state).map_err(|e| format!("{}: {e}", state.display()))?;
         q.save(&out, Duration::from_secs(60))?;
         out.sync_all().map_err(|e| e.to_string())
     })

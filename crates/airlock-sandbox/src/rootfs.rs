@@ -6,7 +6,7 @@
 //! base disk and shared by every sandbox that uses it.
 
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -243,6 +243,7 @@ pub(crate) fn sparse_copy(src: &Path, dst: &Path) -> std::io::Result<()> {
     let mut d = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o600) // a guest's disk: the user's only
         .open(dst)?;
     d.set_len(len)?;
     let fd = s.as_raw_fd();

@@ -221,7 +221,7 @@ impl Sandbox {
             let r = (|| {
                 let q = mon.session()?;
                 q.ignore_shared(false)?;
-                let out = std::fs::File::create(&state).map_err(|e| e.to_string())?;
+                let out = crate::state::private_file(&state).map_err(|e| e.to_string())?;
                 let saved = q.save(&out, Duration::from_secs(300));
                 // Copy the disk while the guest is paused (QEMU flushed it for migration).
                 let copied = saved.and_then(|()| {

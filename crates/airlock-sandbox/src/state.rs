@@ -20,6 +20,96 @@ pub fn runtime_dir() -> PathBuf {
     PathBuf::from(format!("/tmp/airlock-{}", unsafe { libc::getuid() }))
 }
 
+/// [`runtime_dir`], created if missing and checked to be private: every caller that writes under
+/// it goes through here. Under a shared `/tmp` another local user could pre-create it and read
+/// or write the guest's disk, so one not ours, not a real directory, or open to group/other is
+/// refused rather than used.
+pub fn private_runtime_dir() -> Result<PathBuf, Error> {
+    let dir = runtime_dir();
+    private_dir(&dir).map_err(Error::Setup)?;
+    Ok(dir)
+}
+
+/// Creates `dir` (mode 0700, parents as needed) if missing, then checks with lstat that it is a
+/// directory (not a symlink), owned by this user, that nobody else may write in. One of ours
+/// that others may only read or enter (a `mkdir` under umask 022) is tightened to 0700.
+pub fn private_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    if let Some(parent) = dir.parent() {
+        if !parent.as_os_str().is_empty() && !parent.exists() {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| format!("create {}: {e}", parent.display()))?;
+        }
+    }
+    // The mode is given at mkdir, so there is no moment at which the directory is open.
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(format!("create {}: {e}", dir.display())),
+    }
+    let m = std::fs::symlink_metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    // SAFETY: geteuid cannot fail.
+    let me = unsafe { libc::geteuid() };
+    let problem = if m.file_type().is_symlink() {
+        "is a symlink".to_string()
+    } else if !m.is_dir() {
+        "is not a directory".to_string()
+    } else if m.uid() != me {
+        format!("is owned by uid {}, not by you (uid {me})", m.uid())
+    } else if m.mode() & 0o022 != 0 {
+        // Others could have planted entries in it already: tightening now would be too late.
+        format!(
+            "has mode {:o}: group/other may write in it",
+            m.mode() & 0o7777
+        )
+    } else if m.mode() & 0o077 != 0 {
+        // Ours, and nobody else could add to it: close it (through an fd that is known to be
+        // this very directory, so a swap between the check and the chmod changes nothing).
+        return tighten(dir, &m);
+    } else {
+        return Ok(());
+    };
+    Err(format!(
+        "refusing the runtime directory {}: it {problem}, so another user could read or \
+         change sandbox disks and sockets. Remove it (or `chmod 700` it if it is yours), or set \
+         AIRLOCK_RUNTIME_DIR (or XDG_RUNTIME_DIR) to a private directory",
+        dir.display()
+    ))
+}
+
+/// Sets mode 0700 on `dir`, opened without following symlinks and checked to be the inode `m`
+/// describes.
+fn tighten(dir: &Path, m: &std::fs::Metadata) -> Result<(), String> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(dir)
+        .map_err(|e| format!("open {}: {e}", dir.display()))?;
+    let now = f
+        .metadata()
+        .map_err(|e| format!("{}: {e}", dir.display()))?;
+    if (now.dev(), now.ino(), now.uid()) != (m.dev(), m.ino(), m.uid()) {
+        return Err(format!(
+            "{} changed while being checked; try again",
+            dir.display()
+        ));
+    }
+    f.set_permissions(std::fs::Permissions::from_mode(0o700))
+        .map_err(|e| format!("chmod 700 {}: {e}", dir.display()))
+}
+
+/// Creates a new file readable and writable by this user only, whatever the umask.
+pub fn private_file(path: &Path) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
 fn try_lock(f: &File) -> bool {
     // SAFETY: flock on a valid fd.
     unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
@@ -34,18 +124,19 @@ pub struct StateDir {
 impl StateDir {
     /// Creates `<runtime dir>/<id>` (mode 0700) and locks it; sweeps directories of dead owners.
     pub fn create(id: &str) -> Result<StateDir, Error> {
-        let root = runtime_dir();
-        std::fs::create_dir_all(&root)
-            .map_err(|e| Error::Setup(format!("create {}: {e}", root.display())))?;
-        use std::os::unix::fs::PermissionsExt;
-        let _ = std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700));
+        use std::os::unix::fs::DirBuilderExt;
+        let root = private_runtime_dir()?;
         sweep(&root);
         let path = root.join(id);
-        std::fs::create_dir(&path)
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&path)
             .map_err(|e| Error::Setup(format!("create {}: {e}", path.display())))?;
         // Locked before it gets the name a concurrent sweep looks for, or another sandbox
         // starting at the same moment could take the lock first and remove this directory.
-        let lock = File::create(path.join("lock.new"))?;
+        let lock = private_file(&path.join("lock.new"))?;
+        // QEMU opens the console log without a mode of its own; made here it is private.
+        private_file(&path.join("console.log"))?;
         if !try_lock(&lock) {
             return Err(Error::Setup(format!(
                 "{} is locked by another process",
@@ -63,7 +154,8 @@ impl StateDir {
 
     /// Records which image the sandbox runs, so `image rm` can refuse it while in use.
     pub fn set_image(&self, manifest_digest: &str) -> std::io::Result<()> {
-        std::fs::write(self.path.join("image"), manifest_digest)
+        use std::io::Write;
+        private_file(&self.path.join("image"))?.write_all(manifest_digest.as_bytes())
     }
 
     /// The guest console log.

@@ -9,7 +9,7 @@
 //! the manifest records each file's size and mtime (and the state file's sha256), so a
 //! truncated, rewritten or corrupted template is noticed before use.
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -451,6 +451,7 @@ pub(crate) fn copy_disk(src: &Path, dst: &Path) -> std::io::Result<()> {
     let d = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
+        .mode(0o600) // a guest's disk: the user's only
         .open(dst)?;
     // SAFETY: FICLONE between two open files.
     if unsafe { libc::ioctl(d.as_raw_fd(), FICLONE as _, s.as_raw_fd()) } == 0 {

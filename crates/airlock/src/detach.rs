@@ -12,12 +12,12 @@
 use std::fs::File;
 use std::io::{BufRead, Read, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use airlock_sandbox::{ExecEvent, ExecSpec, Sandbox};
+use airlock_sandbox::{private_file, ExecEvent, ExecSpec, Sandbox};
 use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -325,13 +325,13 @@ pub async fn supervise() -> i32 {
     let id = sb.id().to_string();
     let dir = records_dir().join(&id);
     let setup = || -> Result<(File, tokio::net::UnixListener), String> {
-        let root = records_dir();
-        std::fs::create_dir_all(&root).map_err(|e| format!("{}: {e}", root.display()))?;
-        let _ = std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700));
-        std::fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| e.to_string())?;
-        let lock = File::create(dir.join("lock")).map_err(|e| e.to_string())?;
+        airlock_sandbox::private_runtime_dir().map_err(|e| e.to_string())?;
+        airlock_sandbox::private_dir(&records_dir())?;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+        let lock = private_file(&dir.join("lock")).map_err(|e| e.to_string())?;
         // SAFETY: flock on a valid fd, held for the process's life.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err("record directory is locked".into());
@@ -359,12 +359,12 @@ pub async fn supervise() -> i32 {
                 })
                 .collect(),
         };
-        std::fs::write(
-            dir.join("meta.json"),
-            serde_json::to_vec_pretty(&meta).map_err(|e| e.to_string())?,
-        )
-        .map_err(|e| e.to_string())?;
-        File::create(dir.join("log")).map_err(|e| e.to_string())?;
+        private_file(&dir.join("meta.json"))
+            .and_then(|mut f| {
+                f.write_all(&serde_json::to_vec_pretty(&meta).map_err(std::io::Error::other)?)
+            })
+            .map_err(|e| e.to_string())?;
+        private_file(&dir.join("log")).map_err(|e| e.to_string())?;
         // The directory is 0700 already; the socket is 0600 as well, set before bind.
         // SAFETY: umask has no failure mode.
         let old = unsafe { libc::umask(0o177) };
@@ -388,6 +388,7 @@ pub async fn supervise() -> i32 {
     if let Ok(f) = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
+        .mode(0o600)
         .open(dir.join("supervisor.log"))
     {
         // SAFETY: dup2 onto stderr with a valid fd.
@@ -438,10 +439,13 @@ pub async fn supervise() -> i32 {
     let _ = std::fs::remove_file(dir.join("sock"));
     shared.stop_sandbox().await;
     drop(sb);
-    let _ = std::fs::write(
-        dir.join("exit.json"),
-        json!({"reason": reason, "at": now()}).to_string(),
-    );
+    let _ = private_file(&dir.join("exit.json")).and_then(|mut f| {
+        f.write_all(
+            json!({"reason": reason, "at": now()})
+                .to_string()
+                .as_bytes(),
+        )
+    });
     0
 }
 
@@ -480,7 +484,8 @@ async fn run_main(sb: Arc<Sandbox>, spec: ExecSpec, log: PathBuf) {
     };
     let _ = f.flush().await;
     if let Some(dir) = log.parent() {
-        let _ = std::fs::write(dir.join("main-exit"), code.to_string());
+        let _ = private_file(&dir.join("main-exit"))
+            .and_then(|mut f| f.write_all(code.to_string().as_bytes()));
     }
 }
 

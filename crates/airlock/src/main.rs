@@ -367,6 +367,10 @@ struct RunArgs {
     /// Start in the background: print the sandbox id and return (see exec, ls, kill).
     #[arg(short = 'd', long = "detach", conflicts_with_all = ["interactive", "tty", "timeout"])]
     detach: bool,
+    /// Accepted for docker's sake: a foreground sandbox is always removed when its command
+    /// ends (a detached one stays until `airlock rm`).
+    #[arg(long = "rm", conflicts_with = "detach")]
+    _rm: bool,
     #[command(flatten)]
     net: netargs::NetArgs,
     /// Command and arguments (default with --image: the image's Entrypoint and Cmd; with -d:
@@ -840,6 +844,7 @@ impl RunArgs {
             kernel_args: Vec::new(),
             cold: self.cold,
             detach: true,
+            _rm: false,
             net: netargs::NetArgs::default(),
             publish: Vec::new(),
             volumes: Vec::new(),

@@ -557,3 +557,144 @@ fn diff_and_cp_show_and_copy_out_overlay_changes() {
     assert_eq!(tree_snapshot(host.path()), before, "host tree changed");
     assert!(env.ls().as_array().unwrap().is_empty());
 }
+
+/// A runtime directory another local user could reach (issue 18: a pre-created
+/// `/tmp/airlock-<uid>`) is refused with a message saying what to do, before any guest starts.
+/// `AIRLOCK_RUNTIME_DIR` stands in for `/tmp/airlock-<uid>`: the same check guards every source.
+#[test]
+fn runtime_dir_reachable_by_others_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let base = tempfile::tempdir().unwrap();
+    let private = base.path().join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let cases: Vec<(&str, &str, Box<dyn Fn(&std::path::Path)>)> = vec![
+        (
+            "open-mode",
+            "has mode 1777",
+            Box::new(|d| {
+                std::fs::create_dir(d).unwrap();
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o1777)).unwrap();
+            }),
+        ),
+        (
+            "group-writable",
+            "has mode 770",
+            Box::new(|d| {
+                std::fs::create_dir(d).unwrap();
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o770)).unwrap();
+            }),
+        ),
+        (
+            "other-owner",
+            "is owned by uid 65534",
+            Box::new(|d| {
+                std::fs::create_dir(d).unwrap();
+                std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700)).unwrap();
+                std::os::unix::fs::chown(d, Some(65534), Some(65534)).unwrap();
+            }),
+        ),
+        (
+            "symlink",
+            "is a symlink",
+            Box::new(|d| std::os::unix::fs::symlink(&private, d).unwrap()),
+        ),
+    ];
+    let r = rootfs();
+    for (name, why, setup) in cases {
+        let rt = base.path().join(name);
+        setup(&rt);
+        for detach in [false, true] {
+            let mut args = vec!["run", "--rootfs", &r];
+            if detach {
+                args.insert(1, "-d");
+            }
+            args.extend(["--", "true"]);
+            let o = Command::new(env!("CARGO_BIN_EXE_airlock"))
+                .args(&args)
+                .env("AIRLOCK_RUNTIME_DIR", &rt)
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(!o.status.success(), "{name} detach={detach}: ran: {err}");
+            assert!(
+                err.contains("refusing the runtime directory")
+                    && err.contains(why)
+                    && err.contains("AIRLOCK_RUNTIME_DIR"),
+                "{name} detach={detach}: {err}"
+            );
+        }
+        // Nothing was written into it.
+        let target = if name == "symlink" {
+            private.clone()
+        } else {
+            rt.clone()
+        };
+        assert_eq!(std::fs::read_dir(&target).unwrap().count(), 0, "{name}");
+    }
+    // One of ours that others may only read (mkdir under umask 022) is closed and used.
+    let rt = base.path().join("readable");
+    std::fs::create_dir(&rt).unwrap();
+    std::fs::set_permissions(&rt, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["run", "--rm", "--rootfs", &r, "--", "true"])
+        .env("AIRLOCK_RUNTIME_DIR", &rt)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mode = std::fs::metadata(&rt).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o700, "a readable runtime dir was not tightened");
+}
+
+/// Everything Airlock makes under a fresh runtime directory is the user's only (0700 dirs,
+/// 0600 files and sockets), whatever the umask: the guest's disk, console log, records and
+/// virtio-fs sockets of a running sandbox.
+#[test]
+fn runtime_dir_entries_are_private_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    // Airlock must create it itself.
+    std::fs::remove_dir(env.rt.path()).unwrap();
+    let share = tempfile::tempdir().unwrap();
+    let r = rootfs();
+    let vol = format!("{}:/mnt/w:rw", share.path().display());
+    let o = Command::new("sh")
+        .args(["-c", "umask 000; exec \"$@\"", "sh"])
+        .arg(env!("CARGO_BIN_EXE_airlock"))
+        .args(["run", "-d", "--rootfs", &r, "-v", &vol])
+        .env("AIRLOCK_RUNTIME_DIR", env.rt.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    env.ok(&["exec", &id, "--", "sh", "-c", "echo hi > /mnt/w/f"]);
+    let mut seen = Vec::new();
+    let mut stack = vec![env.rt.path().to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let m = std::fs::symlink_metadata(&p).unwrap();
+        let mode = m.permissions().mode() & 0o7777;
+        let name = p.file_name().unwrap().to_string_lossy().into_owned();
+        if m.is_dir() {
+            assert_eq!(mode, 0o700, "{}", p.display());
+            stack.extend(std::fs::read_dir(&p).unwrap().map(|e| e.unwrap().path()));
+        } else {
+            assert!(!m.file_type().is_symlink(), "{}", p.display());
+            assert_eq!(mode, 0o600, "{} has mode {mode:o}", p.display());
+        }
+        seen.push(name);
+    }
+    for want in [
+        "scratch.ext4",
+        "console.log",
+        "fs0.sock",
+        "meta.json",
+        "log",
+        "sock",
+    ] {
+        assert!(seen.iter().any(|n| n == want), "no {want} among {seen:?}");
+    }
+    env.ok(&["rm", "-f", &id]);
+}
