@@ -484,7 +484,10 @@ impl Conn {
                 }
                 let sb = self.shared.need_sandbox()?;
                 let max = p.max_bytes.unwrap_or(wire::COPY_OUT_DEFAULT_MAX);
-                let s = sb.copy_out(&p.path, dest, max).await.map_err(file_error)?;
+                let s = sb
+                    .copy_out(&p.path, dest, max, p.umask)
+                    .await
+                    .map_err(file_error)?;
                 Ok(json!({"files": s.files, "dirs": s.dirs, "skipped": s.skipped}))
             }
             "info" => {

@@ -453,6 +453,9 @@ pub struct CopyOutParams {
     /// Most bytes accepted (default [`COPY_OUT_DEFAULT_MAX`]).
     #[serde(default)]
     pub max_bytes: Option<u64>,
+    /// The client's umask, applied to what is written (default: the server's own).
+    #[serde(default)]
+    pub umask: Option<u32>,
 }
 
 /// Size cap of `copy_out` when the request names none: 1 GiB.

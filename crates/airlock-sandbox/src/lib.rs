@@ -46,7 +46,7 @@ pub use files::{FileInfo, READ_FILE_MAX};
 pub use network::{NetworkSpec, SecretSpec};
 pub use ports::{GuestStream, PortForward, MAX_FORWARD_CONNECTIONS};
 pub use rootfs::RootfsSource;
-pub use shares::{FsEvent, FsRule, Mount, Share, ShareMode, VolumeMount};
+pub use shares::{process_umask, FsEvent, FsRule, Mount, Share, ShareMode, VolumeMount};
 
 /// Errors of the sandbox API. Each says what happened and, where it can, what to do.
 #[derive(Debug, thiserror::Error)]

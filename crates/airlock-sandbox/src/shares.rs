@@ -358,14 +358,18 @@ impl crate::Sandbox {
 
     /// Copies `guest_path` (a file or a directory tree) out of the sandbox to `host_dest`,
     /// which must not exist yet. Only regular files and directories are written on the host
-    /// (symlinks, devices and anything else the guest sends are skipped), each strictly
-    /// inside `host_dest`; at most `max_bytes` are accepted.
+    /// (symlinks, devices and anything else the guest sends are skipped and never created),
+    /// each strictly inside `host_dest`; at most `max_bytes` are accepted. Modes are the
+    /// guest's permission bits (never setuid/setgid/sticky, always owner read/write) less
+    /// `umask` (`None`: this process's umask), as `cp` would give them.
     pub async fn copy_out(
         &self,
         guest_path: &str,
         host_dest: &std::path::Path,
         max_bytes: u64,
+        umask: Option<u32>,
     ) -> Result<CopyOutSummary, Error> {
+        let umask = umask.unwrap_or_else(process_umask) & 0o777;
         if host_dest.symlink_metadata().is_ok() {
             return Err(Error::Setup(format!(
                 "{} already exists: give a new path",
@@ -396,7 +400,8 @@ impl crate::Sandbox {
             return Err(Error::Setup(format!("copy out: {e}")));
         }
         let dest = host_dest.to_path_buf();
-        tokio::task::spawn_blocking(move || unpack_plain(tarball, &dest))
+        let guest = guest_path.to_string();
+        tokio::task::spawn_blocking(move || unpack_plain(tarball, &dest, umask, &guest))
             .await
             .map_err(|e| Error::Setup(e.to_string()))?
     }
@@ -452,55 +457,128 @@ fn tempfile_in(dir: &std::path::Path) -> Result<File, Error> {
 
 use std::os::unix::fs::OpenOptionsExt;
 
+/// This process's umask, read without changing it (`umask(2)` would, for every thread).
+pub fn process_umask() -> u32 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Umask:"))
+                .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        })
+        .unwrap_or(0o022)
+}
+
+/// The host mode of a copied entry: the guest's permission bits, owner rw(x) kept so the user
+/// can always clean up, special bits dropped, less `umask`.
+fn copied_mode(guest_mode: u32, dir: bool, umask: u32) -> u32 {
+    let owner = if dir { 0o700 } else { 0o600 };
+    ((guest_mode & 0o777) | owner) & !umask
+}
+
+/// Makes directory `path` (its parent exists) with exactly `mode`: set through an fd opened
+/// without following links, so the process umask and a swapped name change nothing.
+fn make_dir(path: &std::path::Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    match std::fs::DirBuilder::new().mode(0o700).create(path) {
+        Ok(()) => {}
+        // Made earlier as a parent of something the archive listed first.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let d = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(path)?;
+    d.set_permissions(std::fs::Permissions::from_mode(mode))
+}
+
 /// Unpacks only plain files and directories with relative, `..`-free names under `dest`.
-/// Nothing else is created, so no entry can redirect a later one through a link.
-fn unpack_plain(mut tarball: File, dest: &std::path::Path) -> Result<CopyOutSummary, Error> {
+/// Nothing else is created, so no entry can redirect a later one through a link; `dest` itself
+/// is made only once the archive's top entry turns out to be a file or a directory.
+fn unpack_plain(
+    mut tarball: File,
+    dest: &std::path::Path,
+    umask: u32,
+    guest_path: &str,
+) -> Result<CopyOutSummary, Error> {
     use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::PermissionsExt;
     use std::path::Component;
     tarball.seek(SeekFrom::Start(0))?;
     let mut ar = tar::Archive::new(tarball);
     let mut sum = CopyOutSummary::default();
     let bad = |e: std::io::Error| Error::Protocol(format!("bad archive from the guest: {e}"));
-    std::fs::create_dir(dest).ok();
+    // Whether dest is a directory we made (so later entries may go inside it).
+    let mut dest_dir = false;
     let mut first = true;
     for entry in ar.entries().map_err(bad)? {
         let mut entry = entry.map_err(bad)?;
         let path = entry.path().map_err(bad)?.into_owned();
+        let kind = entry.header().entry_type();
+        let guest_mode = entry.header().mode().unwrap_or(0o644);
+        let was_first = std::mem::replace(&mut first, false);
         // The archive's top entry is the copied thing itself; dest takes its place.
         let rel: PathBuf = path.components().skip(1).collect();
         let safe = path.components().all(|c| matches!(c, Component::Normal(_)));
-        if !safe {
+        let top = rel.as_os_str().is_empty();
+        if was_first && !(top && safe && (kind.is_dir() || kind.is_file())) {
+            // A symlink, device or odd name at the top: nothing to copy, nothing made.
+            return Err(Error::Setup(format!(
+                "{guest_path} is not a regular file or directory in the sandbox (a symlink? \
+                 copy the path it points to); nothing was copied"
+            )));
+        }
+        if !safe || (!top && !dest_dir) {
             sum.skipped += 1;
             continue;
         }
-        let target = if rel.as_os_str().is_empty() {
+        let target = if top {
             dest.to_path_buf()
         } else {
             dest.join(&rel)
         };
-        let kind = entry.header().entry_type();
         if kind.is_dir() {
-            std::fs::create_dir_all(&target)?;
+            if let Some(p) = target.parent().filter(|_| !top) {
+                mkdirs(dest, p, umask)?;
+            }
+            make_dir(&target, copied_mode(guest_mode, true, umask))?;
+            dest_dir |= top;
             sum.dirs += 1;
         } else if kind.is_file() {
-            if first && rel.as_os_str().is_empty() {
-                // A single file: dest is the file.
-                std::fs::remove_dir(dest)?;
-            }
-            if let Some(p) = target.parent() {
-                std::fs::create_dir_all(p)?;
+            if let Some(p) = target.parent().filter(|_| !top) {
+                mkdirs(dest, p, umask)?;
             }
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
+                .mode(0o600)
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(&target)?;
             std::io::copy(&mut entry, &mut f)?;
+            f.set_permissions(std::fs::Permissions::from_mode(copied_mode(
+                guest_mode, false, umask,
+            )))?;
             sum.files += 1;
         } else {
             sum.skipped += 1;
         }
-        first = false;
+    }
+    if first {
+        return Err(Error::Protocol(format!(
+            "the sandbox sent nothing for {guest_path}; nothing was copied"
+        )));
     }
     Ok(sum)
+}
+
+/// Makes the missing directories between `dest` (exists) and `dir`, as `mkdir -p` would.
+fn mkdirs(dest: &std::path::Path, dir: &std::path::Path, umask: u32) -> std::io::Result<()> {
+    if dir == dest || dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(p) = dir.parent() {
+        mkdirs(dest, p, umask)?;
+    }
+    make_dir(dir, 0o777 & !umask | 0o700)
 }

@@ -132,7 +132,7 @@ async fn overlay_share_leaves_host_bit_identical() {
     assert_eq!(diff, want);
     let out = tempfile::tempdir().unwrap();
     let sum = sb
-        .copy_out("/w/README", &out.path().join("R"), 1 << 20)
+        .copy_out("/w/README", &out.path().join("R"), 1 << 20, None)
         .await
         .unwrap();
     assert_eq!(sum.files, 1);
@@ -141,7 +141,7 @@ async fn overlay_share_leaves_host_bit_identical() {
         "hello from the host\nmore\n"
     );
     let sum = sb
-        .copy_out("/w/src", &out.path().join("src"), 1 << 20)
+        .copy_out("/w/src", &out.path().join("src"), 1 << 20, None)
         .await
         .unwrap();
     assert_eq!(
@@ -151,13 +151,13 @@ async fn overlay_share_leaves_host_bit_identical() {
     );
     assert!(out.path().join("src/main.c").is_file() && out.path().join("src/deep").is_dir());
     assert!(
-        sb.copy_out("/w/README", &out.path().join("R"), 1 << 20)
+        sb.copy_out("/w/README", &out.path().join("R"), 1 << 20, None)
             .await
             .is_err(),
         "dest exists"
     );
     assert!(
-        sb.copy_out("/w/README", &out.path().join("small"), 4)
+        sb.copy_out("/w/README", &out.path().join("small"), 4, None)
             .await
             .is_err(),
         "size cap"

@@ -1070,8 +1070,12 @@ pub async fn cp(src: &str, dest: &str) -> Result<(), String> {
         .to_str()
         .ok_or_else(|| format!("{}: the destination must be UTF-8", abs.display()))?;
     let (mut c, _) = Client::connect(id).await?;
+    // The supervisor writes the copy; the modes follow this shell's umask, not its.
     let r = c
-        .call("copy_out", json!({"path": guest, "dest": dest_s}))
+        .call(
+            "copy_out",
+            json!({"path": guest, "dest": dest_s, "umask": airlock_sandbox::process_umask()}),
+        )
         .await?;
     let skipped = r["skipped"].as_u64().unwrap_or(0);
     if skipped > 0 {

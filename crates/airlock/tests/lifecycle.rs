@@ -698,3 +698,90 @@ fn runtime_dir_entries_are_private_whatever_the_umask() {
     }
     env.ok(&["rm", "-f", &id]);
 }
+
+/// `cp` out gives what it writes the guest's permission bits less the *caller's* umask (the
+/// supervisor writing it was started with its own, here 000), never a setuid bit, and a
+/// symlink source is refused with nothing made (issue 18.3).
+#[test]
+fn cp_out_follows_the_callers_umask_and_makes_nothing_it_skips() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let r = rootfs();
+    let o = Command::new("sh")
+        .args(["-c", "umask 000; exec \"$@\"", "sh"])
+        .arg(env!("CARGO_BIN_EXE_airlock"))
+        .args(["run", "-d", "--rootfs", &r])
+        .env("AIRLOCK_RUNTIME_DIR", env.rt.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    env.ok(&[
+        "exec",
+        &id,
+        "--",
+        "sh",
+        "-c",
+        "set -e; mkdir -p /tmp/t/d; echo f > /tmp/t/f; chmod 644 /tmp/t/f; \
+         echo x > /tmp/t/x.sh; chmod 755 /tmp/t/x.sh; echo s > /tmp/t/s; chmod 4755 /tmp/t/s; \
+         echo r > /tmp/t/ro; chmod 400 /tmp/t/ro; echo i > /tmp/t/d/i; ln -s f /tmp/t/link; \
+         ln -s /tmp/t/f /tmp/lnk",
+    ]);
+    let out = tempfile::tempdir().unwrap();
+    let cp = |umask: &str, src: &str, dest: &std::path::Path| {
+        // Through a shell, so the umask is the caller's.
+        Command::new("sh")
+            .args(["-c", &format!("umask {umask}; exec \"$@\""), "sh"])
+            .arg(env!("CARGO_BIN_EXE_airlock"))
+            .args(["cp", &format!("{id}:{src}"), dest.to_str().unwrap()])
+            .env("AIRLOCK_RUNTIME_DIR", env.rt.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let mode = |p: &str| {
+        std::fs::symlink_metadata(out.path().join(p))
+            .unwrap_or_else(|e| panic!("{p}: {e}"))
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    for (umask, dir, want) in [
+        (
+            "077",
+            "t77",
+            [0o700, 0o700, 0o600, 0o700, 0o700, 0o600, 0o600],
+        ),
+        (
+            "022",
+            "t22",
+            [0o755, 0o755, 0o644, 0o755, 0o755, 0o600, 0o644],
+        ),
+    ] {
+        let o = cp(umask, "/tmp/t", &out.path().join(dir));
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("skipped 1"),
+            "the symlink inside is reported skipped: {o:?}"
+        );
+        let got =
+            ["", "/d", "/f", "/x.sh", "/s", "/ro", "/d/i"].map(|p| mode(&format!("{dir}{p}")));
+        assert_eq!(
+            got, want,
+            "umask {umask}: modes of t, d, f, x.sh, s, ro, d/i"
+        );
+        assert!(!out.path().join(dir).join("link").exists());
+        assert!(std::fs::symlink_metadata(out.path().join(dir).join("link")).is_err());
+    }
+    // A symlink as the source: a clear error and nothing at the destination.
+    let o = cp("022", "/tmp/lnk", &out.path().join("lnk"));
+    assert_eq!(o.status.code(), Some(1), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("symlink") && err.contains("nothing was copied"),
+        "{err}"
+    );
+    assert!(std::fs::symlink_metadata(out.path().join("lnk")).is_err());
+    env.ok(&["rm", "-f", &id]);
+}
