@@ -24,6 +24,7 @@ fn build() -> Secrets {
         hosts: vec![host.parse().unwrap()],
         placeholder: Some(ph.into()),
         in_body,
+        allow_http: false,
     };
     Secrets::new(vec![
         s("A", "value a/?#&=", "a.example", "PH_AAAAAAAA", true),

@@ -792,6 +792,22 @@ async fn handle(
         _ => body.map_err(|e| Box::new(e) as BoxError).boxed(),
     };
 
+    // Over plain HTTP a value would cross the network in the clear: only by explicit choice.
+    if !conn.tls {
+        let used = subs
+            .iter()
+            .map(|(i, _)| *i)
+            .chain(body_subs.iter().copied());
+        if let Some(i) = used.into_iter().find(|&i| !secrets.allows_http(i)) {
+            let n = secrets.name(i);
+            let r = format!(
+                "secret {n} is not sent over plain HTTP to {}: use https://, or start the \
+                 sandbox with --secret-allow-http {n}",
+                name.unwrap_or("this host")
+            );
+            return Ok(refuse(&conn, &info, StatusCode::FORBIDDEN, r));
+        }
+    }
     let sender = match conn.sender(upgrade).await {
         Ok(s) => s,
         Err(e) => return Ok(refuse(&conn, &info, StatusCode::BAD_GATEWAY, e)),

@@ -188,6 +188,7 @@ mod tests {
                 hosts: vec!["api.example.com".parse().unwrap()],
                 placeholder: Some("PH_TOKEN_1234".into()),
                 in_body: false,
+                allow_http: false,
             },
             Secret {
                 name: "OTHER".into(),
@@ -195,6 +196,7 @@ mod tests {
                 hosts: vec!["other.example".parse().unwrap()],
                 placeholder: Some("PH_OTHER_1234".into()),
                 in_body: false,
+                allow_http: false,
             },
         ])
         .unwrap()

@@ -20,6 +20,9 @@ pub struct Secret {
     pub placeholder: Option<String>,
     /// Also substitute in (bounded) request bodies.
     pub in_body: bool,
+    /// Also substitute over plain HTTP, where the value crosses the network unencrypted
+    /// (off: such a request is refused with a 403 that names the flag).
+    pub allow_http: bool,
 }
 
 impl std::fmt::Debug for Secret {
@@ -30,6 +33,7 @@ impl std::fmt::Debug for Secret {
             .field("hosts", &self.hosts)
             .field("placeholder", &self.placeholder)
             .field("in_body", &self.in_body)
+            .field("allow_http", &self.allow_http)
             .finish()
     }
 }
@@ -62,6 +66,7 @@ struct Entry {
     hosts: Vec<HostPattern>,
     placeholder: String,
     in_body: bool,
+    allow_http: bool,
 }
 
 /// The validated secrets of one sandbox, with a matcher over their placeholders.
@@ -159,6 +164,7 @@ impl Secrets {
                 hosts: s.hosts,
                 placeholder,
                 in_body: s.in_body,
+                allow_http: s.allow_http,
             });
         }
         let build = |pats: Vec<&[u8]>| -> Result<Option<AhoCorasick>, ProxyError> {
@@ -191,6 +197,11 @@ impl Secrets {
             .iter()
             .map(|e| (e.name.clone(), e.placeholder.clone()))
             .collect()
+    }
+
+    /// Whether secret `i` may be substituted over plain HTTP.
+    pub fn allows_http(&self, i: usize) -> bool {
+        self.entries[i].allow_http
     }
 
     /// Name of secret `i`.
@@ -351,6 +362,7 @@ mod tests {
                 hosts: vec!["a.example".parse().unwrap()],
                 placeholder: Some("PH_AAAAAAAA".into()),
                 in_body: true,
+                allow_http: false,
             },
             Secret {
                 name: "B".into(),
@@ -358,6 +370,7 @@ mod tests {
                 hosts: vec!["*.b.example".parse().unwrap()],
                 placeholder: None,
                 in_body: false,
+                allow_http: false,
             },
         ])
         .unwrap()
@@ -414,6 +427,7 @@ mod tests {
             hosts: vec!["a.example".parse().unwrap()],
             placeholder: ph.map(Into::into),
             in_body: false,
+            allow_http: false,
         };
         assert!(Secrets::new(vec![mk("1X", "v", None)]).is_err());
         assert!(Secrets::new(vec![mk("X", "", None)]).is_err());

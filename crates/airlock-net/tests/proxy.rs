@@ -346,6 +346,7 @@ fn secret(name: &str, value: &str, host: &str, ph: &str, in_body: bool) -> Secre
         hosts: vec![host.parse::<HostPattern>().unwrap()],
         placeholder: Some(ph.into()),
         in_body,
+        allow_http: false,
     }
 }
 
@@ -360,7 +361,10 @@ fn env() -> Env {
             secret("TOKEN", TOKEN, "api.test", TOKEN_PH, false),
             secret("OTHER", OTHER, "other.test", OTHER_PH, false),
             secret("BODYKEY", BODYSECRET, "*.body.test", BODY_PH, true),
-            secret("PLAINKEY", TOKEN, "plain.test", "PH_PLAIN_abcdef123", false),
+            Secret {
+                allow_http: true,
+                ..secret("PLAINKEY", TOKEN, "plain.test", "PH_PLAIN_abcdef123", false)
+            },
         ],
         std::slice::from_ref(&ca.pem_path),
         audit,
@@ -869,6 +873,29 @@ async fn plain_http_substitution_and_body() {
         assert_eq!(header(&s.requests[0].3, "x-key"), TOKEN);
         assert!(s.requests[0].2.ends_with(&format!("/q?k={TOKEN}")));
     }
+    // A secret without allow_http, to its own host but over plain HTTP: refused before
+    // anything reaches the server, with the flag to use named.
+    let (up1, canary1) = http_server().await;
+    let port1 = proxy_listener(e.ctx.clone(), Some("api.test"), 80, up1).await;
+    let out = curl(&[
+        "-w",
+        "\n%{http_code}",
+        "--resolve",
+        &resolve("api.test", port1),
+        "-H",
+        &format!("Authorization: Bearer {TOKEN_PH}"),
+        &format!("http://api.test:{port1}/"),
+    ])
+    .await;
+    assert!(out.stdout.ends_with("\n403"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("--secret-allow-http TOKEN"),
+        "{}",
+        out.stdout
+    );
+    assert!(!out.stdout.contains(TOKEN), "{}", out.stdout);
+    assert!(canary1.lock().unwrap().requests.is_empty());
+
     // A placeholder to a raw-IP destination (no name: nothing bound) is refused.
     let (up2, canary) = http_server().await;
     let port2 = proxy_listener(e.ctx.clone(), None, 80, up2).await;

@@ -314,6 +314,9 @@ pub struct SecretParams {
     /// Airlock extension: also substitute in request bodies.
     #[serde(default)]
     pub in_body: bool,
+    /// Airlock extension: also substitute over plain HTTP.
+    #[serde(default)]
+    pub allow_http: bool,
 }
 
 impl std::fmt::Debug for SecretParams {

@@ -35,6 +35,8 @@ pub struct SecretSpec {
     pub placeholder: Option<String>,
     /// Also substitute inside request bodies (off by default).
     pub in_body: bool,
+    /// Also substitute over plain HTTP (off by default: refused with a 403).
+    pub allow_http: bool,
 }
 
 impl std::fmt::Debug for SecretSpec {
@@ -45,6 +47,7 @@ impl std::fmt::Debug for SecretSpec {
             .field("hosts", &self.hosts)
             .field("placeholder", &self.placeholder)
             .field("in_body", &self.in_body)
+            .field("allow_http", &self.allow_http)
             .finish()
     }
 }
@@ -71,6 +74,7 @@ pub(crate) fn build(spec: &NetworkSpec) -> Result<airlock_net::Network, crate::E
                     hosts,
                     placeholder: s.placeholder.clone(),
                     in_body: s.in_body,
+                    allow_http: s.allow_http,
                 })
             })
             .collect::<Result<Vec<_>, crate::Error>>()?,

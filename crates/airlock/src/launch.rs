@@ -122,6 +122,7 @@ impl Net {
                     hosts: s.hosts.clone(),
                     placeholder: s.placeholder.clone(),
                     in_body: s.in_body,
+                    allow_http: s.allow_http,
                 })
                 .collect(),
             upstream_ca: n.upstream_ca.clone(),
@@ -144,6 +145,9 @@ pub struct Secret {
     /// Substitute in bodies too.
     #[serde(default)]
     pub in_body: bool,
+    /// Substitute over plain HTTP too.
+    #[serde(default)]
+    pub allow_http: bool,
 }
 
 impl Launch {
@@ -205,6 +209,7 @@ impl Launch {
                 hosts: s.hosts.clone(),
                 placeholder: s.placeholder.clone(),
                 in_body: s.in_body,
+                allow_http: s.allow_http,
             });
         }
         if net.disabled && (!net.allow_hosts.is_empty() || !net.secrets.is_empty()) {
@@ -291,6 +296,7 @@ impl Launch {
                         hosts: s.hosts,
                         placeholder: s.placeholder,
                         in_body: s.in_body,
+                        allow_http: s.allow_http,
                     })
                     .collect(),
                 upstream_ca: Vec::new(),

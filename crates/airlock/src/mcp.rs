@@ -232,6 +232,7 @@ impl AirlockMcp {
                 hosts: s.hosts,
                 placeholder: None,
                 in_body: false,
+                allow_http: false,
             });
         }
         for c in &net.upstream_ca {

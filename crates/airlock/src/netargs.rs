@@ -32,6 +32,10 @@ pub struct NetArgs {
     /// Also substitute this secret inside request bodies.
     #[arg(long = "secret-in-body", value_name = "NAME")]
     pub in_body: Vec<String>,
+    /// Also substitute this secret over plain HTTP, where it crosses the network unencrypted
+    /// (without it such a request gets a 403 naming this flag).
+    #[arg(long = "secret-allow-http", value_name = "NAME")]
+    pub allow_http: Vec<String>,
     /// Trust this PEM CA for upstream TLS as well as the host's roots.
     #[arg(long = "upstream-ca", value_name = "FILE")]
     pub upstream_ca: Vec<PathBuf>,
@@ -82,6 +86,13 @@ impl NetArgs {
                 .find(|s| &s.name == n)
                 .ok_or_else(|| format!("--secret-in-body {n}: no --secret {n}@HOSTS given"))?
                 .in_body = true;
+        }
+        for n in &self.allow_http {
+            spec.secrets
+                .iter_mut()
+                .find(|s| &s.name == n)
+                .ok_or_else(|| format!("--secret-allow-http {n}: no --secret {n}@HOSTS given"))?
+                .allow_http = true;
         }
         for c in &self.upstream_ca {
             if !c.is_file() {
@@ -153,6 +164,7 @@ pub fn parse_secret(
         hosts,
         placeholder: None,
         in_body: false,
+        allow_http: false,
     })
 }
 

@@ -291,6 +291,55 @@ print(u.urlopen(r).read().decode().strip())'
     assert!(audit.contains(r#""status":403"#), "{audit}");
 }
 
+/// A placeholder over plain HTTP, even to the secret's own host, would put the value on the
+/// network in the clear: refused with a 403 naming `--secret-allow-http`, unless that flag
+/// is given (issue 18.6). HTTPS to the same host is substituted either way.
+#[test]
+fn secret_over_plain_http_only_with_secret_allow_http() {
+    let w = World::start();
+    let script = r#"
+        curl -s -w '\nplain:%{http_code}\n' "http://api.test:$HTTP_PORT/plain-$1" -H "Authorization: Bearer $API_KEY"
+        curl -sS --fail "https://api.test:$HTTPS_PORT/tls-$1" -H "Authorization: Bearer $API_KEY"
+        "#;
+    let want = sha_hex(&format!("Bearer {}", w.api_key));
+    let base = ["--allow-host", "api.test", "--secret", "API_KEY@api.test"];
+    // Without the flag.
+    let out = w.run(&base, &script.replace("$1", "refused"));
+    let l = lines(&out);
+    assert!(out.status.success(), "{l:?}\n{}", text(&out.stderr));
+    assert!(l.contains(&"plain:403".to_string()), "{l:?}");
+    assert!(
+        l.iter()
+            .any(|x| x.contains("plain HTTP") && x.contains("--secret-allow-http API_KEY")),
+        "the refusal names the flag: {l:?}"
+    );
+    assert!(
+        l.iter().any(|x| x.contains(&want)),
+        "HTTPS still substituted: {l:?}"
+    );
+    let canary = w.canary();
+    assert!(
+        !canary.iter().any(|r| r["path"] == "/plain-refused"),
+        "a refused request reached the server: {canary:?}"
+    );
+    // With it.
+    let mut args = base.to_vec();
+    args.extend(["--secret-allow-http", "API_KEY"]);
+    let out = w.run(&args, &script.replace("$1", "allowed"));
+    let l = lines(&out);
+    assert!(
+        l.contains(&"plain:200".to_string()),
+        "{l:?}\n{}",
+        text(&out.stderr)
+    );
+    assert_eq!(l.iter().filter(|x| x.contains(&want)).count(), 2, "{l:?}");
+    assert!(w
+        .canary()
+        .iter()
+        .any(|r| r["server"] == "http" && r["path"] == "/plain-allowed"));
+    w.assert_no_leak(&out);
+}
+
 #[test]
 fn http2_websocket_and_passthrough() {
     let w = World::start();
