@@ -191,6 +191,52 @@ pub struct GuardFs {
     paths: Mutex<PathTable>,
     /// Serialises renames (see [`GuardFs::rename`]).
     renames: Mutex<()>,
+    /// How much the guest may grow the share, if bounded.
+    quota: Option<Quota>,
+}
+
+/// A bound on how many bytes of host disk the guest may add to a share.
+///
+/// Counted in allocated blocks (`st_blocks`) before and after each write, fallocate and
+/// truncate, credited when a file's last name goes (unlink, rename over it). Files the share
+/// held at the start count as they are freed, so the share never grows past its starting size
+/// plus the limit. Inodes are not counted. Concurrent writes may overshoot by at most one
+/// request each (a FUSE write is at most 1 MiB).
+#[derive(Debug)]
+struct Quota {
+    limit: u64,
+    /// Bytes added since the start; negative when the guest freed more than it added.
+    added: std::sync::atomic::AtomicI64,
+}
+
+impl Quota {
+    fn used(&self) -> u64 {
+        self.added.load(std::sync::atomic::Ordering::Relaxed).max(0) as u64
+    }
+
+    fn would_exceed(&self, more: u64) -> bool {
+        self.added
+            .load(std::sync::atomic::Ordering::Relaxed)
+            .saturating_add(more.min(i64::MAX as u64) as i64)
+            > self.limit.min(i64::MAX as u64) as i64
+    }
+
+    fn add(&self, before: &stat64, after: &stat64) {
+        let delta = (after.st_blocks - before.st_blocks).saturating_mul(512);
+        self.added
+            .fetch_add(delta, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn free(&self, st: &stat64) {
+        self.added.fetch_sub(
+            st.st_blocks.saturating_mul(512),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+}
+
+fn enospc() -> io::Error {
+    io::Error::from_raw_os_error(libc::ENOSPC)
 }
 
 impl GuardFs {
@@ -214,6 +260,42 @@ impl GuardFs {
             sink,
             paths: Mutex::new(PathTable::default()),
             renames: Mutex::new(()),
+            quota: None,
+        }
+    }
+
+    /// Lets the guest add at most `bytes` to the share (ENOSPC beyond); `statfs` then reports
+    /// the share's own room, not the host disk's.
+    pub fn with_quota(mut self, bytes: u64) -> GuardFs {
+        self.quota = Some(Quota {
+            limit: bytes,
+            added: std::sync::atomic::AtomicI64::new(0),
+        });
+        self
+    }
+
+    /// Host attributes of `inode` while a quota is kept (for before/after accounting).
+    fn quota_stat(&self, ctx: &Context, inode: u64, handle: Option<u64>) -> Option<stat64> {
+        self.quota.as_ref()?;
+        self.inner
+            .getattr(&host_ctx(ctx), inode, handle)
+            .ok()
+            .map(|(st, _)| st)
+    }
+
+    /// The host attributes of `parent`/`name` when it is a non-directory whose last name this
+    /// is (so removing or replacing that name frees its blocks).
+    fn last_name_stat(&self, ctx: &Context, parent: u64, name: &CStr) -> Option<stat64> {
+        self.quota.as_ref()?;
+        let e = self.inner.lookup(&host_ctx(ctx), parent, name).ok()?;
+        self.inner.forget(&host_ctx(ctx), e.inode, 1);
+        let st = e.attr;
+        (st.st_mode & libc::S_IFMT != libc::S_IFDIR && st.st_nlink <= 1).then_some(st)
+    }
+
+    fn credit(&self, st: Option<stat64>) {
+        if let (Some(q), Some(st)) = (&self.quota, st) {
+            q.free(&st);
         }
     }
 
@@ -434,9 +516,16 @@ impl FileSystem for GuardFs {
                 attr.st_gid = self.ids.host.1;
             }
         }
+        let before = valid
+            .contains(SetattrValid::SIZE)
+            .then(|| self.quota_stat(ctx, inode, handle))
+            .flatten();
         let (mut st, d) = self
             .inner
             .setattr(&host_ctx(ctx), inode, attr, handle, valid)?;
+        if let (Some(q), Some(b)) = (&self.quota, &before) {
+            q.add(b, &st);
+        }
         self.map_out(&mut st);
         Ok((st, d))
     }
@@ -511,7 +600,10 @@ impl FileSystem for GuardFs {
         self.writable()?;
         name_ok(name, false)?;
         self.check(Op::Remove, parent, Some(name))?;
-        self.inner.unlink(&host_ctx(ctx), parent, name)
+        let freed = self.last_name_stat(ctx, parent, name);
+        self.inner.unlink(&host_ctx(ctx), parent, name)?;
+        self.credit(freed);
+        Ok(())
     }
 
     fn rmdir(&self, ctx: &Context, parent: u64, name: &CStr) -> io::Result<()> {
@@ -543,8 +635,12 @@ impl FileSystem for GuardFs {
         // over (or exchanged with) the new name leaves that.
         self.check_below(Op::Rename, olddir, oldname)?;
         self.check_below(Op::Rename, newdir, newname)?;
+        let replaced = (flags & libc::RENAME_EXCHANGE == 0)
+            .then(|| self.last_name_stat(ctx, newdir, newname))
+            .flatten();
         self.inner
             .rename(&host_ctx(ctx), olddir, oldname, newdir, newname, flags)?;
+        self.credit(replaced);
         if self.tracking() {
             let mut paths = self.paths.lock().unwrap();
             if flags & libc::RENAME_EXCHANGE != 0 {
@@ -589,7 +685,14 @@ impl FileSystem for GuardFs {
         if writes {
             self.check(Op::Write, inode, None)?;
         }
-        self.inner.open(&host_ctx(ctx), inode, flags, fuse_flags)
+        let r = self.inner.open(&host_ctx(ctx), inode, flags, fuse_flags)?;
+        // O_TRUNC frees what the file held.
+        if let (Some(q), true) = (&self.quota, f & libc::O_TRUNC != 0) {
+            if let Some(after) = self.quota_stat(ctx, inode, None) {
+                q.add(&st, &after);
+            }
+        }
+        Ok(r)
     }
 
     fn create(
@@ -649,7 +752,17 @@ impl FileSystem for GuardFs {
         fuse_flags: u32,
     ) -> io::Result<usize> {
         self.writable()?;
-        self.inner.write(
+        let before = self.quota_stat(ctx, inode, Some(handle));
+        if let (Some(q), Some(b)) = (&self.quota, &before) {
+            // Rewriting bytes a fully allocated file already has needs no room.
+            let end = offset.saturating_add(size as u64);
+            let overwrite =
+                end <= b.st_size as u64 && (b.st_blocks as u64) * 512 >= b.st_size as u64;
+            if !overwrite && q.would_exceed(size as u64) {
+                return Err(enospc());
+            }
+        }
+        let n = self.inner.write(
             &host_ctx(ctx),
             inode,
             handle,
@@ -660,7 +773,13 @@ impl FileSystem for GuardFs {
             delayed_write,
             flags,
             fuse_flags,
-        )
+        )?;
+        if let (Some(q), Some(b)) = (&self.quota, &before) {
+            if let Some(a) = self.quota_stat(ctx, inode, Some(handle)) {
+                q.add(b, &a);
+            }
+        }
+        Ok(n)
     }
 
     fn flush(&self, ctx: &Context, inode: u64, handle: u64, lock_owner: u64) -> io::Result<()> {
@@ -681,8 +800,20 @@ impl FileSystem for GuardFs {
         length: u64,
     ) -> io::Result<()> {
         self.writable()?;
+        let before = self.quota_stat(ctx, inode, Some(handle));
+        if let Some(q) = &self.quota {
+            if mode & libc::FALLOC_FL_PUNCH_HOLE as u32 == 0 && q.would_exceed(length) {
+                return Err(enospc());
+            }
+        }
         self.inner
-            .fallocate(&host_ctx(ctx), inode, handle, mode, offset, length)
+            .fallocate(&host_ctx(ctx), inode, handle, mode, offset, length)?;
+        if let (Some(q), Some(b)) = (&self.quota, &before) {
+            if let Some(a) = self.quota_stat(ctx, inode, Some(handle)) {
+                q.add(b, &a);
+            }
+        }
+        Ok(())
     }
 
     fn release(
@@ -707,7 +838,22 @@ impl FileSystem for GuardFs {
     }
 
     fn statfs(&self, ctx: &Context, inode: u64) -> io::Result<statvfs64> {
-        self.inner.statfs(&host_ctx(ctx), inode)
+        let mut st = self.inner.statfs(&host_ctx(ctx), inode)?;
+        if let Some(q) = &self.quota {
+            // The share's own room: the limit as its size, what the guest added as used, and
+            // never more free than the host disk really has.
+            let bsize = if st.f_frsize > 0 {
+                st.f_frsize
+            } else {
+                st.f_bsize.max(1)
+            };
+            let total = q.limit / bsize;
+            let free = total.saturating_sub(q.used().div_ceil(bsize));
+            st.f_blocks = total;
+            st.f_bfree = free.min(st.f_bfree);
+            st.f_bavail = free.min(st.f_bavail);
+        }
+        Ok(st)
     }
 
     fn opendir(

@@ -60,6 +60,8 @@ pub struct ShareConfig {
     pub ids: IdMap,
     /// File rules.
     pub rules: Vec<FsRule>,
+    /// Most bytes the guest may add to a read-write share (`None`: unbounded).
+    pub quota: Option<u64>,
 }
 
 /// Errors starting a share.
@@ -116,7 +118,7 @@ pub fn guard_for(cfg: &ShareConfig, sink: Option<FsEventSink>) -> Result<guard::
     };
     let inner = PassthroughFs::<()>::new(pcfg).map_err(|e| srv_err(e.to_string()))?;
     inner.import().map_err(|e| dir_err(e.to_string()))?;
-    Ok(guard::GuardFs::new(
+    let fs = guard::GuardFs::new(
         inner,
         cfg.access,
         cfg.ids,
@@ -124,7 +126,11 @@ pub fn guard_for(cfg: &ShareConfig, sink: Option<FsEventSink>) -> Result<guard::
         &cfg.guest_path,
         &cfg.tag,
         sink,
-    ))
+    );
+    Ok(match cfg.quota {
+        Some(q) => fs.with_quota(q),
+        None => fs,
+    })
 }
 
 /// A running virtio-fs server for one share. It serves one VMM connection and ends when the

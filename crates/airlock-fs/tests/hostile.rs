@@ -38,6 +38,7 @@ fn fixture(access: Access, rules: &[&str]) -> Fixture {
     let events = Arc::new(Mutex::new(Vec::new()));
     let ev = events.clone();
     let cfg = ShareConfig {
+        quota: None,
         host_dir: share.clone(),
         guest_path: "/w".into(),
         tag: "t".into(),

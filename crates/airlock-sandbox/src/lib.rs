@@ -127,6 +127,8 @@ pub const DEFAULT_CPUS: u32 = 1;
 pub const DEFAULT_MEMORY_MIB: u32 = 512;
 /// Default size of the writable layer, MiB (sparse: costs only what is written).
 pub const DEFAULT_DISK_MIB: u64 = 5 * 1024;
+/// Default bound on how much a guest may add to each `:rw` share, MiB.
+pub const DEFAULT_SHARE_QUOTA_MIB: u64 = 16 * 1024;
 
 /// What to start.
 #[derive(Debug, Clone)]
@@ -155,6 +157,9 @@ pub struct SandboxSpec {
     pub volumes: Vec<VolumeMount>,
     /// File rules enforced by the share server (guest paths).
     pub fs_rules: Vec<FsRule>,
+    /// Most MiB the guest may add to each `:rw` share (ENOSPC beyond; `df` in the guest shows
+    /// this as the share's size).
+    pub share_quota_mib: u64,
     /// Receives file-rule events (every denial and every `audit` match). Bounded: when the
     /// receiver falls behind, further events are dropped (and counted in the log) rather than
     /// let a guest grow host memory.
@@ -199,6 +204,7 @@ impl SandboxSpec {
             shares: Vec::new(),
             volumes: Vec::new(),
             fs_rules: Vec::new(),
+            share_quota_mib: DEFAULT_SHARE_QUOTA_MIB,
             fs_events: None,
             share_owner: (0, 0),
             privileged: false,
@@ -431,6 +437,8 @@ impl Sandbox {
                     guest: spec.share_owner,
                 },
                 rules: spec.fs_rules.clone(),
+                quota: (sh.mode == ShareMode::Rw)
+                    .then_some(spec.share_quota_mib.saturating_mul(1 << 20)),
             };
             fs_servers.push(
                 airlock_fs::FsServer::start(

@@ -100,6 +100,51 @@ async fn rw_share_round_trip_reaches_host() {
     assert!(!tmp.path().join("d1").exists());
 }
 
+/// A `:rw` share is bounded (issue 18.4): the guest gets ENOSPC past the quota, its `df`
+/// shows the share's own size, and what it deletes or truncates gives the room back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rw_share_quota_gives_enospc_and_its_own_df() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut spec = SandboxSpec::new(rootfs());
+    spec.shares = vec![share(tmp.path(), "/w", ShareMode::Rw)];
+    spec.share_quota_mib = 8;
+    let sb = Sandbox::start(spec).await.unwrap();
+    // df: 8 MiB in 1 KiB blocks, whatever the host disk.
+    let df = sh_ok(&sb, "df -k /w | tail -1").await;
+    let size: u64 = df.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert_eq!(size, 8 * 1024, "{df}");
+    // Past the quota: ENOSPC, and the host holds no more than the quota (plus one request).
+    let (code, _, err) = sh(&sb, "dd if=/dev/zero of=/w/big bs=64k count=320 conv=fsync").await;
+    assert_ne!(code, 0, "20 MiB fitted in an 8 MiB share");
+    assert!(err.contains("No space left"), "{err}");
+    let host_len = std::fs::metadata(tmp.path().join("big")).unwrap().len();
+    assert!(host_len <= 9 << 20, "the host got {host_len} bytes");
+    let df = sh_ok(&sb, "df -k /w | tail -1").await;
+    let avail: u64 = df.split_whitespace().nth(3).unwrap().parse().unwrap();
+    assert!(
+        avail < 1024,
+        "a full share still shows {avail} KiB free: {df}"
+    );
+    // Deleting gives the room back; so does truncating.
+    sh_ok(
+        &sb,
+        "rm /w/big && dd if=/dev/zero of=/w/a bs=64k count=96 2>&1 && sync",
+    )
+    .await;
+    sh_ok(
+        &sb,
+        ": > /w/a && dd if=/dev/zero of=/w/b bs=64k count=96 2>&1 && sync",
+    )
+    .await;
+    // Rewriting bytes a file already has needs no room, even when the share is nearly full.
+    sh_ok(&sb, "dd if=/dev/zero of=/w/c bs=64k count=20 2>/dev/null; dd if=/dev/urandom of=/w/b bs=64k count=96 conv=notrunc 2>&1 && sync").await;
+    sb.stop().await.unwrap();
+    assert_eq!(
+        std::fs::metadata(tmp.path().join("b")).unwrap().len(),
+        96 * 65536
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn overlay_share_leaves_host_bit_identical() {
     let tmp = tempfile::tempdir().unwrap();

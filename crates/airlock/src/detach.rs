@@ -210,6 +210,7 @@ pub fn start_from_snapshot(name: &str, source: &str) -> Result<String, String> {
         },
         mounts: Vec::new(),
         fs_rules: Vec::new(),
+        share_quota_mib: None,
         privileged: meta.privileged,
     };
     start_supervisor(&SuperviseRequest {

@@ -49,6 +49,9 @@ pub struct Launch {
     /// File rules, as `--fs-rule` takes them.
     #[serde(default)]
     pub fs_rules: Vec<String>,
+    /// `--share-quota` (default: the library's).
+    #[serde(default)]
+    pub share_quota_mib: Option<u64>,
     /// `--privileged`.
     #[serde(default)]
     pub privileged: bool,
@@ -188,6 +191,9 @@ impl Launch {
             None => None,
         };
         apply_mounts(&mut spec, &self.mounts, &self.fs_rules)?;
+        if let Some(q) = self.share_quota_mib {
+            spec.share_quota_mib = q;
+        }
         let mut net = NetworkSpec {
             disabled: self.net.disabled,
             allow_hosts: self.net.allow_hosts.clone(),
@@ -304,6 +310,7 @@ impl Launch {
             },
             mounts,
             fs_rules: Vec::new(),
+            share_quota_mib: None,
         })
     }
 }

@@ -327,6 +327,10 @@ struct RunArgs {
     /// Size of the sandbox's writable layer in MiB (sparse: only what is written uses disk).
     #[arg(long = "disk-size", value_name = "MB", default_value_t = airlock_sandbox::DEFAULT_DISK_MIB, value_parser = clap::value_parser!(u64).range(64..=16 * 1024 * 1024))]
     disk_size: u64,
+    /// Most MB the guest may add to each `:rw` share (it gets ENOSPC beyond; its `df` shows
+    /// this as the share's size).
+    #[arg(long = "share-quota", value_name = "MB", default_value_t = airlock_sandbox::DEFAULT_SHARE_QUOTA_MIB, value_parser = clap::value_parser!(u64).range(1..=1 << 40))]
+    share_quota: u64,
     /// Kill the command after this many seconds (exit code 124).
     #[arg(long, value_name = "SECS")]
     timeout: Option<f64>,
@@ -609,6 +613,7 @@ async fn run(a: RunArgs) -> i32 {
         }
     };
     let user = a.user.clone().or(image_user);
+    spec.share_quota_mib = a.share_quota;
     if let Err(e) = launch::apply_mounts(&mut spec, &a.volumes, &a.fs_rules) {
         eprintln!("airlock: {e}");
         return EXIT_SANDBOX_FAILED;
@@ -787,6 +792,7 @@ fn detach_request(a: RunArgs) -> Result<detach::SuperviseRequest, String> {
         net: launch::Net::from_spec(&net),
         mounts: a.volumes.clone(),
         fs_rules: a.fs_rules.clone(),
+        share_quota_mib: Some(a.share_quota),
         privileged: a.privileged,
     };
     let (mut image_env, mut cwd, mut user) = (Vec::new(), None, None);
@@ -837,6 +843,7 @@ impl RunArgs {
             cpus: self.cpus,
             memory: self.memory,
             disk_size: self.disk_size,
+            share_quota: self.share_quota,
             timeout: None,
             accel: self.accel,
             hostname: None,
