@@ -49,6 +49,8 @@ fuzz_target!(|data: &[u8]| {
         access: Access::ReadWrite,
         ids: IdMap { host: (0, 0), guest: (1000, 1000) },
         rules: vec!["deny write,remove /w/sub/**".parse::<FsRule>().unwrap()],
+        // Small, so the fuzzer reaches the ENOSPC paths too.
+        quota: Some(1 << 20),
     };
     let Ok(fs) = guard_for(&cfg, None) else { return };
     let ctx = Context { uid: 1000, gid: 1000, pid: 1 };
