@@ -114,6 +114,11 @@ pub fn mount_root() -> Result<(), String> {
     for d in ["/mnt/scratch/upper", "/mnt/scratch/work"] {
         fs::create_dir_all(d).map_err(|e| format!("mkdir {d}: {e}"))?;
     }
+    // The writable disk is out of reach once the overlay is "/": keep a handle for
+    // renew_scratch_uuid (close-on-exec, so no workload inherits it).
+    if let Ok(f) = fs::File::open("/mnt/scratch/work") {
+        let _ = SCRATCH.set(f);
+    }
     do_mount(
         "overlay",
         "/mnt/root",
@@ -251,10 +256,44 @@ fn reseed_rng(seed: &[u8]) {
     }
 }
 
+/// A directory on the writable layer's filesystem, opened before the switch to the overlay.
+static SCRATCH: std::sync::OnceLock<fs::File> = std::sync::OnceLock::new();
+
+/// Gives the writable layer's ext4 a fresh UUID (`EXT4_IOC_SETFSUUID`, Linux 6.0+), so
+/// sandboxes made from one scratch template or restored from one warm template do not share
+/// it. Needs `metadata_csum_seed` on the filesystem (the host's scratch template has it); on
+/// an older one the kernel refuses and the UUID stays as it was.
+fn renew_scratch_uuid() -> Result<(), String> {
+    // _IOW('f', 44, struct fsuuid { __u32 fsu_len; __u32 fsu_flags; __u8 fsu_uuid[]; })
+    const EXT4_IOC_SETFSUUID: libc::c_ulong = 0x4008_662c;
+    let mut uuid = [0u8; 16];
+    // SAFETY: getrandom into a local buffer of the given length.
+    if unsafe { libc::getrandom(uuid.as_mut_ptr().cast(), 16, 0) } != 16 {
+        return Err("getrandom failed".into());
+    }
+    uuid[6] = (uuid[6] & 0x0f) | 0x40; // version 4
+    uuid[8] = (uuid[8] & 0x3f) | 0x80; // RFC 4122 variant
+    let mut arg = Vec::with_capacity(24);
+    arg.extend_from_slice(&16u32.to_ne_bytes());
+    arg.extend_from_slice(&0u32.to_ne_bytes());
+    arg.extend_from_slice(&uuid);
+    let d = SCRATCH.get().ok_or("no writable disk")?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: the ioctl reads a struct fsuuid with 16 bytes of UUID from `arg`.
+    if unsafe { libc::ioctl(d.as_raw_fd(), EXT4_IOC_SETFSUUID as _, arg.as_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    Ok(())
+}
+
 /// Applies the host's per-sandbox settings.
 pub fn apply_init(init: &Init) {
     if !init.rng_seed.is_empty() {
         reseed_rng(&init.rng_seed);
+    }
+    // After the reseed, so the UUID comes from this sandbox's randomness.
+    if let Err(e) = renew_scratch_uuid() {
+        eprintln!("airlock-guest: scratch UUID unchanged: {e}");
     }
     if let Some(id) = &init.machine_id {
         if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) {

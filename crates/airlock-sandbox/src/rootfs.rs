@@ -208,14 +208,18 @@ fn scratch_template(size_mib: u64) -> Result<PathBuf, Error> {
     let dir = cache_dir().join("scratch");
     let path = dir.join(format!(
         "empty-{size_mib}M-{}.ext4",
-        short_hash(b"v1 ^has_journal")
+        short_hash(b"v2 ^has_journal metadata_csum_seed")
     ));
     if path.is_file() {
         return Ok(path);
     }
     std::fs::create_dir_all(&dir)
         .map_err(|e| Error::Rootfs(format!("create {}: {e}", dir.display())))?;
+    // metadata_csum_seed: the guest agent can then give each sandbox its own UUID while the
+    // filesystem is mounted (checksums do not depend on it).
     let args = [
+        "-O",
+        "metadata_csum_seed",
         "-E",
         "lazy_itable_init=1,nodiscard",
         "-L",

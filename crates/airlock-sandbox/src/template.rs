@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use crate::assets::cache_dir;
 
 /// Bumped whenever the template layout or the capture point changes.
-pub(crate) const FORMAT: u32 = 2;
+pub(crate) const FORMAT: u32 = 3;
 
 /// Identity of one input file: a change of any of these invalidates the template.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -59,14 +59,17 @@ async fn sandboxes_restored_from_one_template_are_distinct_machines() {
     let mut s = spec(296);
     s.network.allow_hosts = vec!["example.com".into()];
     let probe = "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; cat /etc/machine-id; \
-                 hostname; cat /etc/ssl/airlock/ca.pem | tr -d '\\n'";
+                 hostname; cat /etc/ssl/airlock/ca.pem | tr -d '\\n'; echo; \
+                 for b in /sys/block/vd*; do [ \"$(cat $b/serial)\" = airlock-scratch ] && \
+                 dd if=/dev/${b##*/} bs=1 skip=1128 count=16 2>/dev/null | od -An -tx1 | tr -d ' \\n'; done; \
+                 echo; echo data > /root/f && sync && cat /root/f; dmesg | grep -ci 'ext4.*error'";
     let a = warm(s.clone()).await;
     let b = warm(s.clone()).await;
     assert_eq!(a.template(), b.template(), "both from one template");
     let (pa, pb) = (sh(&a, probe).await.0, sh(&b, probe).await.0);
     let (la, lb): (Vec<&str>, Vec<&str>) = (pa.lines().collect(), pb.lines().collect());
-    assert_eq!(la.len(), 4, "{pa}");
-    assert_eq!(lb.len(), 4, "{pb}");
+    assert_eq!(la.len(), 7, "{pa}");
+    assert_eq!(lb.len(), 7, "{pb}");
     assert_eq!(la[0].len(), 64, "{pa}");
     assert_ne!(la[0], lb[0], "/dev/urandom right after start");
     assert_eq!(la[1].len(), 32, "machine-id: {pa}");
@@ -75,6 +78,11 @@ async fn sandboxes_restored_from_one_template_are_distinct_machines() {
     assert_ne!(la[2], lb[2], "hostname");
     assert!(la[3].contains("BEGIN CERTIFICATE"), "{pa}");
     assert_ne!(la[3], lb[3], "each sandbox has its own MITM CA");
+    // The writable disk's ext4 UUID is renewed after restore, and the filesystem stays sound.
+    assert_eq!(la[4].len(), 32, "scratch UUID: {pa}");
+    assert_ne!(la[4], lb[4], "scratch ext4 UUID");
+    assert_eq!((la[5], la[6]), ("data", "0"), "{pa}");
+    assert_eq!((lb[5], lb[6]), ("data", "0"), "{pb}");
     // The guest clock was stepped to now, not left at the capture time.
     let guest: u64 = sh(&a, "date +%s").await.0.trim().parse().unwrap();
     let host = std::time::SystemTime::now()
