@@ -11,7 +11,7 @@ import threading
 import time
 
 from matchlock import Client, RPCError
-from matchlock.types import CreateOptions, MountConfig, Secret
+from matchlock.types import CreateOptions, HostIPMapping, MountConfig, Secret
 
 IMAGE = os.environ.get("AIRLOCK_TEST_IMAGE", "demo/busybox:latest")
 SECRET = "sk-matchlock-compat-93be51"
@@ -156,7 +156,54 @@ def main() -> None:
             raise AssertionError("exec without a sandbox")
         except RPCError as e:
             assert e.is_vm_error(), e
+    plain_http_secret_is_refused()
     print("matchlock compat: ok")
+
+
+def plain_http_secret_is_refused() -> None:
+    """A secret's placeholder over plain HTTP, even to its own host, gets a 403 naming
+    --secret-allow-http and never reaches the server (matchlock's SDK has no such option, so
+    through it the secret is HTTPS-only)."""
+    import http.server
+
+    seen = []
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"reached\n")
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    port = srv.server_address[1]
+    try:
+        with Client() as c:
+            c.create(
+                CreateOptions(
+                    image=IMAGE,
+                    allowed_hosts=["api.example.com"],
+                    add_hosts=[HostIPMapping(host="api.example.com", ip="127.0.0.1")],
+                    secrets=[Secret(name="API_KEY", value=SECRET, hosts=["api.example.com"])],
+                )
+            )
+            base = "http://api.example.com:%d" % port
+            # Without the placeholder the host is reachable over plain HTTP...
+            r = c.exec("wget -q -O- %s/open" % base)
+            assert r.exit_code == 0 and r.stdout == "reached\n", r
+            # ...with it, refused by Airlock before anything is sent.
+            r = c.exec(
+                'wget -S -O- --header "Authorization: Bearer $API_KEY" %s/secret 2>&1' % base
+            )
+            assert r.exit_code != 0 and "403" in r.stdout, r
+            assert seen == ["/open"], seen
+            assert SECRET not in r.stdout
+    finally:
+        srv.shutdown()
 
 
 if __name__ == "__main__":
