@@ -81,18 +81,10 @@ impl NetArgs {
             s.placeholder = Some(ph.to_string());
         }
         for n in &self.in_body {
-            spec.secrets
-                .iter_mut()
-                .find(|s| &s.name == n)
-                .ok_or_else(|| format!("--secret-in-body {n}: no --secret {n}@HOSTS given"))?
-                .in_body = true;
+            named(&mut spec.secrets, "--secret-in-body", n)?.in_body = true;
         }
         for n in &self.allow_http {
-            spec.secrets
-                .iter_mut()
-                .find(|s| &s.name == n)
-                .ok_or_else(|| format!("--secret-allow-http {n}: no --secret {n}@HOSTS given"))?
-                .allow_http = true;
+            named(&mut spec.secrets, "--secret-allow-http", n)?.allow_http = true;
         }
         for c in &self.upstream_ca {
             if !c.is_file() {
@@ -101,6 +93,18 @@ impl NetArgs {
         }
         Ok(spec)
     }
+}
+
+/// The secret a per-secret switch (`flag NAME`) names; it must be given by `--secret`.
+fn named<'a>(
+    secrets: &'a mut [SecretSpec],
+    flag: &str,
+    n: &str,
+) -> Result<&'a mut SecretSpec, String> {
+    secrets
+        .iter_mut()
+        .find(|s| s.name == n)
+        .ok_or_else(|| format!("{flag} {n}: no --secret {n}@HOSTS given"))
 }
 
 /// `NAME:IP` (the IP may be IPv6, which has colons of its own).

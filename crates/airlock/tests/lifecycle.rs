@@ -36,6 +36,18 @@ impl Env {
         self.cmd(args).output().unwrap()
     }
 
+    /// `airlock ARGS` under `umask` (through a shell, as a user's would be).
+    fn run_umask(&self, umask: &str, args: &[&str]) -> Output {
+        Command::new("sh")
+            .args(["-c", &format!("umask {umask}; exec \"$@\""), "sh"])
+            .arg(env!("CARGO_BIN_EXE_airlock"))
+            .args(args)
+            .env("AIRLOCK_RUNTIME_DIR", self.rt.path())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
     fn ok(&self, args: &[&str]) -> String {
         let o = self.run(args);
         assert!(
@@ -660,14 +672,7 @@ fn runtime_dir_entries_are_private_whatever_the_umask() {
     let share = tempfile::tempdir().unwrap();
     let r = rootfs();
     let vol = format!("{}:/mnt/w:rw", share.path().display());
-    let o = Command::new("sh")
-        .args(["-c", "umask 000; exec \"$@\"", "sh"])
-        .arg(env!("CARGO_BIN_EXE_airlock"))
-        .args(["run", "-d", "--rootfs", &r, "-v", &vol])
-        .env("AIRLOCK_RUNTIME_DIR", env.rt.path())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let o = env.run_umask("000", &["run", "-d", "--rootfs", &r, "-v", &vol]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
     env.ok(&["exec", &id, "--", "sh", "-c", "echo hi > /mnt/w/f"]);
@@ -707,14 +712,7 @@ fn cp_out_follows_the_callers_umask_and_makes_nothing_it_skips() {
     use std::os::unix::fs::PermissionsExt;
     let env = Env::new();
     let r = rootfs();
-    let o = Command::new("sh")
-        .args(["-c", "umask 000; exec \"$@\"", "sh"])
-        .arg(env!("CARGO_BIN_EXE_airlock"))
-        .args(["run", "-d", "--rootfs", &r])
-        .env("AIRLOCK_RUNTIME_DIR", env.rt.path())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
+    let o = env.run_umask("000", &["run", "-d", "--rootfs", &r]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
     env.ok(&[
@@ -730,15 +728,10 @@ fn cp_out_follows_the_callers_umask_and_makes_nothing_it_skips() {
     ]);
     let out = tempfile::tempdir().unwrap();
     let cp = |umask: &str, src: &str, dest: &std::path::Path| {
-        // Through a shell, so the umask is the caller's.
-        Command::new("sh")
-            .args(["-c", &format!("umask {umask}; exec \"$@\""), "sh"])
-            .arg(env!("CARGO_BIN_EXE_airlock"))
-            .args(["cp", &format!("{id}:{src}"), dest.to_str().unwrap()])
-            .env("AIRLOCK_RUNTIME_DIR", env.rt.path())
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
+        env.run_umask(
+            umask,
+            &["cp", &format!("{id}:{src}"), dest.to_str().unwrap()],
+        )
     };
     let mode = |p: &str| {
         std::fs::symlink_metadata(out.path().join(p))
