@@ -40,6 +40,9 @@ pub struct SuperviseRequest {
     pub user: Option<String>,
     /// Shown by `ls`/`inspect`: the image or rootfs.
     pub source: String,
+    /// `--name`: unique among the records; commands accept it in place of the id.
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 /// `meta.json`: what `ls` and `inspect` show. No secret values.
@@ -47,6 +50,9 @@ pub struct SuperviseRequest {
 pub struct Meta {
     /// Sandbox id.
     pub id: String,
+    /// `--name`, if given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// Image or rootfs.
     pub source: String,
     /// Detached command.
@@ -137,10 +143,49 @@ fn status(dir: &Path) -> Status {
     }
 }
 
-/// The record directory of `id` (a unique prefix is enough).
+/// Checks a `--name`: what docker accepts (`[a-zA-Z0-9][a-zA-Z0-9_.-]*`), at most 64 bytes.
+pub fn check_name(n: &str) -> Result<String, String> {
+    let ok = n.len() <= 64
+        && n.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b));
+    if ok {
+        Ok(n.to_string())
+    } else {
+        Err(format!(
+            "{n:?} is not a valid name: use letters, digits, '_', '.' and '-', starting with a \
+             letter or digit, at most 64 characters"
+        ))
+    }
+}
+
+/// The record that carries `name`, if any.
+fn named(name: &str) -> Option<(PathBuf, Meta)> {
+    records()
+        .into_iter()
+        .find(|(_, m, _)| m.name.as_deref() == Some(name))
+        .map(|(d, m, _)| (d, m))
+}
+
+/// Error unless `name` is free (a record keeps its name until `rm` or `prune`, as in docker).
+fn name_free(name: &str) -> Result<(), String> {
+    match named(name) {
+        Some((_, m)) => Err(format!(
+            "the name {name:?} is already in use by sandbox {}: remove it (airlock rm -f {name}) \
+             or choose another name",
+            m.id
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The record directory of `id`: a name, the id, or a unique prefix of it.
 fn find(id: &str) -> Result<PathBuf, String> {
     if id.is_empty() || id.contains('/') || id.starts_with('.') {
         return Err(format!("{id:?} is not a sandbox id"));
+    }
+    if let Some((d, _)) = named(id) {
+        return Ok(d);
     }
     let dir = records_dir();
     let exact = dir.join(id);
@@ -220,11 +265,16 @@ pub fn start_from_snapshot(name: &str, source: &str) -> Result<String, String> {
         workdir: None,
         user: None,
         source: format!("fork of {}", meta.id),
+        name: None,
     })
 }
 
 fn start_supervisor(req: &SuperviseRequest) -> Result<String, String> {
     use std::os::unix::process::CommandExt;
+    // Early, so a taken name costs no boot; the supervisor checks again under a lock.
+    if let Some(n) = &req.name {
+        name_free(n)?;
+    }
     let exe = std::env::current_exe().map_err(|e| format!("cannot find own binary: {e}"))?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("__supervise")
@@ -337,8 +387,21 @@ pub async fn supervise() -> i32 {
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             return Err("record directory is locked".into());
         }
+        // Names are claimed one supervisor at a time, from the check to meta.json.
+        let names = match &req.name {
+            Some(n) => {
+                let f =
+                    private_file(&records_dir().join(".names.lock")).map_err(|e| e.to_string())?;
+                // SAFETY: flock on a valid fd; released when `f` drops at the end of setup.
+                unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+                name_free(n)?;
+                Some(f)
+            }
+            None => None,
+        };
         let meta = Meta {
             id: id.clone(),
+            name: req.name.clone(),
             source: req.source.clone(),
             command: req.cmd.clone(),
             created: now(),
@@ -365,6 +428,7 @@ pub async fn supervise() -> i32 {
                 f.write_all(&serde_json::to_vec_pretty(&meta).map_err(std::io::Error::other)?)
             })
             .map_err(|e| e.to_string())?;
+        drop(names);
         private_file(&dir.join("log")).map_err(|e| e.to_string())?;
         // The directory is 0700 already; the socket is 0600 as well, set before bind.
         // SAFETY: umask has no failure mode.
@@ -765,8 +829,8 @@ pub fn ls(json_out: bool, all: bool) -> Result<(), String> {
         return Ok(());
     }
     println!(
-        "{:<14} {:<8} {:<28} {:<10} COMMAND",
-        "ID", "STATUS", "IMAGE", "CREATED"
+        "{:<14} {:<8} {:<28} {:<10} {:<24} NAME",
+        "ID", "STATUS", "IMAGE", "CREATED", "COMMAND"
     );
     for (_, m, s) in rows {
         let age = now().saturating_sub(m.created);
@@ -778,12 +842,13 @@ pub fn ls(json_out: bool, all: bool) -> Result<(), String> {
             format!("{}h ago", age / 3600)
         };
         println!(
-            "{:<14} {:<8} {:<28} {:<10} {}",
+            "{:<14} {:<8} {:<28} {:<10} {:<24} {}",
             m.id,
             s.as_str(),
             m.source,
             age,
-            m.command.join(" ")
+            m.command.join(" "),
+            m.name.as_deref().unwrap_or("")
         );
     }
     Ok(())
@@ -922,6 +987,9 @@ pub fn prune() -> Result<(), String> {
     if let Ok(rd) = std::fs::read_dir(records_dir()) {
         for e in rd.flatten() {
             let p = e.path();
+            if e.file_name().to_string_lossy().starts_with('.') {
+                continue;
+            }
             if !p.join("meta.json").exists() && status(&p) != Status::Running {
                 let _ = std::fs::remove_dir_all(&p);
             }

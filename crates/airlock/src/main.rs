@@ -371,6 +371,9 @@ struct RunArgs {
     /// Start in the background: print the sandbox id and return (see exec, ls, kill).
     #[arg(short = 'd', long = "detach", conflicts_with_all = ["interactive", "tty", "timeout"])]
     detach: bool,
+    /// With -d: a unique name that exec, logs, kill, rm and inspect accept in place of the id.
+    #[arg(long, value_name = "NAME", requires = "detach", value_parser = detach::check_name)]
+    name: Option<String>,
     /// Accepted for docker's sake: a foreground sandbox is always removed when its command
     /// ends (a detached one stays until `airlock rm`).
     #[arg(long = "rm", conflicts_with = "detach")]
@@ -822,6 +825,7 @@ fn detach_request(a: RunArgs) -> Result<detach::SuperviseRequest, String> {
             .or_else(|| a.rootfs.as_ref().map(|p| p.display().to_string()))
             .or_else(|| a.from.as_ref().map(|n| format!("snapshot:{n}")))
             .unwrap_or_default(),
+        name: a.name.clone(),
     })
 }
 
@@ -851,6 +855,7 @@ impl RunArgs {
             kernel_args: Vec::new(),
             cold: self.cold,
             detach: true,
+            name: None,
             _rm: false,
             net: netargs::NetArgs::default(),
             publish: Vec::new(),

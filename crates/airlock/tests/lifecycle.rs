@@ -778,3 +778,59 @@ fn cp_out_follows_the_callers_umask_and_makes_nothing_it_skips() {
     assert!(std::fs::symlink_metadata(out.path().join("lnk")).is_err());
     env.ok(&["rm", "-f", &id]);
 }
+
+/// `run -d --name`: commands take the name for the id, a taken name is refused (also when two
+/// starts race for it), and `rm` frees it (issue 17).
+#[test]
+fn names_stand_for_ids_and_are_unique() {
+    let env = Env::new();
+    let id = env.start(&["--name", "web"]);
+    assert_eq!(env.ok(&["exec", "web", "--", "echo", "hi"]), "hi\n");
+    let insp: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", "web"])).unwrap();
+    assert_eq!(
+        (insp["id"].as_str(), insp["name"].as_str()),
+        (Some(id.as_str()), Some("web"))
+    );
+    assert!(env
+        .ok(&["ls"])
+        .lines()
+        .any(|l| l.starts_with(&id) && l.ends_with(" web")));
+    let r = rootfs();
+    let o = env.run(&["run", "-d", "--name", "web", "--rootfs", &r]);
+    assert_eq!(o.status.code(), Some(125));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("already in use") && err.contains(&id), "{err}");
+    for bad in ["bad name", "-x", ""] {
+        let o = env.run(&["run", "-d", "--name", bad, "--rootfs", &r]);
+        assert!(!o.status.success(), "{bad:?} accepted");
+    }
+    // Two starts racing for one name: exactly one gets it.
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| env.run(&["run", "-d", "--name", "race", "--rootfs", &r]));
+        let b = s.spawn(|| env.run(&["run", "-d", "--name", "race", "--rootfs", &r]));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert_eq!(
+        [a.status.success(), b.status.success()]
+            .iter()
+            .filter(|x| **x)
+            .count(),
+        1,
+        "{a:?}\n{b:?}"
+    );
+    let named: Vec<_> = env
+        .ls()
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["name"] == "race")
+        .cloned()
+        .collect();
+    assert_eq!(named.len(), 1, "{named:?}");
+    // rm by name frees it.
+    env.ok(&["rm", "-f", "web", "race"]);
+    let id2 = env.start(&["--name", "web"]);
+    assert_ne!(id2, id);
+    env.ok(&["rm", "-f", "web"]);
+    assert!(env.ls().as_array().unwrap().is_empty());
+}
