@@ -854,6 +854,36 @@ pub fn ls(json_out: bool, all: bool) -> Result<(), String> {
     Ok(())
 }
 
+/// `airlock wait ID...`: blocks until each sandbox's detached command has ended (or the
+/// sandbox stopped), printing its exit code, as `docker wait` does. A sandbox stopped without
+/// its command finishing (killed, or none was given) reports 137, docker's code for a kill.
+pub async fn wait(ids: &[String]) -> Result<(), String> {
+    let dirs: Vec<PathBuf> = ids.iter().map(|i| find(i)).collect::<Result<_, _>>()?;
+    for dir in dirs {
+        let code = loop {
+            if let Ok(b) = std::fs::read_to_string(dir.join("main-exit")) {
+                break b.trim().to_string();
+            }
+            if !dir.exists() {
+                return Err(format!(
+                    "{}: removed while waiting",
+                    dir.file_name().unwrap_or_default().to_string_lossy()
+                ));
+            }
+            if status(&dir) != Status::Running {
+                // The command may have ended in the same instant.
+                match std::fs::read_to_string(dir.join("main-exit")) {
+                    Ok(b) => break b.trim().to_string(),
+                    Err(_) => break "137".to_string(),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        println!("{code}");
+    }
+    Ok(())
+}
+
 /// `airlock inspect`.
 pub async fn inspect(id: &str) -> Result<(), String> {
     let dir = find(id)?;

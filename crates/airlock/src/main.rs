@@ -96,6 +96,12 @@ enum Cmd {
         /// Sandbox id.
         id: String,
     },
+    /// Block until detached sandboxes' commands end; print each one's exit code.
+    Wait {
+        /// Sandbox ids or names.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
     /// Stop a running sandbox (its record stays until rm or prune).
     Kill {
         /// Sandbox id.
@@ -306,6 +312,9 @@ struct RunArgs {
     /// Set an environment variable (K=V), or pass K from this environment.
     #[arg(short = 'e', long = "env", value_name = "K=V")]
     env: Vec<String>,
+    /// Read environment variables from a file: one K=V (or K) per line, `#` comments; -e wins.
+    #[arg(long = "env-file", value_name = "FILE")]
+    env_files: Vec<std::path::PathBuf>,
     /// Working directory inside the sandbox (created if missing).
     #[arg(short = 'w', long = "workdir", value_name = "DIR")]
     workdir: Option<String>,
@@ -459,6 +468,7 @@ fn main() {
         Cmd::Inspect { id } => done(runtime().block_on(detach::inspect(&id))),
         Cmd::Logs { follow, id } => done(runtime().block_on(detach::logs(&id, follow))),
         Cmd::Kill { id } => done(runtime().block_on(detach::kill(&id))),
+        Cmd::Wait { ids } => done(runtime().block_on(detach::wait(&ids))),
         Cmd::Rm { force, ids } => done(runtime().block_on(detach::rm(&ids, force))),
         Cmd::Prune => done(detach::prune()),
         Cmd::PortForward { id, specs } => {
@@ -569,8 +579,34 @@ fn parse_env(items: &[String]) -> Result<Vec<(String, String)>, String> {
         .collect()
 }
 
+/// `--env-file` lines (docker's format: `K=V`, or `K` to pass this environment's value; blank
+/// lines and `#` comments skipped), then `-e`, which wins.
+fn run_env(a: &RunArgs) -> Result<Vec<(String, String)>, String> {
+    let mut items = Vec::new();
+    for f in &a.env_files {
+        let text =
+            std::fs::read_to_string(f).map_err(|e| format!("--env-file {}: {e}", f.display()))?;
+        for (n, line) in text.lines().enumerate() {
+            let line = line.trim_start();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            if line.starts_with('=') {
+                return Err(format!(
+                    "--env-file {}:{}: a line needs a variable name before '='",
+                    f.display(),
+                    n + 1
+                ));
+            }
+            items.push(line.to_string());
+        }
+    }
+    items.extend(a.env.iter().cloned());
+    parse_env(&items)
+}
+
 async fn run(a: RunArgs) -> i32 {
-    let env = match parse_env(&a.env) {
+    let env = match run_env(&a) {
         Ok(e) => e,
         Err(e) => {
             eprintln!("airlock: {e}");
@@ -774,7 +810,7 @@ fn volume(cmd: VolumeCmd) -> Result<(), String> {
 
 /// What `run -d` hands its supervisor (the image is pulled here, with progress on this terminal).
 fn detach_request(a: RunArgs) -> Result<detach::SuperviseRequest, String> {
-    let env = parse_env(&a.env)?;
+    let env = run_env(&a)?;
     if !a.publish.is_empty() {
         return Err("-p with -d: publish ports with `airlock port-forward ID [ADDR:]HOST:GUEST` once it runs".into());
     }
@@ -840,6 +876,7 @@ impl RunArgs {
             platform: self.platform.clone(),
             insecure_registry: self.insecure_registry.clone(),
             env: Vec::new(),
+            env_files: Vec::new(),
             workdir: None,
             user: None,
             interactive: false,

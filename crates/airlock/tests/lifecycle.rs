@@ -834,3 +834,49 @@ fn names_stand_for_ids_and_are_unique() {
     env.ok(&["rm", "-f", "web"]);
     assert!(env.ls().as_array().unwrap().is_empty());
 }
+
+/// `wait` prints the detached command's exit code once it ends (137 for a sandbox killed
+/// before), and `--env-file` feeds docker-format files, with `-e` winning (issue 17).
+#[test]
+fn wait_and_env_file() {
+    let env = Env::new();
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("env");
+    std::fs::write(&f, "# comment\nFOO=bar baz\n\n  B=1\nPASSED\n").unwrap();
+    let f = f.to_str().unwrap();
+    let id = env.start(&[
+        "--env-file",
+        f,
+        "-e",
+        "B=2",
+        "--",
+        "sh",
+        "-c",
+        "sleep 1; echo \"$FOO|$B|$PASSED\"; exit 7",
+    ]);
+    assert_eq!(env.ok(&["wait", &id]), "7\n");
+    assert_eq!(env.ok(&["logs", &id]), "bar baz|2|\n");
+    let idle = env.start(&[]);
+    env.ok(&["kill", &idle]);
+    assert_eq!(env.ok(&["wait", &idle, &id]), "137\n7\n");
+    let o = env.run(&["wait", "ffffffffffff"]);
+    assert!(!o.status.success());
+    let r = rootfs();
+    std::fs::write(dir.path().join("bad"), "=x\n").unwrap();
+    for (file, want) in [("missing", "No such file"), ("bad", "bad:1")] {
+        let p = dir.path().join(file);
+        let o = env.run(&[
+            "run",
+            "--rootfs",
+            &r,
+            "--env-file",
+            p.to_str().unwrap(),
+            "--",
+            "true",
+        ]);
+        assert_eq!(o.status.code(), Some(125));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("--env-file") && err.contains(want), "{err}");
+    }
+    env.ok(&["rm", "-f", &id, &idle]);
+}
