@@ -43,6 +43,11 @@ enum Cmd {
     Run(Box<RunArgs>),
     /// Say which accelerator would run, where the guest kernel and agent are, and what is missing.
     Doctor,
+    /// Print a shell completion script: `source <(airlock completion bash)`.
+    Completion {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Pull an image from a registry into the local store.
     Pull {
         /// Image reference (`alpine`, `ghcr.io/org/app:1`, `host:5000/name@sha256:…`).
@@ -468,6 +473,16 @@ fn main() {
         Cmd::Inspect { id } => done(runtime().block_on(detach::inspect(&id))),
         Cmd::Logs { follow, id } => done(runtime().block_on(detach::logs(&id, follow))),
         Cmd::Kill { id } => done(runtime().block_on(detach::kill(&id))),
+        Cmd::Completion { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            // Into memory first: the generator panics on a closed stdout (`| head`).
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "airlock", &mut script);
+            use std::io::Write;
+            let _ = std::io::stdout().write_all(&script);
+            0
+        }
         Cmd::Wait { ids } => done(runtime().block_on(detach::wait(&ids))),
         Cmd::Rm { force, ids } => done(runtime().block_on(detach::rm(&ids, force))),
         Cmd::Prune => done(detach::prune()),

@@ -317,3 +317,44 @@ fn disk_size_sets_the_writable_layer() {
     let out = run(&["--disk-size", "1", "--", "true"]);
     assert_eq!(out.status.code(), Some(2), "clap rejects a too small disk");
 }
+
+/// `airlock completion SHELL` prints a script the shell takes: bash completes subcommands and
+/// flags with it; an unknown shell is a usage error, and a closed pipe is no panic.
+#[test]
+fn shell_completions() {
+    let bin = env!("CARGO_BIN_EXE_airlock");
+    let complete = |line: &str| {
+        let words: Vec<&str> = line.split(' ').collect();
+        let script = format!(
+            "source <('{bin}' completion bash) && COMP_WORDS=({}) COMP_CWORD={} \
+             COMP_LINE='{line}' COMP_POINT={} && _airlock airlock '{}' '{}' && echo \"${{COMPREPLY[*]}}\"",
+            words.join(" "),
+            words.len() - 1,
+            line.len(),
+            words[words.len() - 1],
+            words[words.len() - 2],
+        );
+        let o = Command::new("bash").args(["-c", &script]).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    assert_eq!(complete("airlock r").trim(), "run rm rpc");
+    assert!(complete("airlock run --sec").contains("--secret-allow-http"));
+    for sh in ["zsh", "fish"] {
+        let o = Command::new(bin).args(["completion", sh]).output().unwrap();
+        assert!(o.status.success() && o.stdout.len() > 1000, "{sh}");
+    }
+    let o = Command::new(bin)
+        .args(["completion", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+    let o = Command::new("sh")
+        .args([
+            "-c",
+            &format!("'{bin}' completion zsh | head -c 10 >/dev/null; echo ok"),
+        ])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("panicked"));
+}
