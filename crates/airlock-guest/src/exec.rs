@@ -144,7 +144,16 @@ impl Registry {
         let res = match req.builtin.as_deref() {
             None => self.spawn(stream, req, hostname),
             Some("apply-layer") if crate::setup::is_builder() => {
-                self.apply_layer(stream);
+                self.builtin_input(stream, "apply-layer", |r| {
+                    airlock_guest::unpack::apply_layer(r, std::path::Path::new("/")).map(drop)
+                });
+                Ok(())
+            }
+            Some("copy-in") if req.argv.len() == 1 => {
+                let dest = req.argv[0].clone();
+                self.builtin_input(stream, "copy-in", move |r| {
+                    crate::shares::copy_in(r, std::path::Path::new(&dest))
+                });
                 Ok(())
             }
             Some("share-diff") => {
@@ -406,8 +415,12 @@ impl Registry {
         });
     }
 
-    /// The `apply-layer` builtin: stdin is an uncompressed layer tar applied onto `/`.
-    fn apply_layer(self: &Arc<Self>, stream: u32) {
+    /// A builtin that consumes stdin (`apply-layer`: a layer tar applied onto `/`; `copy-in`: a
+    /// tar from the host unpacked at a path); an error goes to stderr, exit 1.
+    fn builtin_input<F>(self: &Arc<Self>, stream: u32, what: &'static str, f: F)
+    where
+        F: FnOnce(&mut dyn std::io::Read) -> Result<(), String> + Send + 'static,
+    {
         let (entry, stdin_rx) = Entry::builtin(stream);
         self.by_stream.lock().unwrap().insert(stream, entry.clone());
         self.tx
@@ -415,7 +428,7 @@ impl Registry {
         let reg = self.clone();
         std::thread::spawn(move || {
             let mut input = StdinReader::new(&reg, &entry, stdin_rx);
-            let res = airlock_guest::unpack::apply_layer(&mut input, std::path::Path::new("/"));
+            let res = f(&mut input);
             // Drain to EOF so a host still sending never waits for credit that cannot come.
             while input.fill() {}
             // SAFETY: sync(2) has no preconditions.
@@ -423,7 +436,7 @@ impl Registry {
             let code = match res {
                 Ok(_) => 0,
                 Err(msg) => {
-                    let msg = format!("apply-layer: {msg}\n").into_bytes();
+                    let msg = format!("{what}: {msg}\n").into_bytes();
                     let n = entry.out.lock().unwrap().take(msg.len());
                     reg.tx
                         .send(Frame::new(Kind::Stderr, stream, msg[..n].to_vec()));

@@ -85,6 +85,60 @@ pub fn diff(out: &mut File) -> Result<(), String> {
 }
 
 /// Writes `path` (a file or a directory tree, symlinks kept as links) as a tar to `out`.
+/// The `copy-in` builtin: unpacks a tar from the host (whose top entry is the copied file or
+/// directory) at `dest`, as `docker cp` does: into `dest` when it is an existing directory,
+/// else as `dest` (its parent must exist). Owned by root, modes as sent, links kept as links.
+pub fn copy_in(r: &mut dyn std::io::Read, dest: &Path) -> Result<(), String> {
+    use std::path::Component;
+    if !dest.is_absolute() {
+        return Err(format!("{}: give an absolute guest path", dest.display()));
+    }
+    let into_dir = std::fs::metadata(dest).is_ok_and(|m| m.is_dir());
+    if !into_dir && !dest.parent().is_some_and(|p| p.is_dir()) {
+        return Err(format!(
+            "{}: the parent directory does not exist in the sandbox",
+            dest.display()
+        ));
+    }
+    let mut ar = tar::Archive::new(r);
+    ar.set_preserve_permissions(true);
+    ar.set_overwrite(true);
+    let mut n = 0u64;
+    for entry in ar
+        .entries()
+        .map_err(|e| format!("reading the archive: {e}"))?
+    {
+        let mut e = entry.map_err(|e| format!("reading the archive: {e}"))?;
+        let path = e.path().map_err(|e| format!("bad path: {e}"))?.into_owned();
+        if !path.components().all(|c| matches!(c, Component::Normal(_))) {
+            return Err(format!("unsafe path {} in the archive", path.display()));
+        }
+        let mut parts = path.components();
+        let top = parts
+            .next()
+            .map(|c| c.as_os_str().to_owned())
+            .unwrap_or_default();
+        let rest: std::path::PathBuf = parts.collect();
+        let base = if into_dir {
+            dest.join(&top)
+        } else {
+            dest.to_path_buf()
+        };
+        let target = if rest.as_os_str().is_empty() {
+            base
+        } else {
+            base.join(rest)
+        };
+        e.unpack(&target)
+            .map_err(|err| format!("{}: {err}", target.display()))?;
+        n += 1;
+    }
+    if n == 0 {
+        return Err("the archive was empty".into());
+    }
+    Ok(())
+}
+
 pub fn copy_out(path: &str, out: &mut File) -> Result<(), String> {
     let p = Path::new(path);
     if !p.is_absolute() {

@@ -490,6 +490,20 @@ impl Conn {
                     .map_err(file_error)?;
                 Ok(json!({"files": s.files, "dirs": s.dirs, "skipped": s.skipped}))
             }
+            "copy_in" => {
+                // Reads the host as the server's user, who is also the client's.
+                let p: wire::CopyInParams = wire::params(p)?;
+                let src = std::path::Path::new(&p.src);
+                if !src.is_absolute() {
+                    return Err(RpcError::params(format!(
+                        "src {:?} must be an absolute host path",
+                        p.src
+                    )));
+                }
+                let sb = self.shared.need_sandbox()?;
+                let bytes = sb.copy_in(src, &p.dest).await.map_err(file_error)?;
+                Ok(json!({"bytes": bytes}))
+            }
             "info" => {
                 let sb = self.shared.need_sandbox()?;
                 Ok(json!({

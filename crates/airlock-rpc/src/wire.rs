@@ -461,6 +461,15 @@ pub struct CopyOutParams {
     pub umask: Option<u32>,
 }
 
+/// `copy_in` (Airlock extension).
+#[derive(Debug, Clone, Deserialize)]
+pub struct CopyInParams {
+    /// Absolute host path of a file or directory tree.
+    pub src: String,
+    /// Absolute guest path: an existing directory to copy into, or the new name.
+    pub dest: String,
+}
+
 /// Size cap of `copy_out` when the request names none: 1 GiB.
 pub const COPY_OUT_DEFAULT_MAX: u64 = 1 << 30;
 
@@ -502,6 +511,7 @@ pub const METHODS: &[&str] = &[
     "share_diff",
     "snapshot",
     "copy_out",
+    "copy_in",
     "cancel",
     "close",
     "info",
@@ -531,6 +541,7 @@ pub fn validate(req: &Request) -> Result<(), RpcError> {
         "cancel" => params::<CancelParams>(p).map(drop),
         "close" => params::<CloseParams>(p).map(drop),
         "copy_out" => params::<CopyOutParams>(p).map(drop),
+        "copy_in" => params::<CopyInParams>(p).map(drop),
         "snapshot" => params::<SnapshotParams>(p).map(drop),
         "info" | "shutdown" | "share_diff" => Ok(()),
         _ => Err(RpcError::new(

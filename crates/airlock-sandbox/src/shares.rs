@@ -406,6 +406,100 @@ impl crate::Sandbox {
             .map_err(|e| Error::Setup(e.to_string()))?
     }
 
+    /// Copies host file or tree `host_src` into the sandbox at `guest_dest`, as `docker cp`
+    /// does: into `guest_dest` when that is an existing directory, else as `guest_dest`.
+    /// Symlinks go as symlinks; files arrive owned by root with their host modes. Returns the
+    /// bytes sent.
+    pub async fn copy_in(
+        &self,
+        host_src: &std::path::Path,
+        guest_dest: &str,
+    ) -> Result<u64, Error> {
+        if !guest_dest.starts_with('/') {
+            return Err(Error::Setup(format!(
+                "{guest_dest}: give an absolute guest path"
+            )));
+        }
+        let meta = std::fs::symlink_metadata(host_src)
+            .map_err(|e| Error::Setup(format!("{}: {e}", host_src.display())))?;
+        let name = host_src
+            .file_name()
+            .map(|n| n.to_os_string())
+            .ok_or_else(|| {
+                Error::Setup(format!("{}: name a file or directory", host_src.display()))
+            })?;
+        // Packed to an unnamed temporary file first: a tree that changes while being read is
+        // then at least a tar tar can read back.
+        let parent = std::env::temp_dir();
+        let mut tarball = tempfile_in(&parent)?;
+        let src = host_src.to_path_buf();
+        let tarball = tokio::task::spawn_blocking(move || -> Result<File, Error> {
+            use std::io::{Seek, SeekFrom};
+            {
+                let mut b = tar::Builder::new(&mut tarball);
+                b.follow_symlinks(false);
+                let r = if meta.is_dir() {
+                    b.append_dir_all(&name, &src)
+                } else {
+                    b.append_path_with_name(&src, &name)
+                };
+                r.and_then(|()| b.finish())
+                    .map_err(|e| Error::Setup(format!("{}: {e}", src.display())))?;
+            }
+            tarball.seek(SeekFrom::Start(0))?;
+            Ok(tarball)
+        })
+        .await
+        .map_err(|e| Error::Setup(e.to_string()))??;
+        let mut exec = self
+            .exec(crate::ExecSpec {
+                argv: vec![guest_dest.to_string()],
+                stdin: true,
+                builtin: Some("copy-in".into()),
+                ..Default::default()
+            })
+            .await?;
+        let input = exec.input();
+        let feed = async {
+            use tokio::io::AsyncReadExt;
+            let mut f = tokio::fs::File::from_std(tarball);
+            let mut buf = vec![0u8; 256 * 1024];
+            let mut sent = 0u64;
+            loop {
+                let n = f.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                input.write(&buf[..n]).await?;
+                sent += n as u64;
+            }
+            input.close().await?;
+            Ok::<_, Error>(sent)
+        };
+        let drain = async {
+            let mut stderr = Vec::new();
+            loop {
+                match exec.next().await? {
+                    Some(crate::ExecEvent::Stderr(b)) if stderr.len() < 64 << 10 => {
+                        stderr.extend_from_slice(&b)
+                    }
+                    Some(crate::ExecEvent::Exit(s)) => return Ok::<_, Error>((s, stderr)),
+                    Some(crate::ExecEvent::Failed(f)) => return Err(Error::Exec(f)),
+                    Some(_) => {}
+                    None => return Err(Error::Protocol("copy-in ended without a status".into())),
+                }
+            }
+        };
+        let (sent, (status, stderr)) = tokio::try_join!(feed, drain)?;
+        if status.code != Some(0) {
+            return Err(Error::Setup(format!(
+                "copy in: {}",
+                String::from_utf8_lossy(&stderr).trim()
+            )));
+        }
+        Ok(sent)
+    }
+
     /// Runs a builtin, feeding stdout to `sink`; returns its stderr if it failed.
     async fn builtin_stream(
         &self,

@@ -1151,6 +1151,22 @@ pub fn parse_cp_source(s: &str) -> Result<(&str, &str), String> {
     }
 }
 
+/// `airlock cp HOSTPATH ID:GUESTPATH`: copies a host file or tree into a running sandbox.
+pub async fn cp_in(src: &str, dest: &str) -> Result<(), String> {
+    let (id, guest) = parse_cp_source(dest)?;
+    let abs = std::path::absolute(src).map_err(|e| format!("{src}: {e}"))?;
+    if let Err(e) = abs.symlink_metadata() {
+        return Err(format!("{}: {e}", abs.display()));
+    }
+    let src_s = abs
+        .to_str()
+        .ok_or_else(|| format!("{}: the source must be UTF-8", abs.display()))?;
+    let (mut c, _) = Client::connect(id).await?;
+    c.call("copy_in", json!({"src": src_s, "dest": guest}))
+        .await?;
+    Ok(())
+}
+
 /// `airlock cp ID:GUESTPATH HOSTPATH`: copies a guest file or tree out to a new host path.
 pub async fn cp(src: &str, dest: &str) -> Result<(), String> {
     let (id, guest) = parse_cp_source(src)?;

@@ -143,14 +143,15 @@ enum Cmd {
         /// Sandbox id (or a unique prefix).
         id: String,
     },
-    /// Copy a file or directory out of a running sandbox to a new host path (never
-    /// overwrites; at most 1 GiB; only regular files and directories are written).
+    /// Copy a file or tree out of a running sandbox to a new host path (never overwrites; at
+    /// most 1 GiB; only regular files and directories are written), or into it from the host.
     Cp {
-        /// `ID:/guest/path`.
-        #[arg(value_name = "ID:GUESTPATH")]
+        /// `ID:/guest/path` (copy out), or a host path (copy in).
+        #[arg(value_name = "SRC")]
         src: String,
-        /// Host path that must not exist yet.
-        #[arg(value_name = "HOSTPATH")]
+        /// A new host path (copy out), or `ID:/guest/path` (copy in: into it when it is a
+        /// directory, else as it).
+        #[arg(value_name = "DEST")]
         dest: String,
     },
     /// JSON-RPC 2.0 over stdio, newline-delimited (matchlock-compatible API).
@@ -496,6 +497,11 @@ fn main() {
             done(runtime().block_on(detach::allow_list(&id, false, &hosts)))
         }
         Cmd::Diff { json, id } => done(runtime().block_on(detach::diff(&id, json))),
+        Cmd::Cp { src, dest }
+            if detach::parse_cp_source(&src).is_err() && detach::parse_cp_source(&dest).is_ok() =>
+        {
+            done(runtime().block_on(detach::cp_in(&src, &dest)))
+        }
         Cmd::Cp { src, dest } => done(runtime().block_on(detach::cp(&src, &dest))),
         Cmd::Rpc => runtime().block_on(launch::rpc()),
         Cmd::Mcp => runtime().block_on(mcp::serve()),

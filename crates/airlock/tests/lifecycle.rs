@@ -880,3 +880,51 @@ fn wait_and_env_file() {
     }
     env.ok(&["rm", "-f", &id, &idle]);
 }
+
+/// `cp HOSTPATH ID:/path` copies into a running sandbox as `docker cp` does: a tree into an
+/// existing directory, a file under a new name, links as links; bad paths are clear errors.
+#[test]
+fn cp_in_copies_trees_and_files_into_a_running_sandbox() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = Env::new();
+    let host = tempfile::tempdir().unwrap();
+    let src = host.path().join("proj");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("a.txt"), "hello\n").unwrap();
+    std::fs::write(src.join("sub/run.sh"), "#!/bin/sh\necho ran\n").unwrap();
+    std::fs::set_permissions(
+        src.join("sub/run.sh"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("a.txt", src.join("link")).unwrap();
+    let id = env.start(&["--name", "cpin"]);
+    env.ok(&["cp", src.to_str().unwrap(), "cpin:/root"]);
+    env.ok(&[
+        "cp",
+        src.join("a.txt").to_str().unwrap(),
+        &format!("{id}:/tmp/renamed"),
+    ]);
+    let out = env.ok(&[
+        "exec",
+        "cpin",
+        "--",
+        "sh",
+        "-c",
+        "cat /root/proj/a.txt /tmp/renamed; /root/proj/sub/run.sh; readlink /root/proj/link",
+    ]);
+    assert_eq!(out, "hello\nhello\nran\na.txt\n");
+    let o = env.run(&["cp", src.join("a.txt").to_str().unwrap(), "cpin:/no/such/x"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("parent directory does not exist"));
+    let o = env.run(&[
+        "cp",
+        host.path().join("none").to_str().unwrap(),
+        "cpin:/tmp",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("No such file"),
+        "{o:?}"
+    );
+    env.ok(&["rm", "-f", "cpin"]);
+}
