@@ -218,8 +218,35 @@ fn read_meta(dir: &Path) -> Result<Meta, String> {
 // run -d: the parent side
 
 /// Starts the supervisor, waits until the sandbox is up, prints its id.
-pub fn run_detached(req: SuperviseRequest) -> i32 {
+pub fn run_detached(req: SuperviseRequest, publish: &[String]) -> i32 {
     match start_supervisor(&req) {
+        Ok(id) if !publish.is_empty() => {
+            // `-p`: the supervisor holds the forwards, as after `airlock port-forward`.
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            let res = match rt {
+                Ok(rt) => rt.block_on(async {
+                    let r = forward(&id, publish, &mut std::io::stderr()).await;
+                    if r.is_err() {
+                        // Nothing half-made stays behind.
+                        let _ = rm(std::slice::from_ref(&id), true).await;
+                    }
+                    r
+                }),
+                Err(e) => Err(e.to_string()),
+            };
+            match res {
+                Ok(()) => {
+                    println!("{id}");
+                    0
+                }
+                Err(e) => {
+                    eprintln!("airlock: -p: {e}");
+                    crate::EXIT_SANDBOX_FAILED
+                }
+            }
+        }
         Ok(id) => {
             println!("{id}");
             0
@@ -1049,6 +1076,11 @@ pub fn parse_forward(s: &str) -> Result<(String, u16, u16), String> {
 
 /// `airlock port-forward`: the supervisor binds and forwards for the sandbox's lifetime.
 pub async fn port_forward(id: &str, specs: &[String]) -> Result<(), String> {
+    forward(id, specs, &mut std::io::stdout()).await
+}
+
+/// Sets up forwards through the supervisor, writing one `ADDR:PORT -> GUEST` line each to `out`.
+async fn forward(id: &str, specs: &[String], out: &mut dyn Write) -> Result<(), String> {
     let mut by_addr: std::collections::BTreeMap<String, Vec<Value>> = Default::default();
     for s in specs {
         let (a, h, g) = parse_forward(s)?;
@@ -1066,7 +1098,8 @@ pub async fn port_forward(id: &str, specs: &[String]) -> Result<(), String> {
             )
             .await?;
         for b in r["bindings"].as_array().into_iter().flatten() {
-            println!(
+            let _ = writeln!(
+                out,
                 "{}:{} -> {}",
                 b["address"].as_str().unwrap_or(""),
                 b["local_port"],

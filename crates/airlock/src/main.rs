@@ -444,7 +444,7 @@ fn main() {
                 .map(|rec| println!("{}\n{}", rec.reference, rec.manifest_digest)),
         ),
         Cmd::Run(a) if a.detach => match detach_request(*a) {
-            Ok(req) => detach::run_detached(req),
+            Ok((req, publish)) => detach::run_detached(req, &publish),
             Err(e) => {
                 eprintln!("airlock: {e}");
                 EXIT_SANDBOX_FAILED
@@ -830,11 +830,20 @@ fn volume(cmd: VolumeCmd) -> Result<(), String> {
 }
 
 /// What `run -d` hands its supervisor (the image is pulled here, with progress on this terminal).
-fn detach_request(a: RunArgs) -> Result<detach::SuperviseRequest, String> {
+/// The supervisor's request, and the `-p` forwards (as `port-forward` takes them) to set up
+/// once the sandbox runs.
+fn detach_request(a: RunArgs) -> Result<(detach::SuperviseRequest, Vec<String>), String> {
     let env = run_env(&a)?;
-    if !a.publish.is_empty() {
-        return Err("-p with -d: publish ports with `airlock port-forward ID [ADDR:]HOST:GUEST` once it runs".into());
-    }
+    // A port in use fails before anything boots (the supervisor binds it again later).
+    drop(bind_published(&a.publish)?);
+    let publish: Vec<String> = a
+        .publish
+        .iter()
+        .map(|p| match p.bind.ip() {
+            std::net::IpAddr::V6(ip) => format!("[{ip}]:{}:{}", p.bind.port(), p.guest),
+            ip => format!("{ip}:{}:{}", p.bind.port(), p.guest),
+        })
+        .collect();
     let net = a.net.to_spec()?;
     let launch = launch::Launch {
         image: a.image.clone(),
@@ -870,20 +879,23 @@ fn detach_request(a: RunArgs) -> Result<detach::SuperviseRequest, String> {
         let _ = name;
     }
     let env: Vec<(String, String)> = image_env.into_iter().chain(env).collect();
-    Ok(detach::SuperviseRequest {
-        launch,
-        cmd: a.cmd.clone(),
-        env,
-        workdir: a.workdir.clone().or(cwd),
-        user: a.user.clone().or(user),
-        source: a
-            .image
-            .clone()
-            .or_else(|| a.rootfs.as_ref().map(|p| p.display().to_string()))
-            .or_else(|| a.from.as_ref().map(|n| format!("snapshot:{n}")))
-            .unwrap_or_default(),
-        name: a.name.clone(),
-    })
+    Ok((
+        detach::SuperviseRequest {
+            launch,
+            cmd: a.cmd.clone(),
+            env,
+            workdir: a.workdir.clone().or(cwd),
+            user: a.user.clone().or(user),
+            source: a
+                .image
+                .clone()
+                .or_else(|| a.rootfs.as_ref().map(|p| p.display().to_string()))
+                .or_else(|| a.from.as_ref().map(|n| format!("snapshot:{n}")))
+                .unwrap_or_default(),
+            name: a.name.clone(),
+        },
+        publish,
+    ))
 }
 
 impl RunArgs {

@@ -928,3 +928,52 @@ fn cp_in_copies_trees_and_files_into_a_running_sandbox() {
     );
     env.ok(&["rm", "-f", "cpin"]);
 }
+
+/// `run -d -p` publishes like foreground `run -p` (the supervisor holds the forward, the
+/// binding is said on stderr, stdout stays the id); a port in use fails before the boot.
+#[test]
+fn run_detached_publishes_ports() {
+    use std::io::{Read, Write};
+    let env = Env::new();
+    let r = rootfs();
+    let o = env.run(&[
+        "run",
+        "-d",
+        "-p",
+        "0:80",
+        "--rootfs",
+        &r,
+        "--",
+        "sh",
+        "-c",
+        "mkdir -p /www && echo served > /www/i && exec httpd -f -p 80 -h /www",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let id = String::from_utf8_lossy(&o.stdout).trim().to_string();
+    assert_eq!(id.len(), 12, "{id:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    let port: u16 = err
+        .lines()
+        .find_map(|l| l.strip_suffix(" -> 80")?.rsplit_once(':')?.1.parse().ok())
+        .unwrap_or_else(|| panic!("no binding in {err:?}"));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        let mut got = String::new();
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.write_all(b"GET /i HTTP/1.0\r\n\r\n");
+            let _ = s.read_to_string(&mut got);
+        }
+        if got.contains("served") || Instant::now() > deadline {
+            break got;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert!(body.ends_with("served\n"), "{body:?}");
+    let busy = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let spec = format!("{}:80", busy.local_addr().unwrap().port());
+    let o = env.run(&["run", "-d", "-p", &spec, "--rootfs", &r]);
+    assert_eq!(o.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already in use"));
+    env.ok(&["rm", "-f", &id]);
+    assert!(env.ls().as_array().unwrap().is_empty());
+}
