@@ -43,6 +43,9 @@ pub struct SuperviseRequest {
     /// `--name`: unique among the records; commands accept it in place of the id.
     #[serde(default)]
     pub name: Option<String>,
+    /// `--label K=V`.
+    #[serde(default)]
+    pub labels: Vec<(String, String)>,
 }
 
 /// `meta.json`: what `ls` and `inspect` show. No secret values.
@@ -53,6 +56,9 @@ pub struct Meta {
     /// `--name`, if given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+    /// `--label`s.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
     /// Image or rootfs.
     pub source: String,
     /// Detached command.
@@ -293,6 +299,7 @@ pub fn start_from_snapshot(name: &str, source: &str) -> Result<String, String> {
         user: None,
         source: format!("fork of {}", meta.id),
         name: None,
+        labels: meta.labels.clone().into_iter().collect(),
     })
 }
 
@@ -429,6 +436,7 @@ pub async fn supervise() -> i32 {
         let meta = Meta {
             id: id.clone(),
             name: req.name.clone(),
+            labels: req.labels.iter().cloned().collect(),
             source: req.source.clone(),
             command: req.cmd.clone(),
             created: now(),
@@ -837,11 +845,65 @@ fn records() -> Vec<(PathBuf, Meta, Status)> {
     v
 }
 
+/// `--label K=V` (or `K`, an empty value, as docker).
+pub fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s.split_once('=').unwrap_or((s, ""));
+    if k.is_empty() || k.len() > 256 || v.len() > 4096 || k.chars().any(char::is_control) {
+        return Err(format!("{s:?}: expected KEY=VALUE with a non-empty KEY"));
+    }
+    Ok((k.to_string(), v.to_string()))
+}
+
+/// One `ls --filter`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Filter {
+    /// `label=K` (any value) or `label=K=V`.
+    Label(String, Option<String>),
+    /// `name=NAME` (exact).
+    Name(String),
+    /// `status=running|exited|dead`.
+    Status(Status),
+}
+
+impl Filter {
+    /// Parses `label=K[=V]`, `name=NAME` or `status=S`.
+    pub fn parse(s: &str) -> Result<Filter, String> {
+        let usage = "use label=KEY, label=KEY=VALUE, name=NAME or status=running|exited|dead";
+        match s.split_once('=') {
+            Some(("label", kv)) if !kv.is_empty() => Ok(match kv.split_once('=') {
+                Some((k, v)) => Filter::Label(k.into(), Some(v.into())),
+                None => Filter::Label(kv.into(), None),
+            }),
+            Some(("name", n)) if !n.is_empty() => Ok(Filter::Name(n.into())),
+            Some(("status", st)) => match st {
+                "running" => Ok(Filter::Status(Status::Running)),
+                "exited" => Ok(Filter::Status(Status::Exited)),
+                "dead" => Ok(Filter::Status(Status::Dead)),
+                _ => Err(format!("{s:?}: unknown status ({usage})")),
+            },
+            _ => Err(format!("{s:?}: {usage}")),
+        }
+    }
+
+    fn matches(&self, m: &Meta, s: Status) -> bool {
+        match self {
+            Filter::Label(k, v) => m
+                .labels
+                .get(k)
+                .is_some_and(|have| v.as_ref().is_none_or(|v| v == have)),
+            Filter::Name(n) => m.name.as_deref() == Some(n.as_str()),
+            Filter::Status(want) => s == *want,
+        }
+    }
+}
+
 /// `airlock ls`.
-pub fn ls(json_out: bool, all: bool) -> Result<(), String> {
+pub fn ls(json_out: bool, all: bool, filters: &[Filter]) -> Result<(), String> {
+    let all = all || filters.iter().any(|f| matches!(f, Filter::Status(_)));
     let rows: Vec<_> = records()
         .into_iter()
         .filter(|(_, _, s)| all || *s == Status::Running)
+        .filter(|(_, m, s)| filters.iter().all(|f| f.matches(m, *s)))
         .collect();
     if json_out {
         let v: Vec<Value> = rows

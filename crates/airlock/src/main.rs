@@ -87,6 +87,10 @@ enum Cmd {
         /// Also stopped and dead sandboxes.
         #[arg(short = 'a', long)]
         all: bool,
+        /// Only sandboxes matching all filters: `label=K`, `label=K=V`, `name=NAME`,
+        /// `status=running|exited|dead` (a status filter implies -a).
+        #[arg(short = 'f', long = "filter", value_name = "FILTER", value_parser = detach::Filter::parse)]
+        filters: Vec<detach::Filter>,
     },
     /// Show a sandbox's settings and state (secret names and hosts, never values).
     Inspect {
@@ -386,6 +390,9 @@ struct RunArgs {
     /// Start in the background: print the sandbox id and return (see exec, ls, kill).
     #[arg(short = 'd', long = "detach", conflicts_with_all = ["interactive", "tty", "timeout"])]
     detach: bool,
+    /// With -d: a label (`ls --filter label=K[=V]` selects by it).
+    #[arg(long = "label", value_name = "K=V", requires = "detach", value_parser = detach::parse_label)]
+    labels: Vec<(String, String)>,
     /// With -d: a unique name that exec, logs, kill, rm and inspect accept in place of the id.
     #[arg(long, value_name = "NAME", requires = "detach", value_parser = detach::check_name)]
     name: Option<String>,
@@ -470,7 +477,7 @@ fn main() {
                 EXIT_SANDBOX_FAILED
             }
         },
-        Cmd::Ls { json, all } => done(detach::ls(json, all)),
+        Cmd::Ls { json, all, filters } => done(detach::ls(json, all, &filters)),
         Cmd::Inspect { id } => done(runtime().block_on(detach::inspect(&id))),
         Cmd::Logs { follow, id } => done(runtime().block_on(detach::logs(&id, follow))),
         Cmd::Kill { id } => done(runtime().block_on(detach::kill(&id))),
@@ -893,6 +900,7 @@ fn detach_request(a: RunArgs) -> Result<(detach::SuperviseRequest, Vec<String>),
                 .or_else(|| a.from.as_ref().map(|n| format!("snapshot:{n}")))
                 .unwrap_or_default(),
             name: a.name.clone(),
+            labels: a.labels.clone(),
         },
         publish,
     ))
@@ -926,6 +934,7 @@ impl RunArgs {
             cold: self.cold,
             detach: true,
             name: None,
+            labels: Vec::new(),
             _rm: false,
             net: netargs::NetArgs::default(),
             publish: Vec::new(),

@@ -977,3 +977,49 @@ fn run_detached_publishes_ports() {
     env.ok(&["rm", "-f", &id]);
     assert!(env.ls().as_array().unwrap().is_empty());
 }
+
+/// `--label K=V` on `run -d`, and `ls --filter label=K[=V] | name= | status=` (issue 17).
+#[test]
+fn labels_and_ls_filters() {
+    let env = Env::new();
+    let a = env.start(&[
+        "--label",
+        "team=web",
+        "--label",
+        "tier=front",
+        "--name",
+        "fa",
+    ]);
+    let b = env.start(&["--label", "team=db"]);
+    let ids = |filters: &[&str]| -> Vec<String> {
+        let mut args = vec!["ls", "--json"];
+        for f in filters {
+            args.extend(["--filter", f]);
+        }
+        let v: serde_json::Value = serde_json::from_str(&env.ok(&args)).unwrap();
+        let mut ids: Vec<String> = v
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let mut both = vec![a.clone(), b.clone()];
+    both.sort();
+    assert_eq!(ids(&["label=team"]), both);
+    assert_eq!(ids(&["label=team=web"]), vec![a.clone()]);
+    assert_eq!(ids(&["label=team", "label=tier=front"]), vec![a.clone()]);
+    assert_eq!(ids(&["name=fa"]), vec![a.clone()]);
+    assert!(ids(&["label=nope"]).is_empty());
+    env.ok(&["kill", &b]);
+    assert_eq!(ids(&["status=exited"]), vec![b.clone()]);
+    let insp: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", &a])).unwrap();
+    assert_eq!(insp["labels"]["tier"], "front");
+    for bad in ["label=", "colour=red", "status=paused"] {
+        let o = env.run(&["ls", "--filter", bad]);
+        assert_eq!(o.status.code(), Some(2), "{bad}");
+    }
+    env.ok(&["rm", "-f", &a, &b]);
+}
