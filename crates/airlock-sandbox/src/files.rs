@@ -93,20 +93,7 @@ impl Sandbox {
             })
             .await?;
         let input = exec.input();
-        let pump = async {
-            let mut buf = vec![0u8; MAX_CHUNK];
-            let mut total = 0u64;
-            loop {
-                let n = reader.read(&mut buf).await?;
-                if n == 0 {
-                    break;
-                }
-                input.write(&buf[..n]).await?;
-                total += n as u64;
-            }
-            input.close().await?;
-            Ok::<u64, Error>(total)
-        };
+        let pump = send_all(&input, &mut reader);
         tokio::pin!(pump);
         // Watch the stream while sending: a guest that fails early (bad path) ends it.
         let mut sent = None;
@@ -226,4 +213,23 @@ impl Sandbox {
         }
         Ok(files)
     }
+}
+
+/// Sends all of `reader` as an exec's stdin, then closes it; returns the bytes sent.
+pub(crate) async fn send_all<R: AsyncRead + Unpin>(
+    input: &crate::ExecInput,
+    mut reader: R,
+) -> Result<u64, Error> {
+    let mut buf = vec![0u8; MAX_CHUNK];
+    let mut total = 0u64;
+    loop {
+        let n = reader.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        input.write(&buf[..n]).await?;
+        total += n as u64;
+    }
+    input.close().await?;
+    Ok(total)
 }

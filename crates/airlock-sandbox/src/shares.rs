@@ -460,22 +460,7 @@ impl crate::Sandbox {
             })
             .await?;
         let input = exec.input();
-        let feed = async {
-            use tokio::io::AsyncReadExt;
-            let mut f = tokio::fs::File::from_std(tarball);
-            let mut buf = vec![0u8; 256 * 1024];
-            let mut sent = 0u64;
-            loop {
-                let n = f.read(&mut buf).await?;
-                if n == 0 {
-                    break;
-                }
-                input.write(&buf[..n]).await?;
-                sent += n as u64;
-            }
-            input.close().await?;
-            Ok::<_, Error>(sent)
-        };
+        let feed = crate::files::send_all(&input, tokio::fs::File::from_std(tarball));
         let drain = async {
             let mut stderr = Vec::new();
             loop {

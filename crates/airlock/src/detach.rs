@@ -235,8 +235,11 @@ pub fn run_detached(req: SuperviseRequest, publish: &[String]) -> i32 {
                 Ok(rt) => rt.block_on(async {
                     let r = forward(&id, publish, &mut std::io::stderr()).await;
                     if r.is_err() {
-                        // Nothing half-made stays behind.
-                        let _ = rm(std::slice::from_ref(&id), true).await;
+                        // Nothing half-made stays behind (quietly: stdout is for the id).
+                        let _ = kill(&id).await;
+                        if let Ok(d) = find(&id) {
+                            let _ = std::fs::remove_dir_all(d);
+                        }
                     }
                     r
                 }),
