@@ -167,7 +167,15 @@ fn read_loop(
                     ));
                 }
                 (Kind::Shutdown, CONTROL_STREAM) => {
-                    setup::power_off();
+                    // An empty payload (an older host) or a bad one: no grace.
+                    let req: airlock_proto::ShutdownRequest = frame.parse().unwrap_or_default();
+                    if req.grace_ms == 0 {
+                        setup::power_off();
+                    }
+                    // On its own thread, so this loop keeps serving the credit and output
+                    // frames the exiting processes need.
+                    let grace = std::time::Duration::from_millis(req.grace_ms.min(600_000));
+                    std::thread::spawn(move || setup::terminate_all_then_power_off(grace));
                 }
                 (_, CONTROL_STREAM) => {
                     log(&format!("ignoring {:?} on the control stream", frame.kind));

@@ -346,6 +346,55 @@ pub fn power_off() -> ! {
     }
 }
 
+/// A machine's shutdown: SIGTERM to every process but PID 1, up to `grace` for them to exit,
+/// SIGKILL to the rest, then [`power_off`]. Gives exit statuses a moment to reach the host.
+pub fn terminate_all_then_power_off(grace: Duration) -> ! {
+    // SAFETY: kill(-1) from PID 1 signals every process but itself; no memory is involved.
+    unsafe { libc::kill(-1, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < deadline && user_processes_left() {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(-1, libc::SIGKILL) };
+    // The reaper reports each exit to the host; let those frames go out.
+    std::thread::sleep(Duration::from_millis(200));
+    power_off()
+}
+
+/// Whether any process other than PID 1 and kernel threads (children of kthreadd, PID 2) is
+/// alive; zombies do not count (the reaper collects them).
+fn user_processes_left() -> bool {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    rd.flatten().any(|e| {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            return false;
+        };
+        if pid <= 2 {
+            return false;
+        }
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return false;
+        };
+        stat_is_live_user_process(&stat)
+    })
+}
+
+/// From a `/proc/PID/stat` line: not a zombie and not a kernel thread (parent 2).
+fn stat_is_live_user_process(stat: &str) -> bool {
+    // The command name may hold spaces and parentheses: the fields follow its last ')'.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return false;
+    };
+    let mut f = rest.split_whitespace();
+    let state = f.next().unwrap_or("Z");
+    let ppid = f.next().and_then(|p| p.parse::<u32>().ok()).unwrap_or(2);
+    state != "Z" && state != "X" && ppid != 2
+}
+
 /// Where the guest keeps share plumbing (lower mounts, the second view of the writable disk).
 const SHARE_RUN: &str = "/run/airlock";
 
@@ -435,3 +484,17 @@ pub fn mount_shares(init: &Init) -> Result<(), String> {
 /// The shares this sandbox mounted (for diffs).
 pub static SHARES: std::sync::Mutex<Vec<airlock_proto::ShareMount>> =
     std::sync::Mutex::new(Vec::new());
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_lines_tell_user_processes_from_kernel_threads_and_zombies() {
+        assert!(stat_is_live_user_process("42 (sh) S 1 42 42 0 -1"));
+        assert!(stat_is_live_user_process("43 (a) b) (c) R 42 43 1 0"));
+        assert!(!stat_is_live_user_process("7 (kworker/0:1) I 2 0 0 0"));
+        assert!(!stat_is_live_user_process("44 (sh) Z 1 44 44 0"));
+        assert!(!stat_is_live_user_process("garbage"));
+    }
+}

@@ -18,6 +18,7 @@
 #![warn(missing_docs)]
 
 mod config;
+mod credentials;
 mod error;
 mod import;
 mod lock;

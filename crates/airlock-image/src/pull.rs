@@ -2,12 +2,11 @@
 
 use std::fmt;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine;
 use futures_util::{StreamExt, TryStreamExt};
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::secrets::RegistryAuth;
@@ -379,7 +378,9 @@ pub async fn pull(
     });
     let auth = match &options.credentials {
         Some((u, p)) => RegistryAuth::Basic(u.clone(), p.clone()),
-        None => docker_credentials(options.docker_config.as_deref(), &registry)?,
+        None => {
+            crate::credentials::docker_credentials(options.docker_config.as_deref(), &registry)?
+        }
     };
     let ctx = Ctx {
         client,
@@ -510,85 +511,6 @@ pub(crate) fn now() -> u64 {
         .unwrap_or(0)
 }
 
-#[derive(Deserialize)]
-struct DockerConfig {
-    #[serde(default)]
-    auths: std::collections::HashMap<String, DockerAuth>,
-}
-
-#[derive(Deserialize)]
-struct DockerAuth {
-    #[serde(default)]
-    auth: Option<String>,
-    #[serde(default)]
-    username: Option<String>,
-    #[serde(default)]
-    password: Option<String>,
-}
-
-fn default_docker_config() -> Option<PathBuf> {
-    if let Some(d) = std::env::var_os("DOCKER_CONFIG").filter(|v| !v.is_empty()) {
-        return Some(PathBuf::from(d).join("config.json"));
-    }
-    std::env::var_os("HOME")
-        .filter(|v| !v.is_empty())
-        .map(|h| PathBuf::from(h).join(".docker/config.json"))
-}
-
-/// Normalizes an `auths` key (`https://index.docker.io/v1/`, `host:port`, …) to a registry.
-fn normalize_auth_key(key: &str) -> String {
-    let k = key
-        .trim_start_matches("https://")
-        .trim_start_matches("http://");
-    let k = k.split('/').next().unwrap_or(k);
-    match k {
-        "index.docker.io" | "registry-1.docker.io" | "registry.hub.docker.com" => {
-            "docker.io".to_string()
-        }
-        other => other.to_string(),
-    }
-}
-
-fn docker_credentials(path: Option<&Path>, registry: &str) -> Result<RegistryAuth> {
-    let Some(path) = path.map(Path::to_path_buf).or_else(default_docker_config) else {
-        return Ok(RegistryAuth::Anonymous);
-    };
-    let data = match std::fs::read(&path) {
-        Ok(d) => d,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(RegistryAuth::Anonymous),
-        Err(e) => return Err(Error::io(format!("read {}", path.display()), e)),
-    };
-    let cred_err = |reason: String| Error::Credentials {
-        path: path.clone(),
-        reason,
-    };
-    let cfg: DockerConfig =
-        serde_json::from_slice(&data).map_err(|e| cred_err(format!("not valid JSON: {e}")))?;
-    let Some(entry) = cfg
-        .auths
-        .iter()
-        .find(|(k, _)| normalize_auth_key(k) == registry)
-        .map(|(_, v)| v)
-    else {
-        return Ok(RegistryAuth::Anonymous);
-    };
-    if let Some(auth) = entry.auth.as_deref().filter(|a| !a.is_empty()) {
-        let decoded = base64::engine::general_purpose::STANDARD
-            .decode(auth.trim())
-            .map_err(|e| cred_err(format!("auths.{registry}.auth is not base64: {e}")))?;
-        let text = String::from_utf8(decoded)
-            .map_err(|_| cred_err(format!("auths.{registry}.auth is not UTF-8")))?;
-        let (u, p) = text
-            .split_once(':')
-            .ok_or_else(|| cred_err(format!("auths.{registry}.auth is not user:password")))?;
-        return Ok(RegistryAuth::Basic(u.to_string(), p.to_string()));
-    }
-    match (&entry.username, &entry.password) {
-        (Some(u), Some(p)) => Ok(RegistryAuth::Basic(u.clone(), p.clone())),
-        _ => Ok(RegistryAuth::Anonymous),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -629,41 +551,5 @@ mod tests {
         assert!(!o.uses_http("docker.io"));
         assert!(!o.uses_http("128.0.0.1:5000"));
         assert!(!o.uses_http("localhost.evil.com"));
-    }
-
-    #[test]
-    fn docker_config_credentials() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("config.json");
-        let b64 = base64::engine::general_purpose::STANDARD.encode("alice:s3:cret");
-        std::fs::write(
-            &path,
-            format!(
-                r#"{{"auths":{{"https://index.docker.io/v1/":{{"auth":"{b64}"}},
-                "reg.example:5000":{{"username":"bob","password":"pw"}}}}}}"#
-            ),
-        )
-        .unwrap();
-        match docker_credentials(Some(&path), "docker.io").unwrap() {
-            RegistryAuth::Basic(u, p) => assert_eq!((u.as_str(), p.as_str()), ("alice", "s3:cret")),
-            _ => panic!("expected basic auth"),
-        }
-        match docker_credentials(Some(&path), "reg.example:5000").unwrap() {
-            RegistryAuth::Basic(u, p) => assert_eq!((u.as_str(), p.as_str()), ("bob", "pw")),
-            _ => panic!("expected basic auth"),
-        }
-        assert!(matches!(
-            docker_credentials(Some(&path), "ghcr.io").unwrap(),
-            RegistryAuth::Anonymous
-        ));
-        assert!(matches!(
-            docker_credentials(Some(&dir.path().join("missing.json")), "ghcr.io").unwrap(),
-            RegistryAuth::Anonymous
-        ));
-        std::fs::write(&path, r#"{"auths":{"ghcr.io":{"auth":"!!!"}}}"#).unwrap();
-        assert!(matches!(
-            docker_credentials(Some(&path), "ghcr.io"),
-            Err(Error::Credentials { .. })
-        ));
     }
 }

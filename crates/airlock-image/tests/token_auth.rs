@@ -145,4 +145,54 @@ async fn pull_from_a_registry_that_needs_a_token() {
     };
     let rec = pull(&store, &reference, &with).await.unwrap();
     assert_eq!(rec.manifest_digest, layout.amd64_manifest);
+
+    // The same credentials from a docker credential helper (credsStore), as docker finds
+    // them: a real program on PATH answering `get` for the registry's address.
+    let bin = work.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let helper = bin.join("docker-credential-airlocktest");
+    std::fs::write(
+        &helper,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = get ] || exit 2\nread -r addr\n[ \"$addr\" = \"{}\" ] || \
+             {{ echo 'credentials not found in native keychain'; exit 1; }}\n\
+             echo '{{\"ServerURL\":\"'$addr'\",\"Username\":\"{USER}\",\"Secret\":\"{PASS}\"}}'\n",
+            reg.host()
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&helper, std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The only test in this binary: nothing else reads PATH concurrently.
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs = vec![bin.clone()];
+    dirs.extend(std::env::split_paths(&path));
+    std::env::set_var("PATH", std::env::join_paths(dirs).unwrap());
+    let cfg = work.path().join("helper.json");
+    std::fs::write(&cfg, r#"{"credsStore":"airlocktest"}"#).unwrap();
+    let store = Store::open(work.path().join("store2")).unwrap();
+    let via_helper = PullOptions {
+        docker_config: Some(cfg.clone()),
+        ..Default::default()
+    };
+    let rec = pull(&store, &reference, &via_helper).await.unwrap();
+    assert_eq!(rec.manifest_digest, layout.amd64_manifest);
+    // A helper without credentials for the registry: anonymous, which the registry refuses.
+    std::fs::write(
+        &cfg,
+        r#"{"credHelpers":{"127.0.0.1:1":"airlocktest"},"credsStore":"missing"}"#,
+    )
+    .unwrap();
+    let err = pull(
+        &Store::open(work.path().join("store3")).unwrap(),
+        &reference,
+        &via_helper,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("docker-credential-missing, which is not on PATH"),
+        "{err}"
+    );
 }

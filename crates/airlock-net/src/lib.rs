@@ -72,6 +72,43 @@ pub(crate) struct Shared {
     pub(crate) table: Mutex<dns::Synthetic>,
     pub(crate) audit: Audit,
     pub(crate) proxy: Arc<proxy::ProxyContext>,
+    pub(crate) counters: Counters,
+}
+
+/// Ethernet traffic of the guest NIC, counted where the frames cross QEMU's socket.
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub(crate) rx_bytes: std::sync::atomic::AtomicU64,
+    pub(crate) rx_frames: std::sync::atomic::AtomicU64,
+    pub(crate) tx_bytes: std::sync::atomic::AtomicU64,
+    pub(crate) tx_frames: std::sync::atomic::AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn add(
+        bytes: &std::sync::atomic::AtomicU64,
+        frames: &std::sync::atomic::AtomicU64,
+        n: usize,
+    ) {
+        use std::sync::atomic::Ordering::Relaxed;
+        bytes.fetch_add(n as u64, Relaxed);
+        frames.fetch_add(1, Relaxed);
+    }
+}
+
+/// What the guest NIC has moved, from the guest's point of view (as `docker stats` shows a
+/// container's NET I/O): `rx` is what the guest received, `tx` what it sent, dropped frames
+/// included.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct NetCounters {
+    /// Bytes of ethernet frames delivered to the guest.
+    pub rx_bytes: u64,
+    /// Frames delivered to the guest.
+    pub rx_frames: u64,
+    /// Bytes of ethernet frames the guest sent.
+    pub tx_bytes: u64,
+    /// Frames the guest sent.
+    pub tx_frames: u64,
 }
 
 /// One sandbox's network: policy, DNS table, CA and audit log. Dropping it stops the stack.
@@ -102,6 +139,7 @@ impl Network {
                 table: Mutex::new(dns::Synthetic::default()),
                 audit,
                 proxy: Arc::new(proxy),
+                counters: Counters::default(),
             }),
             stop: Mutex::new(None),
         })
@@ -157,6 +195,18 @@ impl Network {
             .map_err(NetError::Start)?;
         self.stop.lock().unwrap().replace(stop_tx);
         Ok(())
+    }
+
+    /// The guest NIC's traffic so far.
+    pub fn counters(&self) -> NetCounters {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.shared.counters;
+        NetCounters {
+            rx_bytes: c.rx_bytes.load(Relaxed),
+            rx_frames: c.rx_frames.load(Relaxed),
+            tx_bytes: c.tx_bytes.load(Relaxed),
+            tx_frames: c.tx_frames.load(Relaxed),
+        }
     }
 
     /// PEM of the per-sandbox CA the guest must trust.

@@ -167,7 +167,9 @@ pub(crate) async fn run(sock: tokio::net::UnixStream, shared: Arc<Shared>) {
     let (out_tx, mut out_rx) = mpsc::unbounded_channel::<Vec<u8>>();
     let queued = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let notify = Arc::new(Notify::new());
+    let counted = shared.clone();
     tokio::spawn(async move {
+        let c = &counted.counters;
         let mut len = [0u8; 4];
         loop {
             if rd.read_exact(&mut len).await.is_err() {
@@ -183,6 +185,7 @@ pub(crate) async fn run(sock: tokio::net::UnixStream, shared: Arc<Shared>) {
             if rd.read_exact(&mut buf).await.is_err() {
                 return;
             }
+            crate::Counters::add(&c.tx_bytes, &c.tx_frames, n);
             if !(14..=MAX_FRAME).contains(&n) {
                 continue;
             }
@@ -192,8 +195,10 @@ pub(crate) async fn run(sock: tokio::net::UnixStream, shared: Arc<Shared>) {
         }
     });
     let (q, n) = (queued.clone(), notify.clone());
+    let counted = shared.clone();
     tokio::spawn(async move {
         use std::sync::atomic::Ordering;
+        let c = &counted.counters;
         let mut buf = Vec::with_capacity(MAX_FRAME + 4);
         while let Some(f) = out_rx.recv().await {
             buf.clear();
@@ -202,6 +207,7 @@ pub(crate) async fn run(sock: tokio::net::UnixStream, shared: Arc<Shared>) {
             if wr.write_all(&buf).await.is_err() {
                 return;
             }
+            crate::Counters::add(&c.rx_bytes, &c.rx_frames, f.len());
             let before = q.fetch_sub(f.len(), Ordering::AcqRel);
             if before > TX_SOFT_LIMIT && before - f.len() <= TX_SOFT_LIMIT {
                 n.notify_one();

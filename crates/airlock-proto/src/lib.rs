@@ -500,6 +500,15 @@ pub struct NetInit {
     pub mtu: u32,
 }
 
+/// `Shutdown` (host → agent): power off. An empty payload (older hosts) means no grace.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ShutdownRequest {
+    /// Milliseconds the guest's processes get between SIGTERM and SIGKILL (0: neither; the
+    /// disks are synced and the VM ends at once).
+    #[serde(default)]
+    pub grace_ms: u64,
+}
+
 /// The sandbox is ready for commands.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Ready {

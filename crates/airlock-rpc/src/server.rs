@@ -55,6 +55,8 @@ pub struct Shared {
     /// Working directory and user of commands that name none (an image's defaults).
     defaults: Mutex<(Option<String>, Option<String>)>,
     shutdown: watch::Sender<bool>,
+    /// Whether the `shutdown` that ended the sandbox was a graceful stop (it had a grace).
+    graceful: std::sync::atomic::AtomicBool,
     /// Port forwards, alive as long as the sandbox.
     forwards: Mutex<Vec<airlock_sandbox::PortForward>>,
 }
@@ -69,6 +71,7 @@ impl Shared {
             default_env: Mutex::new(Vec::new()),
             defaults: Mutex::new((None, None)),
             shutdown: watch::channel(false).0,
+            graceful: Default::default(),
             forwards: Mutex::new(Vec::new()),
         })
     }
@@ -82,6 +85,7 @@ impl Shared {
             default_env: Mutex::new(env),
             defaults: Mutex::new((None, None)),
             shutdown: watch::channel(false).0,
+            graceful: Default::default(),
             forwards: Mutex::new(Vec::new()),
         })
     }
@@ -96,6 +100,7 @@ impl Shared {
             default_env: Mutex::new(Vec::new()),
             defaults: Mutex::new((None, None)),
             shutdown: watch::channel(false).0,
+            graceful: Default::default(),
             forwards: Mutex::new(Vec::new()),
         })
     }
@@ -120,18 +125,32 @@ impl Shared {
             .ok_or_else(|| RpcError::new(VM_FAILED, "VM not created: call create first"))
     }
 
-    /// Stops the sandbox: cleanly when nothing else holds it, else by killing the VM.
+    /// Stops the sandbox: the guest powers off (disks synced), killed if it does not in 5 s.
     pub async fn stop_sandbox(&self) {
+        self.stop_sandbox_after(std::time::Duration::ZERO).await
+    }
+
+    /// [`Shared::stop_sandbox`], giving the guest's processes `grace` between SIGTERM and
+    /// SIGKILL first.
+    pub async fn stop_sandbox_after(&self, grace: std::time::Duration) {
         self.forwards.lock().unwrap().clear();
         let sb = self.sandbox.lock().unwrap().take();
         if let Some(sb) = sb {
             match Arc::try_unwrap(sb) {
                 Ok(sb) => {
+                    sb.shutdown(grace).await;
                     let _ = sb.stop().await;
                 }
-                Err(sb) => sb.kill(),
+                // Others (running execs) still hold it: power off from a shared reference;
+                // its state goes when the last holder lets go.
+                Err(sb) => sb.shutdown(grace).await,
             }
         }
+    }
+
+    /// Whether a `shutdown` with a grace (`airlock stop`) ended the sandbox.
+    pub fn stopped_gracefully(&self) -> bool {
+        self.graceful.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -504,6 +523,11 @@ impl Conn {
                 let bytes = sb.copy_in(src, &p.dest).await.map_err(file_error)?;
                 Ok(json!({"bytes": bytes}))
             }
+            "stats" => {
+                // Airlock extension: one sample; a client makes rates from two.
+                let sb = self.shared.need_sandbox()?;
+                Ok(serde_json::to_value(sb.stats()).unwrap_or_default())
+            }
             "info" => {
                 let sb = self.shared.need_sandbox()?;
                 Ok(json!({
@@ -515,7 +539,21 @@ impl Conn {
                 }))
             }
             "shutdown" => {
-                self.shared.stop_sandbox().await;
+                let p: wire::ShutdownParams = wire::params(p)?;
+                let grace = p.grace_ms.unwrap_or(0);
+                if grace > 600_000 {
+                    return Err(RpcError::params(
+                        "grace_ms must be at most 600000 (10 minutes)",
+                    ));
+                }
+                if p.grace_ms.is_some() {
+                    self.shared
+                        .graceful
+                        .store(true, std::sync::atomic::Ordering::Relaxed);
+                }
+                self.shared
+                    .stop_sandbox_after(std::time::Duration::from_millis(grace))
+                    .await;
                 let _ = self.shared.shutdown.send(true);
                 Ok(json!({}))
             }

@@ -470,6 +470,15 @@ pub struct CopyInParams {
     pub dest: String,
 }
 
+/// `shutdown` (supervisor sockets). Without `grace_ms` the VM powers off at once (`kill`); with
+/// it the guest's processes get SIGTERM and that long before SIGKILL (`stop`).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ShutdownParams {
+    /// Milliseconds between SIGTERM and SIGKILL (at most 600 000).
+    #[serde(default)]
+    pub grace_ms: Option<u64>,
+}
+
 /// Size cap of `copy_out` when the request names none: 1 GiB.
 pub const COPY_OUT_DEFAULT_MAX: u64 = 1 << 30;
 
@@ -515,6 +524,7 @@ pub const METHODS: &[&str] = &[
     "cancel",
     "close",
     "info",
+    "stats",
     "shutdown",
 ];
 
@@ -543,7 +553,8 @@ pub fn validate(req: &Request) -> Result<(), RpcError> {
         "copy_out" => params::<CopyOutParams>(p).map(drop),
         "copy_in" => params::<CopyInParams>(p).map(drop),
         "snapshot" => params::<SnapshotParams>(p).map(drop),
-        "info" | "shutdown" | "share_diff" => Ok(()),
+        "shutdown" => params::<ShutdownParams>(p).map(drop),
+        "info" | "stats" | "share_diff" => Ok(()),
         _ => Err(RpcError::new(
             METHOD_NOT_FOUND,
             format!("Method not found: {}", req.method),

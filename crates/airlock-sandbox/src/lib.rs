@@ -26,6 +26,7 @@ pub mod rootfs;
 pub mod shares;
 pub mod snapshot;
 mod state;
+mod stats;
 pub mod template;
 
 use std::path::PathBuf;
@@ -47,6 +48,7 @@ pub use network::{NetworkSpec, SecretSpec};
 pub use ports::{GuestStream, PortForward, MAX_FORWARD_CONNECTIONS};
 pub use rootfs::RootfsSource;
 pub use shares::{process_umask, FsEvent, FsRule, Mount, Share, ShareMode, VolumeMount};
+pub use stats::Stats;
 
 /// Errors of the sandbox API. Each says what happened and, where it can, what to do.
 #[derive(Debug, thiserror::Error)]
@@ -186,6 +188,14 @@ pub struct SandboxSpec {
     /// Always boot (no warm start from a template). Sandboxes with shares or volumes always
     /// boot: vhost-user-fs cannot migrate in QEMU 7.2.
     pub cold: bool,
+    /// Use this id instead of a new one (12 lowercase hex digits): a restarted sandbox keeps
+    /// its id. Refused while another sandbox with it runs.
+    pub id: Option<String>,
+    /// Keep the writable layer in this file instead of the state dir: created (from the empty
+    /// template, or a warm template's copy) when missing, booted as it is when present, and
+    /// never removed by the sandbox, so a later sandbox can start on it (`airlock stop` /
+    /// `start`). An existing disk always boots cold: a template's memory expects its own disk.
+    pub writable_disk: Option<PathBuf>,
 }
 
 impl SandboxSpec {
@@ -214,6 +224,8 @@ impl SandboxSpec {
             from_snapshot: None,
             kernel: None,
             cold: false,
+            id: None,
+            writable_disk: None,
         }
     }
 }
@@ -307,7 +319,13 @@ pub fn accel_from_env() -> Result<Option<Accel>, Error> {
     }
 }
 
-fn new_id() -> String {
+/// Whether `s` has the shape of a sandbox id (what [`new_id`] makes).
+pub fn is_id(s: &str) -> bool {
+    s.len() == 12 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// A fresh random sandbox id: 12 lowercase hex digits.
+pub fn new_id() -> String {
     let mut b = [0u8; 6];
     // SAFETY: getrandom into a valid buffer.
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
@@ -364,8 +382,18 @@ impl Sandbox {
             None => accel_from_env()?,
         };
         let accel = airlock_backend::detect_accel(forced);
-        let id = new_id();
+        let id = match &spec.id {
+            Some(id) if is_id(id) => id.clone(),
+            Some(id) => {
+                return Err(Error::Setup(format!(
+                    "{id:?} is not a sandbox id (12 lowercase hex digits)"
+                )))
+            }
+            None => new_id(),
+        };
         let state = state::StateDir::create(&id)?;
+        // A kept writable layer from an earlier run: booted as it is, never from a template.
+        let reuse_disk = spec.writable_disk.as_ref().is_some_and(|d| d.exists());
         let base = match &spec.builder_target {
             Some(_) => None,
             None => Some(match &spec.rootfs {
@@ -463,7 +491,7 @@ impl Sandbox {
             .chain(spec.kernel_args.iter().cloned())
             .collect::<Vec<_>>()
             .join(" ");
-        let warm = warm_allowed
+        let warm = (warm_allowed && !reuse_disk)
             .then(|| {
                 warm_inputs(
                     &spec,
@@ -501,10 +529,14 @@ impl Sandbox {
                 serial: "airlock-target".into(),
             }],
             (None, Some(base)) => {
-                let scratch = state.path().join("scratch.ext4");
+                let scratch = match &spec.writable_disk {
+                    Some(d) => d.clone(),
+                    None => state.path().join("scratch.ext4"),
+                };
                 let (s, mib) = (scratch.clone(), spec.disk_mib);
                 let from = template.as_ref().map(|t| t.scratch());
                 tokio::task::spawn_blocking(move || match from {
+                    _ if reuse_disk => Ok(()),
                     Some(t) => template::copy_disk(&t, &s).map_err(|e| {
                         Error::Rootfs(format!("copy the template's writable disk: {e}"))
                     }),
@@ -820,6 +852,14 @@ impl Sandbox {
         self.vm.pid()
     }
 
+    /// What the sandbox costs right now: the VM process's CPU time and memory, and the guest
+    /// NIC's traffic. Two samples make a CPU rate.
+    pub fn stats(&self) -> Stats {
+        let mut s = stats::of_process(self.vm_pid());
+        s.net = self.network.as_ref().map(|n| n.counters());
+        s
+    }
+
     /// Opens a new stream with `kind` and the JSON `req`; `too_big` says what exceeded the
     /// frame limit. Events of the stream arrive through the returned [`Exec`].
     pub(crate) async fn open_exec_stream<T: serde::Serialize>(
@@ -962,19 +1002,32 @@ impl Sandbox {
     /// Shuts the guest down (disks synced) and removes the sandbox's state. Waits at most a few
     /// seconds for a clean power-off before killing the VM.
     pub async fn stop(self) -> Result<(), Error> {
+        self.shutdown(Duration::ZERO).await;
+        drop(self);
+        Ok(())
+    }
+
+    /// Powers the guest off from a shared reference, as `stop` does. With a `grace`, the guest
+    /// first sends SIGTERM to every process and gives them that long to exit (then SIGKILL),
+    /// as a machine's shutdown does; the disks are synced either way. Returns once the VM has
+    /// gone (killed if it has not powered off within `grace` plus 5 s).
+    pub async fn shutdown(&self, grace: Duration) {
         let mut w = self.vm.exit_watch();
+        let req = airlock_proto::ShutdownRequest {
+            grace_ms: grace.as_millis().min(u64::MAX as u128) as u64,
+        };
         if self
             .conn
-            .send(Frame::new(Kind::Shutdown, CONTROL_STREAM, vec![]))
+            .send(Frame::json(Kind::Shutdown, CONTROL_STREAM, &req))
             .await
             .is_ok()
         {
-            let _ = tokio::time::timeout(Duration::from_secs(5), w.wait_for(|e| e.is_some())).await;
+            let _ =
+                tokio::time::timeout(grace + Duration::from_secs(5), w.wait_for(|e| e.is_some()))
+                    .await;
         }
         self.vm.kill();
         let _ = tokio::time::timeout(Duration::from_secs(5), w.wait_for(|e| e.is_some())).await;
-        drop(self);
-        Ok(())
     }
 }
 

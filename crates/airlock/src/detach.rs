@@ -26,7 +26,7 @@ use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use crate::launch::Launch;
 
 /// What the parent sends the supervisor on its stdin.
-#[derive(Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 pub struct SuperviseRequest {
     /// The sandbox.
     pub launch: Launch,
@@ -46,6 +46,16 @@ pub struct SuperviseRequest {
     /// `--label K=V`.
     #[serde(default)]
     pub labels: Vec<(String, String)>,
+    /// `-p` forwards (as `port-forward` takes them), set up by the parent once the sandbox runs
+    /// and again by `start`.
+    #[serde(default)]
+    pub publish: Vec<String>,
+    /// `run -d --rm`: the record goes when the sandbox stops.
+    #[serde(default)]
+    pub rm: bool,
+    /// `start`: the stopped sandbox to start again (its id, record and writable layer).
+    #[serde(default)]
+    pub restart: Option<String>,
 }
 
 /// `meta.json`: what `ls` and `inspect` show. No secret values.
@@ -224,38 +234,8 @@ fn read_meta(dir: &Path) -> Result<Meta, String> {
 // run -d: the parent side
 
 /// Starts the supervisor, waits until the sandbox is up, prints its id.
-pub fn run_detached(req: SuperviseRequest, publish: &[String]) -> i32 {
-    match start_supervisor(&req) {
-        Ok(id) if !publish.is_empty() => {
-            // `-p`: the supervisor holds the forwards, as after `airlock port-forward`.
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build();
-            let res = match rt {
-                Ok(rt) => rt.block_on(async {
-                    let r = forward(&id, publish, &mut std::io::stderr()).await;
-                    if r.is_err() {
-                        // Nothing half-made stays behind (quietly: stdout is for the id).
-                        let _ = kill(&id).await;
-                        if let Ok(d) = find(&id) {
-                            let _ = std::fs::remove_dir_all(d);
-                        }
-                    }
-                    r
-                }),
-                Err(e) => Err(e.to_string()),
-            };
-            match res {
-                Ok(()) => {
-                    println!("{id}");
-                    0
-                }
-                Err(e) => {
-                    eprintln!("airlock: -p: {e}");
-                    crate::EXIT_SANDBOX_FAILED
-                }
-            }
-        }
+pub fn run_detached(req: SuperviseRequest) -> i32 {
+    match launch(&req) {
         Ok(id) => {
             println!("{id}");
             0
@@ -265,6 +245,34 @@ pub fn run_detached(req: SuperviseRequest, publish: &[String]) -> i32 {
             crate::EXIT_SANDBOX_FAILED
         }
     }
+}
+
+/// Starts the supervisor and, once the sandbox runs, its `-p` forwards; returns the id. A
+/// failed forward stops the sandbox again (and removes a new one's record).
+fn launch(req: &SuperviseRequest) -> Result<String, String> {
+    let id = start_supervisor(req)?;
+    if req.publish.is_empty() {
+        return Ok(id);
+    }
+    // `-p`: the supervisor holds the forwards, as after `airlock port-forward`.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let r = forward(&id, &req.publish, &mut std::io::stderr()).await;
+        if let Err(e) = r {
+            // Nothing half-made stays behind (quietly: stdout is for the id).
+            let _ = halt(&id, None).await;
+            if req.restart.is_none() {
+                if let Ok(d) = find(&id) {
+                    let _ = std::fs::remove_dir_all(d);
+                }
+            }
+            return Err(format!("-p: {e}"));
+        }
+        Ok(id)
+    })
 }
 
 /// Starts a detached sandbox from snapshot `name` with the network policy sandbox `source` was
@@ -303,13 +311,16 @@ pub fn start_from_snapshot(name: &str, source: &str) -> Result<String, String> {
         source: format!("fork of {}", meta.id),
         name: None,
         labels: meta.labels.clone().into_iter().collect(),
+        publish: Vec::new(),
+        rm: false,
+        restart: None,
     })
 }
 
 fn start_supervisor(req: &SuperviseRequest) -> Result<String, String> {
     use std::os::unix::process::CommandExt;
     // Early, so a taken name costs no boot; the supervisor checks again under a lock.
-    if let Some(n) = &req.name {
+    if let (Some(n), None) = (&req.name, &req.restart) {
         name_free(n)?;
     }
     let exe = std::env::current_exe().map_err(|e| format!("cannot find own binary: {e}"))?;
@@ -396,37 +407,51 @@ pub async fn supervise() -> i32 {
     };
     raw.fill(0);
     drop(raw);
-    let spec = match req.launch.spec().await {
-        Ok(s) => s,
+    // The record (and its lock) exist before the boot: a kept writable layer lives in it.
+    let restart = req.restart.is_some();
+    let id = match &req.restart {
+        Some(id) => id.clone(),
+        None => airlock_sandbox::new_id(),
+    };
+    let dir = records_dir().join(&id);
+    let lock = match claim_record(&dir, restart) {
+        Ok(l) => l,
         Err(e) => {
             status(json!({"error": e}));
             return 1;
         }
     };
+    // Undoes a failed start: a new record goes; a restarted one keeps its layer.
+    let fail = |e: String| {
+        if !restart {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        status(json!({"error": e}));
+        1
+    };
+    let mut spec = match req.launch.spec().await {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    // Shared files belong to the sandbox user inside, as in foreground `run`.
+    if !spec.shares.is_empty() {
+        spec.share_owner =
+            crate::launch::share_owner(req.user.as_deref(), req.launch.rootfs.as_deref());
+    }
+    spec.id = Some(id.clone());
+    // A fork's writable layer is in its snapshot's memory image; it cannot be kept apart.
+    if req.launch.from.is_none() {
+        spec.writable_disk = Some(dir.join("scratch.ext4"));
+    }
     let sb = match Sandbox::start(spec).await {
         Ok(sb) => Arc::new(sb),
-        Err(e) => {
-            status(json!({"error": e.to_string()}));
-            return 1;
-        }
+        Err(e) => return fail(e.to_string()),
     };
-    let id = sb.id().to_string();
-    let dir = records_dir().join(&id);
-    let setup = || -> Result<(File, tokio::net::UnixListener), String> {
-        airlock_sandbox::private_runtime_dir().map_err(|e| e.to_string())?;
-        airlock_sandbox::private_dir(&records_dir())?;
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| format!("{}: {e}", dir.display()))?;
-        let lock = private_file(&dir.join("lock")).map_err(|e| e.to_string())?;
-        // SAFETY: flock on a valid fd, held for the process's life.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err("record directory is locked".into());
-        }
+    let setup = || -> Result<tokio::net::UnixListener, String> {
+        let old = if restart { read_meta(&dir).ok() } else { None };
         // Names are claimed one supervisor at a time, from the check to meta.json.
         let names = match &req.name {
-            Some(n) => {
+            Some(n) if !restart => {
                 let f =
                     private_file(&records_dir().join(".names.lock")).map_err(|e| e.to_string())?;
                 // SAFETY: flock on a valid fd; released when `f` drops at the end of setup.
@@ -434,7 +459,7 @@ pub async fn supervise() -> i32 {
                 name_free(n)?;
                 Some(f)
             }
-            None => None,
+            _ => None,
         };
         let meta = Meta {
             id: id.clone(),
@@ -442,7 +467,7 @@ pub async fn supervise() -> i32 {
             labels: req.labels.iter().cloned().collect(),
             source: req.source.clone(),
             command: req.cmd.clone(),
-            created: now(),
+            created: old.as_ref().map_or_else(now, |m| m.created),
             supervisor_pid: std::process::id(),
             vm_pid: sb.vm_pid(),
             cpus: req.launch.cpus,
@@ -461,14 +486,36 @@ pub async fn supervise() -> i32 {
                 })
                 .collect(),
         };
-        private_file(&dir.join("meta.json"))
-            .and_then(|mut f| {
-                f.write_all(&serde_json::to_vec_pretty(&meta).map_err(std::io::Error::other)?)
-            })
-            .map_err(|e| e.to_string())?;
+        write_private(
+            &dir.join("meta.json"),
+            &serde_json::to_vec_pretty(&meta).map_err(|e| e.to_string())?,
+        )?;
         drop(names);
-        private_file(&dir.join("log")).map_err(|e| e.to_string())?;
+        // What `start` needs to boot it again, secret values blanked: they never reach a disk,
+        // `start` takes them from its caller's environment.
+        let mut saved = SuperviseRequest {
+            restart: None,
+            ..req.clone()
+        };
+        for s in &mut saved.launch.net.secrets {
+            s.value = String::new();
+        }
+        write_private(
+            &dir.join("request.json"),
+            &serde_json::to_vec(&saved).map_err(|e| e.to_string())?,
+        )?;
+        for stale in ["exit.json", "main-exit"] {
+            let _ = std::fs::remove_file(dir.join(stale));
+        }
+        // Kept across `start`s, as docker keeps a container's log.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .mode(0o600)
+            .open(dir.join("log"))
+            .map_err(|e| format!("{}: {e}", dir.join("log").display()))?;
         // The directory is 0700 already; the socket is 0600 as well, set before bind.
+        let _ = std::fs::remove_file(dir.join("sock"));
         // SAFETY: umask has no failure mode.
         let old = unsafe { libc::umask(0o177) };
         let l = std::os::unix::net::UnixListener::bind(dir.join("sock"));
@@ -476,17 +523,16 @@ pub async fn supervise() -> i32 {
         unsafe { libc::umask(old) };
         let l = l.map_err(|e| format!("bind socket: {e}"))?;
         l.set_nonblocking(true).map_err(|e| e.to_string())?;
-        let l = tokio::net::UnixListener::from_std(l).map_err(|e| e.to_string())?;
-        Ok((lock, l))
+        tokio::net::UnixListener::from_std(l).map_err(|e| e.to_string())
     };
-    let (_lock, listener) = match setup() {
+    let listener = match setup() {
         Ok(x) => x,
         Err(e) => {
-            let _ = std::fs::remove_dir_all(&dir);
-            status(json!({"error": e}));
-            return 1;
+            sb.kill();
+            return fail(e);
         }
     };
+    let _lock = lock;
     // From here on our diagnostics go to the supervisor log, not the parent's pipe.
     if let Ok(f) = std::fs::OpenOptions::new()
         .create(true)
@@ -527,7 +573,9 @@ pub async fn supervise() -> i32 {
                     tokio::spawn(airlock_rpc::server::serve(shared, tokio::io::BufReader::new(r), w));
                 }
             }
-            _ = shutdown.wait_for(|s| *s) => break "killed".to_string(),
+            _ = shutdown.wait_for(|s| *s) => {
+                break if shared.stopped_gracefully() { "stopped" } else { "killed" }.to_string()
+            }
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => break "SIGTERM".into(),
             _ = async { match int.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => break "SIGINT".into(),
             // A hangup (the terminal of `run -d` closing) is not a reason to stop.
@@ -542,14 +590,55 @@ pub async fn supervise() -> i32 {
     let _ = std::fs::remove_file(dir.join("sock"));
     shared.stop_sandbox().await;
     drop(sb);
-    let _ = private_file(&dir.join("exit.json")).and_then(|mut f| {
-        f.write_all(
-            json!({"reason": reason, "at": now()})
-                .to_string()
-                .as_bytes(),
-        )
-    });
+    if req.rm {
+        // `run -d --rm`: nothing stays, as docker removes such a container when it stops.
+        // Renamed first, so nobody sees a half-removed record.
+        let doomed = records_dir().join(format!(".rm-{id}"));
+        let gone = std::fs::rename(&dir, &doomed)
+            .map(|_| doomed)
+            .unwrap_or(dir.clone());
+        let _ = std::fs::remove_dir_all(gone);
+        airlock_sandbox::prune_state();
+        return 0;
+    }
+    let _ = write_private(
+        &dir.join("exit.json"),
+        json!({"reason": reason, "at": now()})
+            .to_string()
+            .as_bytes(),
+    );
     0
+}
+
+/// Creates (or, for `start`, reopens) the record directory and takes its lock for the
+/// supervisor's life.
+fn claim_record(dir: &Path, restart: bool) -> Result<File, String> {
+    airlock_sandbox::private_runtime_dir().map_err(|e| e.to_string())?;
+    airlock_sandbox::private_dir(&records_dir())?;
+    if !restart {
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let lock = private_file(&dir.join("lock")).map_err(|e| e.to_string())?;
+    // SAFETY: flock on a valid fd, held for the process's life.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(if restart {
+            "the sandbox is already running".into()
+        } else {
+            "record directory is locked".into()
+        });
+    }
+    Ok(lock)
+}
+
+/// Replaces `path` with `data`, private to this user.
+fn write_private(path: &Path, data: &[u8]) -> Result<(), String> {
+    let _ = std::fs::remove_file(path);
+    private_file(path)
+        .and_then(|mut f| f.write_all(data))
+        .map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Runs the detached command, appending its output to `log`.
@@ -831,10 +920,29 @@ async fn exec_inner(o: ExecOpts) -> Result<i32, String> {
 // ---------------------------------------------------------------------------------------------
 // ls, inspect, logs, kill, rm, prune, port-forward, allow-list
 
+/// Every running sandbox's id and record.
+pub fn running() -> Vec<Meta> {
+    records()
+        .into_iter()
+        .filter(|(_, _, s)| *s == Status::Running)
+        .map(|(_, m, _)| m)
+        .collect()
+}
+
+/// The record of `id` (a name, an id or a unique prefix), if it is running.
+pub fn running_one(id: &str) -> Result<Meta, String> {
+    let dir = find(id)?;
+    if status(&dir) != Status::Running {
+        return Err(format!("sandbox {id} is not running"));
+    }
+    read_meta(&dir)
+}
+
 fn records() -> Vec<(PathBuf, Meta, Status)> {
     let mut v: Vec<_> = std::fs::read_dir(records_dir())
         .map(|rd| {
             rd.flatten()
+                .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
                 .filter_map(|e| {
                     let p = e.path();
                     let m = read_meta(&p).ok()?;
@@ -1028,12 +1136,99 @@ pub async fn logs(id: &str, follow: bool) -> Result<(), String> {
 
 /// `airlock kill`: stops the sandbox (the record stays until `rm`/`prune`).
 pub async fn kill(id: &str) -> Result<(), String> {
+    halt(id, None).await
+}
+
+/// `airlock stop [-t SECS] ID...`: the guest's processes get SIGTERM and `grace` to exit, then
+/// the VM powers off with its disks synced; the record and its writable layer stay for
+/// `start`. A sandbox that is not running is no error (docker's rule).
+pub async fn stop(ids: &[String], grace: Duration) -> Result<(), String> {
+    let mut errs = Vec::new();
+    for id in ids {
+        let r = match find(id) {
+            Ok(dir) if status(&dir) != Status::Running => Ok(()),
+            Ok(_) => halt(id, Some(grace)).await,
+            Err(e) => Err(e),
+        };
+        match r {
+            Ok(()) => println!("{id}"),
+            Err(e) => errs.push(e),
+        }
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(errs.join("\n"))
+    }
+}
+
+/// `airlock start ID...`: boots a stopped sandbox again on its kept writable layer, with the
+/// settings it was started with (its command runs again; `-p` forwards are set up again).
+/// Secret values were never stored: each is taken from this environment's `$NAME`.
+pub fn start(ids: &[String]) -> Result<(), String> {
+    let mut errs = Vec::new();
+    for id in ids {
+        match start_one(id) {
+            Ok(()) => println!("{id}"),
+            Err(e) => errs.push(e),
+        }
+    }
+    if errs.is_empty() {
+        Ok(())
+    } else {
+        Err(errs.join("\n"))
+    }
+}
+
+fn start_one(id: &str) -> Result<(), String> {
+    let dir = find(id)?;
+    if status(&dir) == Status::Running {
+        return Ok(());
+    }
+    let meta = read_meta(&dir)?;
+    let saved = std::fs::read(dir.join("request.json")).map_err(|_| {
+        format!(
+            "sandbox {id} cannot be started again: it has no saved settings (a fork, or made by an \
+             older airlock): airlock run -d anew"
+        )
+    })?;
+    let mut req: SuperviseRequest = serde_json::from_slice(&saved)
+        .map_err(|e| format!("{}: {e}", dir.join("request.json").display()))?;
+    if req.launch.from.is_some() {
+        return Err(format!(
+            "sandbox {id} is a fork: its writable layer lived in memory and is gone; start a new \
+             one with airlock fork or run --from"
+        ));
+    }
+    for s in &mut req.launch.net.secrets {
+        s.value = std::env::var(&s.name).map_err(|_| {
+            format!(
+                "sandbox {id}: secret {n} is not set in this environment (its value is never \
+                 stored): export {n} and start again",
+                n = s.name
+            )
+        })?;
+        if s.value.is_empty() {
+            return Err(format!("sandbox {id}: secret {} is empty", s.name));
+        }
+    }
+    req.restart = Some(meta.id.clone());
+    launch(&req).map(|_| ())
+}
+
+/// Stops a running sandbox: `grace` None powers it off at once (`kill`), Some gives its
+/// processes that long after SIGTERM (`stop`).
+async fn halt(id: &str, grace: Option<Duration>) -> Result<(), String> {
     let dir = find(id)?;
     if status(&dir) != Status::Running {
         return Err(format!("sandbox {id} is not running"));
     }
+    let params = match grace {
+        Some(g) => json!({"grace_ms": g.as_millis() as u64}),
+        None => json!({}),
+    };
     let asked = match Client::connect(id).await {
-        Ok((mut c, _)) => c.call("shutdown", json!({})).await.is_ok(),
+        Ok((mut c, _)) => c.call("shutdown", params).await.is_ok(),
         Err(_) => false,
     };
     if !asked {

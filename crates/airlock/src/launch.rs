@@ -78,6 +78,49 @@ pub fn apply_mounts(
     Ok(())
 }
 
+/// uid:gid that owns shared files inside: the command's user when numeric, or found in the
+/// `--rootfs` directory's /etc/passwd and /etc/group; otherwise root.
+pub fn share_owner(user: Option<&str>, rootfs: Option<&std::path::Path>) -> (u32, u32) {
+    let Some(user) = user.filter(|u| !u.is_empty()) else {
+        return (0, 0);
+    };
+    let (u, g) = match user.split_once(':') {
+        Some((u, g)) => (u, Some(g)),
+        None => (user, None),
+    };
+    let lookup = |file: &str, name: &str, field: usize| -> Option<(u32, Option<u32>)> {
+        let text = std::fs::read_to_string(rootfs?.join(file)).ok()?;
+        text.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.first() == Some(&name)).then(|| {
+                let id = f.get(field)?.parse().ok()?;
+                Some((id, f.get(3).and_then(|g| g.parse().ok())))
+            })?
+        })
+    };
+    let (uid, pgid) = match u.parse::<u32>() {
+        Ok(n) => (n, None),
+        Err(_) => match lookup("etc/passwd", u, 2) {
+            Some((n, g)) => (n, g),
+            None => {
+                tracing::warn!(
+                    "cannot resolve user {u} on the host: shared files appear owned by root"
+                );
+                return (0, 0);
+            }
+        },
+    };
+    let gid = match g {
+        Some(g) => g
+            .parse::<u32>()
+            .ok()
+            .or_else(|| lookup("etc/group", g, 2).map(|(n, _)| n))
+            .unwrap_or(uid),
+        None => pgid.unwrap_or(uid),
+    };
+    (uid, gid)
+}
+
 /// The network part of a [`Launch`].
 #[derive(Clone, Default, Serialize, Deserialize)]
 pub struct Net {

@@ -10,6 +10,7 @@ mod image;
 mod launch;
 mod mcp;
 mod netargs;
+mod stats;
 mod term;
 
 use std::io::Write;
@@ -111,10 +112,39 @@ enum Cmd {
         #[arg(required = true)]
         ids: Vec<String>,
     },
-    /// Stop a running sandbox (its record stays until rm or prune).
+    /// Stop a running sandbox at once (its record stays until rm or prune).
     Kill {
         /// Sandbox id.
         id: String,
+    },
+    /// Stop running sandboxes gracefully: their processes get SIGTERM, then SIGKILL after the
+    /// timeout; disks are synced. The writable layer stays for `start`.
+    Stop {
+        /// Seconds between SIGTERM and SIGKILL.
+        #[arg(short = 't', long = "time", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=600))]
+        time: u64,
+        /// Sandbox ids or names.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Live CPU, memory and network use of running sandboxes (every running one without ids).
+    Stats {
+        /// Print one sample and exit.
+        #[arg(long)]
+        no_stream: bool,
+        /// JSON: one array of `{id, name, cpu_percent, memory_bytes, memory_limit_bytes,
+        /// net_rx_bytes, net_tx_bytes, ...}` per sample.
+        #[arg(long)]
+        json: bool,
+        /// Sandbox ids or names.
+        ids: Vec<String>,
+    },
+    /// Start stopped sandboxes again, on the writable layer they had, with the settings they
+    /// were run with (the command runs again). Secrets are read again from this environment.
+    Start {
+        /// Sandbox ids or names.
+        #[arg(required = true)]
+        ids: Vec<String>,
     },
     /// Remove stopped sandboxes.
     Rm {
@@ -396,10 +426,11 @@ struct RunArgs {
     /// With -d: a unique name that exec, logs, kill, rm and inspect accept in place of the id.
     #[arg(long, value_name = "NAME", requires = "detach", value_parser = detach::check_name)]
     name: Option<String>,
-    /// Accepted for docker's sake: a foreground sandbox is always removed when its command
-    /// ends (a detached one stays until `airlock rm`).
-    #[arg(long = "rm", conflicts_with = "detach")]
-    _rm: bool,
+    /// With -d: remove the sandbox's record when it stops (without it the record stays for
+    /// `start`, `logs` and `wait` until `airlock rm`). A foreground sandbox is always removed
+    /// when its command ends; there the flag is accepted for docker's sake.
+    #[arg(long = "rm")]
+    rm: bool,
     #[command(flatten)]
     net: netargs::NetArgs,
     /// Command and arguments (default with --image: the image's Entrypoint and Cmd; with -d:
@@ -451,7 +482,7 @@ fn main() {
                 .map(|rec| println!("{}\n{}", rec.reference, rec.manifest_digest)),
         ),
         Cmd::Run(a) if a.detach => match detach_request(*a) {
-            Ok((req, publish)) => detach::run_detached(req, &publish),
+            Ok(req) => detach::run_detached(req),
             Err(e) => {
                 eprintln!("airlock: {e}");
                 EXIT_SANDBOX_FAILED
@@ -481,6 +512,15 @@ fn main() {
         Cmd::Inspect { id } => done(runtime().block_on(detach::inspect(&id))),
         Cmd::Logs { follow, id } => done(runtime().block_on(detach::logs(&id, follow))),
         Cmd::Kill { id } => done(runtime().block_on(detach::kill(&id))),
+        Cmd::Stop { time, ids } => {
+            done(runtime().block_on(detach::stop(&ids, std::time::Duration::from_secs(time))))
+        }
+        Cmd::Start { ids } => done(detach::start(&ids)),
+        Cmd::Stats {
+            no_stream,
+            json,
+            ids,
+        } => done(runtime().block_on(stats::stats(&ids, no_stream, json))),
         Cmd::Completion { shell } => {
             use clap::CommandFactory;
             let mut cmd = Cli::command();
@@ -686,7 +726,7 @@ async fn run(a: RunArgs) -> i32 {
         return EXIT_SANDBOX_FAILED;
     }
     if !spec.shares.is_empty() {
-        spec.share_owner = share_owner(user.as_deref(), a.rootfs.as_deref());
+        spec.share_owner = launch::share_owner(user.as_deref(), a.rootfs.as_deref());
     }
     if !a.fs_rules.is_empty() {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<airlock_sandbox::FsEvent>(1024);
@@ -761,49 +801,6 @@ async fn run(a: RunArgs) -> i32 {
     code
 }
 
-/// uid:gid that owns shared files inside: the command's user when numeric, or found in the
-/// `--rootfs` directory's /etc/passwd and /etc/group; otherwise root.
-fn share_owner(user: Option<&str>, rootfs: Option<&std::path::Path>) -> (u32, u32) {
-    let Some(user) = user.filter(|u| !u.is_empty()) else {
-        return (0, 0);
-    };
-    let (u, g) = match user.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
-        None => (user, None),
-    };
-    let lookup = |file: &str, name: &str, field: usize| -> Option<(u32, Option<u32>)> {
-        let text = std::fs::read_to_string(rootfs?.join(file)).ok()?;
-        text.lines().find_map(|l| {
-            let f: Vec<&str> = l.split(':').collect();
-            (f.first() == Some(&name)).then(|| {
-                let id = f.get(field)?.parse().ok()?;
-                Some((id, f.get(3).and_then(|g| g.parse().ok())))
-            })?
-        })
-    };
-    let (uid, pgid) = match u.parse::<u32>() {
-        Ok(n) => (n, None),
-        Err(_) => match lookup("etc/passwd", u, 2) {
-            Some((n, g)) => (n, g),
-            None => {
-                tracing::warn!(
-                    "cannot resolve user {u} on the host: shared files appear owned by root"
-                );
-                return (0, 0);
-            }
-        },
-    };
-    let gid = match g {
-        Some(g) => g
-            .parse::<u32>()
-            .ok()
-            .or_else(|| lookup("etc/group", g, 2).map(|(n, _)| n))
-            .unwrap_or(uid),
-        None => pgid.unwrap_or(uid),
-    };
-    (uid, gid)
-}
-
 fn volume(cmd: VolumeCmd) -> Result<(), String> {
     use airlock_sandbox::shares;
     match cmd {
@@ -839,7 +836,7 @@ fn volume(cmd: VolumeCmd) -> Result<(), String> {
 /// What `run -d` hands its supervisor (the image is pulled here, with progress on this terminal).
 /// The supervisor's request, and the `-p` forwards (as `port-forward` takes them) to set up
 /// once the sandbox runs.
-fn detach_request(a: RunArgs) -> Result<(detach::SuperviseRequest, Vec<String>), String> {
+fn detach_request(a: RunArgs) -> Result<detach::SuperviseRequest, String> {
     let env = run_env(&a)?;
     // A port in use fails before anything boots (the supervisor binds it again later).
     drop(bind_published(&a.publish)?);
@@ -886,24 +883,24 @@ fn detach_request(a: RunArgs) -> Result<(detach::SuperviseRequest, Vec<String>),
         let _ = name;
     }
     let env: Vec<(String, String)> = image_env.into_iter().chain(env).collect();
-    Ok((
-        detach::SuperviseRequest {
-            launch,
-            cmd: a.cmd.clone(),
-            env,
-            workdir: a.workdir.clone().or(cwd),
-            user: a.user.clone().or(user),
-            source: a
-                .image
-                .clone()
-                .or_else(|| a.rootfs.as_ref().map(|p| p.display().to_string()))
-                .or_else(|| a.from.as_ref().map(|n| format!("snapshot:{n}")))
-                .unwrap_or_default(),
-            name: a.name.clone(),
-            labels: a.labels.clone(),
-        },
+    Ok(detach::SuperviseRequest {
+        launch,
+        cmd: a.cmd.clone(),
+        env,
+        workdir: a.workdir.clone().or(cwd),
+        user: a.user.clone().or(user),
+        source: a
+            .image
+            .clone()
+            .or_else(|| a.rootfs.as_ref().map(|p| p.display().to_string()))
+            .or_else(|| a.from.as_ref().map(|n| format!("snapshot:{n}")))
+            .unwrap_or_default(),
+        name: a.name.clone(),
+        labels: a.labels.clone(),
         publish,
-    ))
+        rm: a.rm,
+        restart: None,
+    })
 }
 
 impl RunArgs {
@@ -935,7 +932,7 @@ impl RunArgs {
             detach: true,
             name: None,
             labels: Vec::new(),
-            _rm: false,
+            rm: false,
             net: netargs::NetArgs::default(),
             publish: Vec::new(),
             volumes: Vec::new(),

@@ -1023,3 +1023,169 @@ fn labels_and_ls_filters() {
     }
     env.ok(&["rm", "-f", &a, &b]);
 }
+
+/// `stop` ends a sandbox gracefully (its command sees SIGTERM) and keeps its writable layer;
+/// `start` boots it again on that layer with the same id, name and command; `stats` shows the
+/// running ones; `-d --rm` leaves nothing once stopped; detached `-v` files belong to the
+/// sandbox user inside.
+#[test]
+fn stop_start_keep_the_writable_layer_and_stats_show_use() {
+    let env = Env::new();
+    let work = tempfile::tempdir().unwrap();
+    let share = format!("{}:/w:rw", work.path().display());
+    let id = env.start(&[
+        "--name",
+        "keep",
+        "--user",
+        "1000:1000",
+        "-v",
+        &share,
+        "--",
+        "sh",
+        "-c",
+        "trap 'echo got-term; exit 3' TERM; echo started; while :; do sleep 1; done",
+    ]);
+    // The sandbox user owns what the guest creates in the share, the host user on the host.
+    let out = env.ok(&[
+        "exec",
+        "keep",
+        "--",
+        "sh",
+        "-c",
+        "echo layer > /root/kept 2>/dev/null || echo layer > /tmp/kept; echo x > /w/made; \
+         stat -c %u:%g /w/made; id -u",
+    ]);
+    assert_eq!(out, "1000:1000\n1000\n");
+    use std::os::unix::fs::MetadataExt;
+    let host = std::fs::metadata(work.path().join("made")).unwrap();
+    // SAFETY: geteuid cannot fail.
+    assert_eq!(host.uid(), unsafe { libc::geteuid() });
+
+    let stats: serde_json::Value =
+        serde_json::from_str(&env.ok(&["stats", "--no-stream", "--json"])).unwrap();
+    let row = stats
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == id)
+        .expect("stats lists the running sandbox");
+    assert_eq!(row["name"], "keep");
+    let pss = row["memory_bytes"].as_u64().unwrap();
+    assert!(
+        pss > 1 << 20 && pss <= row["rss_bytes"].as_u64().unwrap(),
+        "{row}"
+    );
+    assert_eq!(
+        row["memory_limit_bytes"].as_u64().unwrap(),
+        512 << 20,
+        "{row}"
+    );
+    assert!(row["cpu_percent"].as_f64().unwrap() >= 0.0, "{row}");
+    assert!(
+        row["net_tx_bytes"].as_u64().is_some() && row["net_rx_bytes"].as_u64().is_some(),
+        "{row}"
+    );
+    let table = env.ok(&["stats", "--no-stream", "keep"]);
+    assert!(
+        table.starts_with("ID") && table.contains("MEM USAGE / LIMIT") && table.contains(&id),
+        "{table}"
+    );
+
+    assert_eq!(env.ok(&["stop", "-t", "5", "keep"]), "keep\n");
+    assert_eq!(env.status(&id).as_deref(), Some("exited"));
+    assert_eq!(
+        env.ok(&["wait", "keep"]),
+        "3\n",
+        "the command saw SIGTERM and exited"
+    );
+    let logs = env.ok(&["logs", "keep"]);
+    assert!(
+        logs.starts_with("started\n") && logs.contains("got-term\n"),
+        "{logs:?}"
+    );
+    // Stopping a stopped sandbox is no error, as in docker.
+    assert_eq!(env.ok(&["stop", "keep"]), "keep\n");
+
+    assert_eq!(env.ok(&["start", "keep"]), "keep\n");
+    assert_eq!(env.status(&id).as_deref(), Some("running"));
+    let out = env.ok(&[
+        "exec",
+        "keep",
+        "--",
+        "sh",
+        "-c",
+        "cat /root/kept 2>/dev/null || cat /tmp/kept",
+    ]);
+    assert_eq!(out, "layer\n", "the writable layer survived stop/start");
+    // The command ran again; the log kept the first run's lines.
+    let mut logs = String::new();
+    for _ in 0..100 {
+        logs = env.ok(&["logs", "keep"]);
+        if logs.matches("started").count() == 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(logs.matches("started").count(), 2, "{logs}");
+    let o = env.run(&["start", "nosuch"]);
+    assert!(!o.status.success());
+    env.ok(&["kill", "keep"]);
+    env.ok(&["rm", "keep"]);
+
+    // -d --rm: the record goes with the sandbox.
+    let gone = env.start(&["--rm"]);
+    env.ok(&["stop", "-t", "0", &gone]);
+    assert_eq!(env.status(&gone), None, "--rm removed the record");
+    let leftover: Vec<_> = std::fs::read_dir(env.rt.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(&gone))
+        .collect();
+    assert!(leftover.is_empty(), "{leftover:?}");
+}
+
+/// A secret's value is never stored, so `start` takes it from its caller's environment and
+/// says so when it is missing.
+#[test]
+fn start_takes_secrets_from_the_environment() {
+    let env = Env::new();
+    let r = rootfs();
+    let o = env
+        .cmd(&["run", "-d", "--rootfs", &r, "--secret", "TOKEN@example.com"])
+        .env("TOKEN", "s3cret-value-123")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let id = String::from_utf8(o.stdout).unwrap().trim().to_string();
+    env.ok(&["stop", "-t", "0", &id]);
+    let saved = std::fs::read_to_string(
+        env.rt
+            .path()
+            .join("sandboxes")
+            .join(&id)
+            .join("request.json"),
+    )
+    .unwrap();
+    assert!(!saved.contains("s3cret-value-123"), "{saved}");
+    let o = env
+        .cmd(&["start", &id])
+        .env_remove("TOKEN")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("export TOKEN"), "{err}");
+    let o = env
+        .cmd(&["start", &id])
+        .env("TOKEN", "s3cret-value-123")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = env.ok(&["exec", &id, "--", "sh", "-c", "echo $TOKEN"]);
+    assert!(
+        !out.contains("s3cret-value-123") && !out.trim().is_empty(),
+        "{out}"
+    );
+    env.ok(&["rm", "-f", &id]);
+}
