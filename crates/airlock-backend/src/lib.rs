@@ -77,6 +77,39 @@ pub struct VmConfig {
     pub bench_9p: Option<(PathBuf, String)>,
 }
 
+impl VmConfig {
+    /// The one place a VM configuration starts from: these five, one vCPU, 512 MiB, and no
+    /// disks, NIC, shares, shared RAM, monitor or incoming state. Callers set the rest with
+    /// struct update syntax (`VmConfig { cpus, disks, ..VmConfig::new(...) }`).
+    pub fn new(
+        kernel: PathBuf,
+        initrd: PathBuf,
+        control: OwnedFd,
+        console_log: PathBuf,
+        accel: Accel,
+    ) -> VmConfig {
+        VmConfig {
+            kernel,
+            initrd,
+            cmdline_extra: String::new(),
+            cpus: 1,
+            memory_mib: 512,
+            disks: Vec::new(),
+            control,
+            console_log,
+            accel,
+            nic: None,
+            fs_devices: Vec::new(),
+            shared_memory_file: None,
+            memory_private: false,
+            monitor: None,
+            incoming: None,
+            #[cfg(feature = "bench-9p")]
+            bench_9p: None,
+        }
+    }
+}
+
 /// A virtio-net NIC whose frames go over a stream socket (each frame behind a 4-byte
 /// big-endian length), to a userspace network stack on the host.
 #[derive(Debug)]

@@ -442,23 +442,14 @@ mod tests {
     fn base_cfg() -> VmConfig {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
         VmConfig {
-            kernel: "/k/vmlinux".into(),
-            initrd: "/k/initrd".into(),
-            cmdline_extra: String::new(),
-            cpus: 1,
             memory_mib: 256,
-            disks: vec![],
-            control: a.into(),
-            console_log: "/s/console.log".into(),
-            accel: Accel::Tcg,
-            nic: None,
-            fs_devices: vec![],
-            shared_memory_file: None,
-            memory_private: false,
-            monitor: None,
-            incoming: None,
-            #[cfg(feature = "bench-9p")]
-            bench_9p: None,
+            ..VmConfig::new(
+                "/k/vmlinux".into(),
+                "/k/initrd".into(),
+                a.into(),
+                "/s/console.log".into(),
+                Accel::Tcg,
+            )
         }
     }
 

@@ -188,3 +188,38 @@ fn list(reg: &Registry, e: &Entry, req: &FileRequest) -> Result<(), OpError> {
     }
     send(reg, e, &out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_must_be_absolute_and_nul_free() {
+        assert!(check_path("/etc/hosts").is_ok());
+        assert_eq!(
+            check_path("etc/hosts").unwrap_err().0,
+            ExecErrorKind::Invalid
+        );
+        assert_eq!(check_path("/a\0b").unwrap_err().0, ExecErrorKind::Invalid);
+        assert_eq!(check_path("").unwrap_err().0, ExecErrorKind::Invalid);
+    }
+
+    #[test]
+    fn io_errors_keep_their_kind_and_name_the_path() {
+        let e = io_err(
+            "/x",
+            "open",
+            std::io::Error::from(std::io::ErrorKind::NotFound),
+        );
+        assert_eq!(e.0, ExecErrorKind::NotFound);
+        assert!(e.1.starts_with("open /x: "), "{}", e.1);
+        let e = io_err(
+            "/y",
+            "write",
+            std::io::Error::from(std::io::ErrorKind::PermissionDenied),
+        );
+        assert_eq!(e.0, ExecErrorKind::PermissionDenied);
+        let e = io_err("/z", "read", std::io::Error::other("boom"));
+        assert_eq!(e.0, ExecErrorKind::Other);
+    }
+}

@@ -187,3 +187,31 @@ pub fn trust_ca(pem: &str) -> Result<(), String> {
     );
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sockaddr_holds_the_address_in_network_order() {
+        let sa = sockaddr(Ipv4Addr::new(10, 0, 2, 15));
+        // SAFETY: sockaddr was made from a sockaddr_in of the same size.
+        let sin: libc::sockaddr_in = unsafe { std::mem::transmute(sa) };
+        assert_eq!(sin.sin_family, libc::AF_INET as libc::sa_family_t);
+        assert_eq!(
+            u32::from_be(sin.sin_addr.s_addr),
+            u32::from(Ipv4Addr::new(10, 0, 2, 15))
+        );
+    }
+
+    #[test]
+    fn ifreq_names_are_truncated_and_terminated() {
+        let r = ifreq("eth0");
+        assert_eq!(
+            r.ifr_name[..5].iter().map(|&c| c as u8).collect::<Vec<_>>(),
+            b"eth0\0"
+        );
+        let long = ifreq(&"x".repeat(40));
+        assert_eq!(long.ifr_name[libc::IFNAMSIZ - 1], 0);
+    }
+}

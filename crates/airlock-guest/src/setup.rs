@@ -497,4 +497,28 @@ mod tests {
         assert!(!stat_is_live_user_process("44 (sh) Z 1 44 44 0"));
         assert!(!stat_is_live_user_process("garbage"));
     }
+
+    #[test]
+    fn share_targets_must_be_plain_absolute_paths() {
+        for ok in ["/workspace", "/a/b/c", "/with space/x"] {
+            assert!(valid_target(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "/",
+            "relative",
+            "/a/../etc",
+            "/./x",
+            "/a/.",
+            &format!("/{}", "x".repeat(4096)),
+        ] {
+            assert!(valid_target(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn share_paths_are_under_the_agents_run_dir() {
+        assert_eq!(share_upper(3), "/run/airlock/scratch/shares/3/upper");
+        assert_eq!(share_lower(0), "/run/airlock/fs/0");
+    }
 }

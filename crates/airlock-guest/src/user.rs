@@ -143,4 +143,21 @@ mod tests {
             .contains("unable to find user mallory"));
         assert!(resolve_with("alice:nope", P, G).is_err());
     }
+
+    #[test]
+    fn malformed_lines_are_skipped_not_trusted() {
+        // Short lines, non-numeric ids and empty files never resolve to anyone.
+        let p = "short:x:1\nbad:x:abc:0::/:/bin/sh\nok:x:7:8::/home/ok:/bin/sh\n";
+        assert_eq!(passwd(p).len(), 1);
+        assert!(resolve_with("bad", p, "").is_err());
+        let ok = resolve_with("ok", p, "").unwrap();
+        assert_eq!((ok.uid, ok.gid, ok.groups.clone()), (7, 8, vec![8]));
+        assert_eq!(groups("g:x:notanumber:a\nh:x:5:\n").len(), 1);
+        // An empty home becomes "/".
+        let r = resolve_with("n", "n:x:9:9:::/bin/sh\n", "").unwrap();
+        assert_eq!(r.home, "/");
+        // No passwd at all: numeric users still work, names do not.
+        assert_eq!(resolve_with("0", "", "").unwrap().uid, 0);
+        assert!(resolve_with("root", "", "").is_err());
+    }
 }

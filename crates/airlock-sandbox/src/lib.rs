@@ -15,8 +15,11 @@
 //! per-sandbox writable disk on top and serves execs over one control channel.
 
 pub mod assets;
+mod boot;
 mod clock;
 mod conn;
+mod error;
+mod exec;
 mod files;
 pub mod imagefs;
 pub mod network;
@@ -25,9 +28,11 @@ mod qmp;
 pub mod rootfs;
 pub mod shares;
 pub mod snapshot;
+mod spec;
 mod state;
 mod stats;
 pub mod template;
+mod warm;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -35,246 +40,24 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use airlock_backend::{Accel, AccelChoice, Backend, DiskConfig, NicConfig, Vm, VmConfig, VmExit};
-use airlock_proto::{
-    ExecErrorKind, ExecRequest, Frame, Init, Kind, SignalRequest, CONTROL_STREAM, MAX_CHUNK,
-    VERSION,
-};
-use tokio::sync::mpsc;
+use airlock_proto::{ExecRequest, Frame, Init, Kind, CONTROL_STREAM, VERSION};
+
+use warm::{template_for, warm_inputs, BuildCtx};
 
 pub use airlock_proto::{ConnectError, ConnectErrorKind, ExecError, ExitStatus, WinSize};
 pub use conn::ExecEvent;
+pub use error::Error;
+pub use exec::{Exec, ExecInput};
 pub use files::{FileInfo, READ_FILE_MAX};
 pub use network::{NetworkSpec, SecretSpec};
 pub use ports::{GuestStream, PortForward, MAX_FORWARD_CONNECTIONS};
 pub use rootfs::RootfsSource;
 pub use shares::{process_umask, FsEvent, FsRule, Mount, Share, ShareMode, VolumeMount};
+pub use spec::{
+    ExecSpec, Output, SandboxSpec, DEFAULT_CPUS, DEFAULT_DISK_MIB, DEFAULT_MEMORY_MIB,
+    DEFAULT_SHARE_QUOTA_MIB,
+};
 pub use stats::Stats;
-
-/// Errors of the sandbox API. Each says what happened and, where it can, what to do.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// Something Airlock needs on the host is missing.
-    #[error("{0}")]
-    Setup(String),
-    /// The root filesystem could not be prepared.
-    #[error("rootfs: {0}")]
-    Rootfs(String),
-    /// The VMM could not be started.
-    #[error(transparent)]
-    Backend(#[from] airlock_backend::BackendError),
-    /// The guest kernel panicked.
-    #[error("guest kernel panicked: {message}\n--- last console lines ---\n{console}")]
-    GuestPanic {
-        /// The panic line.
-        message: String,
-        /// Tail of the guest console.
-        console: String,
-    },
-    /// The VM ended when it should not have.
-    #[error("sandbox VM stopped unexpectedly ({why})\n--- last console lines ---\n{console}")]
-    VmStopped {
-        /// What was observed.
-        why: String,
-        /// Tail of the guest console.
-        console: String,
-    },
-    /// The guest did not become ready in time.
-    #[error("guest agent not ready after {secs} s\n--- last console lines ---\n{console}")]
-    NotReady {
-        /// How long Airlock waited.
-        secs: u64,
-        /// Tail of the guest console.
-        console: String,
-    },
-    /// The guest broke the protocol.
-    #[error("{0}")]
-    Protocol(String),
-    /// The command could not be started in the guest.
-    #[error("{}", .0.message)]
-    Exec(ExecError),
-    /// A connection to a port inside the sandbox could not be made.
-    #[error("{}{}", .error.message, if .error.kind == ConnectErrorKind::Refused { format!(": is a server listening on port {} inside the sandbox?", .port) } else { String::new() })]
-    Connect {
-        /// The guest port.
-        port: u16,
-        /// What the guest agent reported.
-        error: ConnectError,
-    },
-    /// A file operation failed in the guest (the message names the path).
-    #[error("{}", .0.message)]
-    File(ExecError),
-    /// Host I/O.
-    #[error("{0}")]
-    Io(#[from] std::io::Error),
-}
-
-impl Error {
-    /// For a failed exec, the exit code a shell would give (127 not found, 126 not
-    /// executable); `None` for other errors.
-    pub fn exec_exit_code(&self) -> Option<i32> {
-        match self {
-            Error::Exec(e) => Some(match e.kind {
-                ExecErrorKind::NotFound => 127,
-                ExecErrorKind::PermissionDenied => 126,
-                _ => 125,
-            }),
-            _ => None,
-        }
-    }
-}
-
-/// Default virtual CPUs.
-pub const DEFAULT_CPUS: u32 = 1;
-/// Default guest RAM, MiB.
-pub const DEFAULT_MEMORY_MIB: u32 = 512;
-/// Default size of the writable layer, MiB (sparse: costs only what is written).
-pub const DEFAULT_DISK_MIB: u64 = 5 * 1024;
-/// Default bound on how much a guest may add to each `:rw` share, MiB.
-pub const DEFAULT_SHARE_QUOTA_MIB: u64 = 16 * 1024;
-
-/// What to start.
-#[derive(Debug, Clone)]
-pub struct SandboxSpec {
-    /// Root filesystem.
-    pub rootfs: RootfsSource,
-    /// Virtual CPUs.
-    pub cpus: u32,
-    /// Guest RAM, MiB.
-    pub memory_mib: u32,
-    /// Writable layer size, MiB.
-    pub disk_mib: u64,
-    /// Hostname inside (default: the sandbox id).
-    pub hostname: Option<String>,
-    /// Force an accelerator (default: [`airlock_backend::detect_accel`], or `AIRLOCK_ACCEL`).
-    pub accel: Option<Accel>,
-    /// How long to wait for the guest to become ready.
-    pub ready_timeout: Duration,
-    /// Extra kernel command-line words (diagnostics and tests).
-    pub kernel_args: Vec<String>,
-    /// Network policy (default: sealed).
-    pub network: NetworkSpec,
-    /// Host directories shared over virtio-fs.
-    pub shares: Vec<Share>,
-    /// Named volumes to mount (each used by one sandbox at a time).
-    pub volumes: Vec<VolumeMount>,
-    /// File rules enforced by the share server (guest paths).
-    pub fs_rules: Vec<FsRule>,
-    /// Most MiB the guest may add to each `:rw` share (ENOSPC beyond; `df` in the guest shows
-    /// this as the share's size).
-    pub share_quota_mib: u64,
-    /// Receives file-rule events (every denial and every `audit` match). Bounded: when the
-    /// receiver falls behind, further events are dropped (and counted in the log) rather than
-    /// let a guest grow host memory.
-    pub fs_events: Option<tokio::sync::mpsc::Sender<FsEvent>>,
-    /// uid/gid of the sandbox user: files of the invoking host user appear as theirs inside
-    /// `rw`/`ro`/overlay shares, and theirs become the host user's (default 0:0).
-    pub share_owner: (u32, u32),
-    /// Run commands with every capability and without no_new_privs, like `docker run
-    /// --privileged` (default: no_new_privs, and no CAP_SYS_MODULE, CAP_SYS_RAWIO, CAP_SYS_BOOT).
-    pub privileged: bool,
-    /// Benchmark only: also expose this host directory over QEMU's virtio-9p with this tag
-    /// (no file rules apply to it: feature `bench-9p`, which no release binary enables).
-    #[doc(hidden)]
-    #[cfg(feature = "bench-9p")]
-    pub bench_9p: Option<(PathBuf, String)>,
-    /// Image-builder VM: boot with only this empty ext4 as the agent's root (no image).
-    pub(crate) builder_target: Option<PathBuf>,
-    /// Start from this user snapshot ([`Sandbox::snapshot`]) instead of the root filesystem:
-    /// its CPUs, memory, kernel and image are the snapshot's; `rootfs`, `cpus`, `memory_mib`
-    /// and `disk_mib` are ignored.
-    pub from_snapshot: Option<String>,
-    /// Boot this kernel instead of [`assets::kernel`]'s.
-    pub kernel: Option<PathBuf>,
-    /// Always boot (no warm start from a template). Sandboxes with shares or volumes always
-    /// boot: vhost-user-fs cannot migrate in QEMU 7.2.
-    pub cold: bool,
-    /// Use this id instead of a new one (12 lowercase hex digits): a restarted sandbox keeps
-    /// its id. Refused while another sandbox with it runs.
-    pub id: Option<String>,
-    /// Keep the writable layer in this file instead of the state dir: created (from the empty
-    /// template, or a warm template's copy) when missing, booted as it is when present, and
-    /// never removed by the sandbox, so a later sandbox can start on it (`airlock stop` /
-    /// `start`). An existing disk always boots cold: a template's memory expects its own disk.
-    pub writable_disk: Option<PathBuf>,
-}
-
-impl SandboxSpec {
-    /// Defaults for everything but the root filesystem.
-    pub fn new(rootfs: RootfsSource) -> SandboxSpec {
-        SandboxSpec {
-            rootfs,
-            cpus: DEFAULT_CPUS,
-            memory_mib: DEFAULT_MEMORY_MIB,
-            disk_mib: DEFAULT_DISK_MIB,
-            hostname: None,
-            accel: None,
-            ready_timeout: Duration::from_secs(60),
-            kernel_args: Vec::new(),
-            network: NetworkSpec::default(),
-            shares: Vec::new(),
-            volumes: Vec::new(),
-            fs_rules: Vec::new(),
-            share_quota_mib: DEFAULT_SHARE_QUOTA_MIB,
-            fs_events: None,
-            share_owner: (0, 0),
-            privileged: false,
-            #[cfg(feature = "bench-9p")]
-            bench_9p: None,
-            builder_target: None,
-            from_snapshot: None,
-            kernel: None,
-            cold: false,
-            id: None,
-            writable_disk: None,
-        }
-    }
-}
-
-/// A command to run in a sandbox.
-#[derive(Debug, Clone, Default)]
-pub struct ExecSpec {
-    /// Program and arguments.
-    pub argv: Vec<String>,
-    /// Extra environment.
-    pub env: Vec<(String, String)>,
-    /// Working directory (default `/`).
-    pub cwd: Option<String>,
-    /// User (`name`, `uid`, `name:group`, `uid:gid`; default root).
-    pub user: Option<String>,
-    /// Terminal of this size; stdout and stderr then arrive together as stdout.
-    pub tty: Option<WinSize>,
-    /// Attach stdin ([`ExecInput::write`]); otherwise the command reads /dev/null.
-    pub stdin: bool,
-    /// An agent builtin instead of a program (internal: image building; the agent refuses it
-    /// outside a builder VM).
-    #[doc(hidden)]
-    pub builtin: Option<String>,
-}
-
-impl ExecSpec {
-    /// A command with default settings.
-    pub fn new<I, S>(argv: I) -> ExecSpec
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<String>,
-    {
-        ExecSpec {
-            argv: argv.into_iter().map(Into::into).collect(),
-            ..Default::default()
-        }
-    }
-}
-
-/// Collected result of a command.
-#[derive(Debug, Clone, Default)]
-pub struct Output {
-    /// Exit status.
-    pub status: ExitStatus,
-    /// All of stdout.
-    pub stdout: Vec<u8>,
-    /// All of stderr.
-    pub stderr: Vec<u8>,
-}
 
 /// A running sandbox. Dropping it kills the VM and removes its state; [`Sandbox::stop`] shuts
 /// it down cleanly.
@@ -359,18 +142,7 @@ impl Sandbox {
         if let Some(name) = spec.from_snapshot.clone() {
             return snapshot::start(spec, &name, backend).await;
         }
-        if spec.cpus == 0 || spec.cpus > 64 {
-            return Err(Error::Setup(format!(
-                "--cpus {} is out of range (1-64)",
-                spec.cpus
-            )));
-        }
-        if spec.memory_mib < 64 {
-            return Err(Error::Setup(format!(
-                "--memory {} MiB is too small (at least 64)",
-                spec.memory_mib
-            )));
-        }
+        boot::check(&spec)?;
         tracing::debug!("preparing assets");
         let kernel = match &spec.kernel {
             Some(k) => k.clone(),
@@ -382,15 +154,7 @@ impl Sandbox {
             None => accel_from_env()?,
         };
         let accel = airlock_backend::detect_accel(forced);
-        let id = match &spec.id {
-            Some(id) if is_id(id) => id.clone(),
-            Some(id) => {
-                return Err(Error::Setup(format!(
-                    "{id:?} is not a sandbox id (12 lowercase hex digits)"
-                )))
-            }
-            None => new_id(),
-        };
+        let id = boot::sandbox_id(&spec)?;
         let state = state::StateDir::create(&id)?;
         // A kept writable layer from an earlier run: booted as it is, never from a template.
         let reuse_disk = spec.writable_disk.as_ref().is_some_and(|d| d.exists());
@@ -427,65 +191,14 @@ impl Sandbox {
             }
             None => None,
         };
-        let mut disks = Vec::new();
-        let mut volume_leases = Vec::new();
-        let mut volume_mounts = Vec::new();
-        for (i, v) in spec.volumes.iter().enumerate() {
-            let lease = shares::VolumeLease::acquire(&v.name)?;
-            let serial = format!("airlock-vol{i}");
-            disks.push(DiskConfig {
-                path: lease.image.clone(),
-                read_only: false,
-                serial: serial.clone(),
-            });
-            volume_mounts.push(airlock_proto::VolumeMount {
-                serial,
-                target: v.guest.clone(),
-            });
-            volume_leases.push(lease);
-        }
-        let mut fs_servers = Vec::new();
-        let mut fs_devices = Vec::new();
-        let mut share_mounts = Vec::new();
-        // SAFETY: geteuid/getegid cannot fail.
-        let host_ids = unsafe { (libc::geteuid(), libc::getegid()) };
-        for (i, sh) in spec.shares.iter().enumerate() {
-            let tag = format!("airlock-fs{i}");
-            let socket = state.path().join(format!("fs{i}.sock"));
-            let cfg = airlock_fs::ShareConfig {
-                host_dir: sh.host.clone(),
-                guest_path: sh.guest.clone(),
-                tag: tag.clone(),
-                access: match sh.mode {
-                    ShareMode::Rw => airlock_fs::Access::ReadWrite,
-                    ShareMode::Ro | ShareMode::Overlay => airlock_fs::Access::ReadOnly,
-                },
-                ids: airlock_fs::IdMap {
-                    host: host_ids,
-                    guest: spec.share_owner,
-                },
-                rules: spec.fs_rules.clone(),
-                quota: (sh.mode == ShareMode::Rw)
-                    .then_some(spec.share_quota_mib.saturating_mul(1 << 20)),
-            };
-            fs_servers.push(
-                airlock_fs::FsServer::start(
-                    cfg,
-                    &socket,
-                    shares::event_sink(spec.fs_events.clone()),
-                )
-                .map_err(|e| Error::Setup(e.to_string()))?,
-            );
-            fs_devices.push(airlock_backend::FsDevice {
-                socket,
-                tag: tag.clone(),
-            });
-            share_mounts.push(airlock_proto::ShareMount {
-                tag,
-                target: sh.guest.clone(),
-                mode: sh.mode,
-            });
-        }
+        let boot::Devices {
+            disks,
+            volume_leases,
+            volume_mounts,
+            fs_servers,
+            fs_devices,
+            share_mounts,
+        } = boot::devices(&spec, &state)?;
         let cmdline_extra = guest_kernel_args(accel.accel)
             .into_iter()
             .chain(spec.kernel_args.iter().cloned())
@@ -572,15 +285,10 @@ impl Sandbox {
             None => cmdline_extra,
         };
         let cfg = VmConfig {
-            kernel,
-            initrd,
             cmdline_extra,
             cpus: spec.cpus,
             memory_mib: spec.memory_mib,
             disks,
-            control: vm_end.into(),
-            console_log: state.console_log(),
-            accel: accel.accel,
             nic,
             fs_devices,
             shared_memory_file: match &template {
@@ -596,6 +304,13 @@ impl Sandbox {
             incoming,
             #[cfg(feature = "bench-9p")]
             bench_9p: spec.bench_9p.clone(),
+            ..VmConfig::new(
+                kernel,
+                initrd,
+                vm_end.into(),
+                state.console_log(),
+                accel.accel,
+            )
         };
         let monitor = monitor.map(|(host, _vm)| host);
         let launch = base.as_ref().map(|b| snapshot::LaunchInfo {
@@ -622,17 +337,7 @@ impl Sandbox {
         let mut restored_qmp = None;
         if let Some(t) = &template {
             // Feed QEMU the saved device state; it resumes the guest by itself once loaded.
-            let (Some(mon), Some(fd)) = (monitor.take(), vm.incoming_fd()) else {
-                return Err(Error::Setup("backend lost the snapshot fds".into()));
-            };
-            let r = tokio::task::spawn_blocking(move || {
-                let mut q = qmp::Qmp::connect(mon)?;
-                q.ignore_shared(true)?;
-                q.restore(fd, RESTORE_TIMEOUT)?;
-                Ok::<_, String>(q)
-            })
-            .await
-            .map_err(|e| Error::Setup(e.to_string()))?;
+            let r = restore(monitor.take(), vm.incoming_fd()).await?;
             match r {
                 Ok(q) => restored_qmp = Some(q),
                 Err(why) if warm_allowed => {
@@ -671,62 +376,20 @@ impl Sandbox {
         };
         sb.watch_vm();
 
-        let init = || {
-            init_message(
-                &sb,
-                spec.hostname.clone(),
-                share_mounts.clone(),
-                volume_mounts.clone(),
-                spec.privileged,
-            )
-        };
+        let init = init_message(
+            &sb,
+            spec.hostname.clone(),
+            share_mounts,
+            volume_mounts,
+            spec.privileged,
+        );
         let restored = template.is_some();
-        let handshake = async {
-            if restored {
-                // The restored agent said Hello before the capture and now waits for Init.
-                conn.send(Frame::json(Kind::Init, CONTROL_STREAM, &init()))
-                    .await
-                    .map_err(Error::Protocol)?;
-            }
-            loop {
-                match ctl.recv().await {
-                    Some(conn::ControlEvent::Hello(h)) => {
-                        tracing::debug!(agent = %h.agent, "guest hello");
-                        if h.version != VERSION {
-                            return Err(Error::Setup(format!(
-                                "guest agent {} speaks protocol {}, this airlock speaks {VERSION}: rebuild the agent (scripts/build-agent)",
-                                h.agent, h.version
-                            )));
-                        }
-                        conn.send(Frame::json(Kind::Init, CONTROL_STREAM, &init()))
-                            .await
-                            .map_err(Error::Protocol)?;
-                    }
-                    Some(conn::ControlEvent::Ready(r)) => {
-                        tracing::debug!("guest ready");
-                        return Ok(r.kernel);
-                    }
-                    Some(conn::ControlEvent::Resumed) => {
-                        return Err(Error::Protocol("guest sent Resumed unasked".into()))
-                    }
-                    None => return Err(Error::Protocol("control channel closed".into())),
-                }
-            }
-        };
-        let mut closed = conn.closed_watch();
         let timeout = if restored {
             spec.ready_timeout.min(RESTORE_TIMEOUT)
         } else {
             spec.ready_timeout
         };
-        let res = tokio::select! {
-            r = handshake => r,
-            _ = closed.wait_for(|c| c.is_some()) => Err(Error::Protocol(String::new())),
-            _ = tokio::time::sleep(timeout) => Err(Error::NotReady {
-                secs: timeout.as_secs(),
-                console: String::new(),
-            }),
-        };
+        let res = handshake(&conn, &mut ctl, &init, restored, timeout).await;
         if let (Err(e), Some(t), true) = (&res, &template, warm_allowed) {
             sb.vm.kill();
             tracing::warn!(
@@ -1040,140 +703,6 @@ impl Drop for Sandbox {
     }
 }
 
-/// The input side of an exec: stdin, signals, terminal size. Cloneable.
-#[derive(Clone)]
-pub struct ExecInput {
-    id: u32,
-    conn: Arc<conn::Conn>,
-    send: Arc<conn::SendWindow>,
-}
-
-impl ExecInput {
-    /// Writes to the command's stdin, waiting for the guest's flow-control credit.
-    pub async fn write(&self, mut data: &[u8]) -> Result<(), Error> {
-        while !data.is_empty() {
-            let n = self
-                .send
-                .window
-                .lock()
-                .unwrap()
-                .take(data.len().min(MAX_CHUNK));
-            if n == 0 {
-                let mut closed = self.conn.closed_watch();
-                tokio::select! {
-                    _ = self.send.notify.notified() => {}
-                    _ = closed.wait_for(|c| c.is_some()) => {}
-                }
-                if let Some(why) = self.conn.closed_reason() {
-                    return Err(Error::Protocol(why));
-                }
-                continue;
-            }
-            self.conn
-                .send(Frame::new(Kind::Stdin, self.id, data[..n].to_vec()))
-                .await
-                .map_err(Error::Protocol)?;
-            data = &data[n..];
-        }
-        Ok(())
-    }
-
-    /// Closes stdin (the command sees end of file).
-    pub async fn close(&self) -> Result<(), Error> {
-        self.conn
-            .send(Frame::new(Kind::StdinEof, self.id, vec![]))
-            .await
-            .map_err(Error::Protocol)
-    }
-
-    /// Sends a signal to the process (`group`: to its whole process group).
-    pub async fn signal(&self, signal: i32, group: bool) -> Result<(), Error> {
-        self.conn
-            .send(Frame::json(
-                Kind::Signal,
-                self.id,
-                &SignalRequest { signal, group },
-            ))
-            .await
-            .map_err(Error::Protocol)
-    }
-
-    /// Resizes the command's terminal.
-    pub async fn resize(&self, size: WinSize) -> Result<(), Error> {
-        self.conn
-            .send(Frame::json(Kind::Resize, self.id, &size))
-            .await
-            .map_err(Error::Protocol)
-    }
-}
-
-/// A running command.
-pub struct Exec {
-    input: ExecInput,
-    events: mpsc::UnboundedReceiver<ExecEvent>,
-    done: bool,
-}
-
-impl Exec {
-    /// Stdin, signals and resize for this command.
-    pub fn input(&self) -> ExecInput {
-        self.input.clone()
-    }
-
-    /// Output bytes the host holds for this command that [`Exec::next`] has not yet returned.
-    /// Flow control keeps it at most [`airlock_proto::INITIAL_WINDOW`].
-    pub fn buffered_bytes(&self) -> u32 {
-        self.input.conn.unconsumed(self.input.id)
-    }
-
-    /// The next event; `Ok(None)` after the last one. Consuming output returns flow-control
-    /// credit to the guest, so a slow reader slows the command instead of buffering.
-    /// `Err` means the sandbox died; [`Sandbox::failure`] says why.
-    pub async fn next(&mut self) -> Result<Option<ExecEvent>, Error> {
-        if self.done {
-            return Ok(None);
-        }
-        match self.events.recv().await {
-            Some(ev) => {
-                match &ev {
-                    ExecEvent::Stdout(b) | ExecEvent::Stderr(b) => {
-                        self.input.conn.grant(self.input.id, b.len() as u32)
-                    }
-                    ExecEvent::Exit(_) | ExecEvent::Failed(_) => self.done = true,
-                    ExecEvent::Started(_) => {}
-                }
-                Ok(Some(ev))
-            }
-            None => {
-                self.done = true;
-                Err(Error::Protocol(
-                    self.input
-                        .conn
-                        .closed_reason()
-                        .unwrap_or_else(|| "sandbox stopped".into()),
-                ))
-            }
-        }
-    }
-}
-
-impl Drop for Exec {
-    fn drop(&mut self) {
-        if !self.done {
-            // Nobody reads its output any more: kill the process group rather than leave it
-            // blocked on flow control forever.
-            let kill = SignalRequest {
-                signal: libc::SIGKILL,
-                group: true,
-            };
-            self.input
-                .conn
-                .try_send(Frame::json(Kind::Signal, self.input.id, &kill));
-            self.input.conn.close_stream(self.input.id);
-        }
-    }
-}
-
 /// Kernel arguments Airlock adds for `accel` on this host (beyond the backend's fixed ones):
 /// under TCG, the TSC frequency, so the guest gets a precise clock instead of 4 ms jiffies.
 pub fn guest_kernel_args(accel: Accel) -> Vec<String> {
@@ -1224,223 +753,73 @@ fn random_bytes<const N: usize>() -> [u8; N] {
     b
 }
 
-/// The template inputs of a sandbox that may start warm; `None` (and why, in the debug log)
-/// Whether the spec asks for the benchmark-only virtio-9p share (always false without the
-/// `bench-9p` feature).
-fn bench_9p(spec: &SandboxSpec) -> bool {
-    #[cfg(feature = "bench-9p")]
-    return spec.bench_9p.is_some();
-    #[cfg(not(feature = "bench-9p"))]
-    {
-        let _ = spec;
-        false
-    }
-}
-
-/// when it must boot.
-#[allow(clippy::too_many_arguments)]
-fn warm_inputs(
-    spec: &SandboxSpec,
-    backend: &dyn Backend,
-    kernel: &std::path::Path,
-    initrd: &std::path::Path,
-    base: Option<&std::path::Path>,
-    accel: Accel,
-    cmdline: &str,
-    nic: bool,
-) -> Option<template::Inputs> {
-    let why_cold = if spec.cold {
-        "asked to (--cold)"
-    } else if std::env::var_os("AIRLOCK_COLD").is_some_and(|v| !v.is_empty() && v != "0") {
-        "AIRLOCK_COLD is set"
-    } else if !spec.shares.is_empty() {
-        "it has shares (vhost-user-fs cannot migrate in QEMU 7.2)"
-    } else if !spec.volumes.is_empty() {
-        "it has volumes"
-    } else if spec.builder_target.is_some() || bench_9p(spec) {
-        "it is an image builder or a benchmark VM"
-    } else if backend.snapshot_binary().is_none() {
-        "the backend cannot restore snapshots"
-    } else {
-        ""
+/// Feeds a launched VM its template's device state over QMP (`mon`); QEMU resumes the guest
+/// once it is loaded. An outer error means the backend lost its fds; an inner one that the
+/// state did not load (the caller may retry cold).
+async fn restore(
+    mon: Option<std::os::unix::net::UnixStream>,
+    fd: Option<i32>,
+) -> Result<Result<qmp::Qmp, String>, Error> {
+    let (Some(mon), Some(fd)) = (mon, fd) else {
+        return Err(Error::Setup("backend lost the snapshot fds".into()));
     };
-    if !why_cold.is_empty() {
-        tracing::debug!("booting cold: {why_cold}");
-        return None;
-    }
-    let bin = template::resolve_binary(&backend.snapshot_binary()?)?;
-    let id = |p: &std::path::Path| template::FileId::of(p).ok();
-    Some(template::Inputs {
-        format: template::FORMAT,
-        kernel: id(kernel)?,
-        initrd: id(initrd)?,
-        root: id(base?)?,
-        qemu: id(&bin)?,
-        cpus: spec.cpus,
-        memory_mib: spec.memory_mib,
-        disk_mib: spec.disk_mib,
-        nic,
-        cmdline: template::key_cmdline(cmdline),
-        accel: accel.to_string(),
-    })
-}
-
-/// What building a template needs from the sandbox being started.
-struct BuildCtx<'a> {
-    backend: &'a dyn Backend,
-    kernel: &'a std::path::Path,
-    initrd: &'a std::path::Path,
-    base: &'a std::path::Path,
-    spec: &'a SandboxSpec,
-    accel: Accel,
-    cmdline_extra: &'a str,
-    nic: bool,
-    console_log: PathBuf,
-}
-
-/// The template for `inputs`, built now if there is none; `None` (with a warning) when it
-/// cannot be had, and the sandbox boots cold.
-async fn template_for(inputs: &template::Inputs, ctx: &BuildCtx<'_>) -> Option<template::Template> {
-    let i = inputs.clone();
-    let found = tokio::task::spawn_blocking(move || {
-        if let template::Lookup::Corrupt(why) = template::lookup(&i) {
-            tracing::warn!(
-                "template {} is damaged ({why}): removed it; booting cold to rebuild it",
-                i.key()
-            );
-        }
-        template::find_or_start(&i)
-    })
-    .await
-    .ok()?;
-    let builder = match found {
-        Ok(Ok(t)) => return Some(t),
-        Ok(Err(b)) => b,
-        Err(why) => {
-            tracing::warn!("cannot use templates ({why}); booting cold");
-            return None;
-        }
-    };
-    match build_template(&builder, ctx).await {
-        Ok(()) => match builder.commit(ctx.cmdline_extra) {
-            Ok(t) => Some(t),
-            Err(why) => {
-                tracing::warn!("cannot store the template ({why}); booting cold");
-                None
-            }
-        },
-        Err(why) => {
-            tracing::warn!("cannot make a template ({why}); booting cold");
-            None
-        }
-    }
-}
-
-/// Boots a VM for the template, waits for its agent's Hello, then saves it (RAM stays in the
-/// file it was written to) and ends it.
-async fn build_template(b: &template::Builder, ctx: &BuildCtx<'_>) -> Result<(), String> {
-    use tokio::io::AsyncReadExt;
-    let (scratch, mib) = (b.scratch(), ctx.spec.disk_mib);
-    tokio::task::spawn_blocking(move || rootfs::create_scratch(&scratch, mib))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
-    let io = |e: std::io::Error| e.to_string();
-    let (host_end, vm_end) = std::os::unix::net::UnixStream::pair().map_err(io)?;
-    let (mon_host, mon_vm) = std::os::unix::net::UnixStream::pair().map_err(io)?;
-    // The NIC is part of the device set; its host end stays open (link up) but unread.
-    let nic_pair = match ctx.nic {
-        true => Some(std::os::unix::net::UnixStream::pair().map_err(io)?),
-        false => None,
-    };
-    let cfg = VmConfig {
-        kernel: ctx.kernel.to_path_buf(),
-        initrd: ctx.initrd.to_path_buf(),
-        cmdline_extra: ctx.cmdline_extra.to_string(),
-        cpus: ctx.spec.cpus,
-        memory_mib: ctx.spec.memory_mib,
-        disks: vec![
-            DiskConfig {
-                path: ctx.base.to_path_buf(),
-                read_only: true,
-                serial: "airlock-root".into(),
-            },
-            DiskConfig {
-                path: b.scratch(),
-                read_only: false,
-                serial: "airlock-scratch".into(),
-            },
-        ],
-        control: vm_end.into(),
-        console_log: ctx.console_log.clone(),
-        accel: ctx.accel,
-        nic: match &nic_pair {
-            Some((_, vm)) => Some(NicConfig {
-                fd: vm.try_clone().map_err(io)?.into(),
-                mac: airlock_net::stack::GUEST_MAC,
-            }),
-            None => None,
-        },
-        fs_devices: Vec::new(),
-        shared_memory_file: Some(b.ram()),
-        memory_private: false,
-        monitor: Some(mon_vm.into()),
-        incoming: None,
-        #[cfg(feature = "bench-9p")]
-        bench_9p: None,
-    };
-    let vm = ctx.backend.launch(cfg).map_err(|e| e.to_string())?;
-    host_end.set_nonblocking(true).map_err(io)?;
-    let mut host = tokio::net::UnixStream::from_std(host_end).map_err(io)?;
-    let wait_hello = async {
-        let mut dec = airlock_proto::Decoder::new();
-        let mut buf = vec![0u8; 4096];
-        loop {
-            let n = host.read(&mut buf).await.map_err(io)?;
-            if n == 0 {
-                return Err("the VM ended before its agent was up".to_string());
-            }
-            dec.push(&buf[..n]);
-            if let Some(f) = dec.next_frame().map_err(|e| e.to_string())? {
-                if f.kind != Kind::Hello {
-                    return Err(format!("expected Hello, got {:?}", f.kind));
-                }
-                let h: airlock_proto::Hello = f.parse().map_err(|e| e.to_string())?;
-                if h.version != VERSION {
-                    return Err(format!("agent speaks protocol {}", h.version));
-                }
-                if dec.buffered() > 0 {
-                    return Err("agent sent more than Hello".into());
-                }
-                return Ok(());
-            }
-            if dec.buffered() > 64 * 1024 {
-                return Err("oversized Hello".into());
-            }
-        }
-    };
-    let mut exit = vm.exit_watch();
-    tokio::select! {
-        r = wait_hello => r?,
-        _ = exit.wait_for(|e| e.is_some()) => return Err("the VM ended before its agent was up".into()),
-        _ = tokio::time::sleep(ctx.spec.ready_timeout) => return Err("its agent was not up in time".into()),
-    }
-    let state = b.state();
     tokio::task::spawn_blocking(move || {
-        let mut q = qmp::Qmp::connect(mon_host)?;
+        let mut q = qmp::Qmp::connect(mon)?;
         q.ignore_shared(true)?;
-        let out =
-            crate::state::private_file(&state).map_err(|e| format!("{}: {e}", state.display()))?;
-        q.save(&out, Duration::from_secs(60))?;
-        out.sync_all().map_err(|e| e.to_string())
+        q.restore(fd, RESTORE_TIMEOUT)?;
+        Ok::<_, String>(q)
     })
     .await
-    .map_err(|e| e.to_string())??;
-    vm.kill();
-    let _ = tokio::time::timeout(Duration::from_secs(10), exit.wait_for(|e| e.is_some())).await;
-    drop(nic_pair);
-    drop(host);
-    Ok(())
+    .map_err(|e| Error::Setup(e.to_string()))
+}
+
+/// Waits for the agent: `Hello` (its protocol version checked) answered with `init`, then
+/// `Ready` (the guest kernel's release). A restored agent said Hello before its capture, so it
+/// gets `init` at once. Bounded by `timeout` and by the channel closing.
+async fn handshake(
+    conn: &conn::Conn,
+    ctl: &mut tokio::sync::mpsc::UnboundedReceiver<conn::ControlEvent>,
+    init: &Init,
+    restored: bool,
+    timeout: Duration,
+) -> Result<String, Error> {
+    let send_init = || conn.send(Frame::json(Kind::Init, CONTROL_STREAM, init));
+    let handshake = async {
+        if restored {
+            send_init().await.map_err(Error::Protocol)?;
+        }
+        loop {
+            match ctl.recv().await {
+                Some(conn::ControlEvent::Hello(h)) => {
+                    tracing::debug!(agent = %h.agent, "guest hello");
+                    if h.version != VERSION {
+                        return Err(Error::Setup(format!(
+                            "guest agent {} speaks protocol {}, this airlock speaks {VERSION}: rebuild the agent (scripts/build-agent)",
+                            h.agent, h.version
+                        )));
+                    }
+                    send_init().await.map_err(Error::Protocol)?;
+                }
+                Some(conn::ControlEvent::Ready(r)) => {
+                    tracing::debug!("guest ready");
+                    return Ok(r.kernel);
+                }
+                Some(conn::ControlEvent::Resumed) => {
+                    return Err(Error::Protocol("guest sent Resumed unasked".into()))
+                }
+                None => return Err(Error::Protocol("control channel closed".into())),
+            }
+        }
+    };
+    let mut closed = conn.closed_watch();
+    tokio::select! {
+        r = handshake => r,
+        _ = closed.wait_for(|c| c.is_some()) => Err(Error::Protocol(String::new())),
+        _ = tokio::time::sleep(timeout) => Err(Error::NotReady {
+            secs: timeout.as_secs(),
+            console: String::new(),
+        }),
+    }
 }
 
 /// The `Init` a sandbox's agent gets: per-sandbox identity (hostname, machine-id, RNG seed,

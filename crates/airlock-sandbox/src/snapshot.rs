@@ -299,23 +299,20 @@ pub(crate) async fn start(
     let host_end = tokio::net::UnixStream::from_std(host_end)?;
     let (mon_host, mon_vm) = std::os::unix::net::UnixStream::pair()?;
     let cfg = VmConfig {
-        kernel: l.kernel.clone(),
-        initrd: l.initrd.clone(),
         cmdline_extra: l.cmdline.clone(),
         cpus: l.cpus,
         memory_mib: l.memory_mib,
         disks: crate::image_disks(l.base.clone(), scratch),
-        control: vm_end.into(),
-        console_log: state.console_log(),
-        accel,
         nic,
-        fs_devices: Vec::new(),
-        shared_memory_file: None,
-        memory_private: false,
         monitor: Some(mon_vm.into()),
         incoming: Some(std::fs::File::open(dir.join("state"))?.into()),
-        #[cfg(feature = "bench-9p")]
-        bench_9p: None,
+        ..VmConfig::new(
+            l.kernel.clone(),
+            l.initrd.clone(),
+            vm_end.into(),
+            state.console_log(),
+            accel,
+        )
     };
     let vm = backend.launch(cfg)?;
     let fd = vm
