@@ -83,6 +83,8 @@ pub struct Sandbox {
     template: Option<String>,
     /// How it was launched (for snapshots); `None` for image builders.
     launch: Option<snapshot::LaunchInfo>,
+    /// The writable layer's file (in the state dir, or the spec's `writable_disk`).
+    scratch: PathBuf,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -353,6 +355,7 @@ impl Sandbox {
                 Err(why) => return Err(Error::Setup(format!("restore from template: {why}"))),
             }
         }
+        let sb_state_scratch = state.path().join("scratch.ext4");
         let (conn, mut ctl) = conn::Conn::start(host_end);
         let mut sb = Sandbox {
             id: id.clone(),
@@ -373,6 +376,10 @@ impl Sandbox {
             ),
             template: template.as_ref().map(|t| t.key.clone()),
             launch,
+            scratch: match &spec.writable_disk {
+                Some(d) => d.clone(),
+                None => sb_state_scratch.clone(),
+            },
         };
         sb.watch_vm();
 
@@ -759,7 +766,7 @@ fn random_bytes<const N: usize>() -> [u8; N] {
 async fn restore(
     mon: Option<std::os::unix::net::UnixStream>,
     fd: Option<i32>,
-) -> Result<Result<qmp::Qmp, String>, Error> {
+) -> Result<Result<qmp::Qmp, qmp::QmpError>, Error> {
     let (Some(mon), Some(fd)) = (mon, fd) else {
         return Err(Error::Setup("backend lost the snapshot fds".into()));
     };
@@ -767,7 +774,7 @@ async fn restore(
         let mut q = qmp::Qmp::connect(mon)?;
         q.ignore_shared(true)?;
         q.restore(fd, RESTORE_TIMEOUT)?;
-        Ok::<_, String>(q)
+        Ok::<_, qmp::QmpError>(q)
     })
     .await
     .map_err(|e| Error::Setup(e.to_string()))

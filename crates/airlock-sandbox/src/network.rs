@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 /// Network policy of a sandbox. The default is sealed: a NIC whose only reachable peer is
 /// Airlock itself (DNS answers NXDOMAIN, every connection is refused).
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct NetworkSpec {
     /// No NIC at all (port forwards over the control channel still work).
     pub disabled: bool,
@@ -23,7 +24,7 @@ pub struct NetworkSpec {
 }
 
 /// One secret. Its value lives only in this process's memory.
-#[derive(Clone)]
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
 pub struct SecretSpec {
     /// Environment variable name the guest sees (holding the placeholder).
     pub name: String,
@@ -32,10 +33,13 @@ pub struct SecretSpec {
     /// Host patterns the value may be sent to (same syntax as allow rules).
     pub hosts: Vec<String>,
     /// The placeholder the guest sees (default: generated per sandbox).
+    #[serde(default)]
     pub placeholder: Option<String>,
     /// Also substitute inside request bodies (off by default).
+    #[serde(default)]
     pub in_body: bool,
     /// Also substitute over plain HTTP (off by default: refused with a 403).
+    #[serde(default)]
     pub allow_http: bool,
 }
 
@@ -58,8 +62,40 @@ pub(crate) fn build(spec: &NetworkSpec) -> Result<airlock_net::Network, crate::E
         allow_hosts: spec.allow_hosts.clone(),
         add_hosts: spec.add_hosts.clone(),
         allow_private: spec.allow_private.clone(),
-        secrets: spec
-            .secrets
+        secrets: spec.net_secrets()?,
+        upstream_ca: spec.upstream_ca.clone(),
+        audit_file: spec.audit_file.clone(),
+    };
+    airlock_net::Network::new(cfg).map_err(|e| crate::Error::Setup(e.to_string()))
+}
+
+impl NetworkSpec {
+    /// Checks everything [`crate::Sandbox::start`] would refuse about the network (allow
+    /// rules, pinned names, private ranges, secrets and their hosts, placeholders, CA files),
+    /// without starting anything: callers run it before pulling an image or booting, so a
+    /// typo costs nothing.
+    pub fn validate(&self) -> Result<(), crate::Error> {
+        let setup = |e: String| crate::Error::Setup(e);
+        if self.disabled && (!self.allow_hosts.is_empty() || !self.secrets.is_empty()) {
+            return Err(setup(
+                "--no-network cannot be combined with allowed hosts or secrets".into(),
+            ));
+        }
+        airlock_net::Policy::new(&self.allow_hosts, &self.add_hosts, &self.allow_private)
+            .map_err(|e| setup(e.to_string()))?;
+        airlock_net::secrets::Secrets::new(self.net_secrets()?)
+            .map_err(|e| setup(e.to_string()))?;
+        for c in &self.upstream_ca {
+            if !c.is_file() {
+                return Err(setup(format!("upstream CA {}: no such file", c.display())));
+            }
+        }
+        Ok(())
+    }
+
+    /// The secrets as the netstack takes them (host patterns parsed).
+    fn net_secrets(&self) -> Result<Vec<airlock_net::Secret>, crate::Error> {
+        self.secrets
             .iter()
             .map(|s| {
                 let hosts = s
@@ -77,11 +113,8 @@ pub(crate) fn build(spec: &NetworkSpec) -> Result<airlock_net::Network, crate::E
                     allow_http: s.allow_http,
                 })
             })
-            .collect::<Result<Vec<_>, crate::Error>>()?,
-        upstream_ca: spec.upstream_ca.clone(),
-        audit_file: spec.audit_file.clone(),
-    };
-    airlock_net::Network::new(cfg).map_err(|e| crate::Error::Setup(e.to_string()))
+            .collect()
+    }
 }
 
 /// What the guest agent configures its NIC with.

@@ -11,6 +11,44 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+/// What can go wrong talking to QEMU's monitor. A caller can tell a dead QEMU
+/// ([`QmpError::Closed`]) and a slow one ([`QmpError::Timeout`]) from a refusal.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum QmpError {
+    /// Reading or writing the socket failed.
+    #[error("QMP {what}: {source}")]
+    Io {
+        /// The operation.
+        what: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// QEMU closed the monitor (it exited).
+    #[error("QEMU closed its monitor (it exited)")]
+    Closed,
+    /// QEMU sent something that is not the protocol.
+    #[error("QMP: {0}")]
+    Protocol(String),
+    /// A command was refused.
+    #[error("QMP {cmd}: {desc}")]
+    Command {
+        /// The command.
+        cmd: String,
+        /// QEMU's description.
+        desc: String,
+    },
+    /// The migration stream could not be written or loaded, or left the VM in a bad state.
+    #[error("{0}")]
+    Migration(String),
+    /// QEMU did not finish in time.
+    #[error("{0} did not finish in time")]
+    Timeout(&'static str),
+}
+
+fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> QmpError {
+    move |source| QmpError::Io { what, source }
+}
+
 /// Longest reply line accepted.
 const MAX_LINE: u64 = 1 << 20;
 
@@ -25,9 +63,9 @@ pub(crate) enum Monitor {
 impl Monitor {
     /// The session, greeting QEMU first if that has not happened yet.
     #[allow(dead_code)]
-    pub(crate) fn session(&mut self) -> Result<&mut Qmp, String> {
+    pub(crate) fn session(&mut self) -> Result<&mut Qmp, QmpError> {
         if let Monitor::Raw(s) = self {
-            let s = s.try_clone().map_err(|e| e.to_string())?;
+            let s = s.try_clone().map_err(io("clone"))?;
             *self = Monitor::Ready(Qmp::connect(s)?);
         }
         match self {
@@ -45,46 +83,43 @@ pub(crate) struct Qmp {
 
 impl Qmp {
     /// Reads the greeting and enters command mode.
-    pub(crate) fn connect(stream: UnixStream) -> Result<Qmp, String> {
+    pub(crate) fn connect(stream: UnixStream) -> Result<Qmp, QmpError> {
         stream
             .set_read_timeout(Some(Duration::from_secs(30)))
-            .map_err(|e| e.to_string())?;
-        let reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+            .map_err(io("set timeout"))?;
+        let reader = BufReader::new(stream.try_clone().map_err(io("clone"))?);
         let mut q = Qmp { stream, reader };
         let greeting = q.read_msg()?;
         if greeting.get("QMP").is_none() {
-            return Err(format!("not a QMP greeting: {greeting}"));
+            return Err(QmpError::Protocol(format!("not a greeting: {greeting}")));
         }
         q.execute("qmp_capabilities", json!({}))?;
         Ok(q)
     }
 
-    fn read_msg(&mut self) -> Result<Value, String> {
+    fn read_msg(&mut self) -> Result<Value, QmpError> {
         let mut line = Vec::new();
         let n = (&mut self.reader)
             .take(MAX_LINE)
             .read_until(b'\n', &mut line)
-            .map_err(|e| format!("QMP read: {e}"))?;
+            .map_err(io("read"))?;
         if n == 0 {
-            return Err("QEMU closed its monitor (it exited)".into());
+            return Err(QmpError::Closed);
         }
-        serde_json::from_slice(&line).map_err(|e| format!("QMP reply: {e}"))
+        serde_json::from_slice(&line).map_err(|e| QmpError::Protocol(format!("reply: {e}")))
     }
 
-    fn send(&mut self, cmd: &str, args: Value, fd: Option<RawFd>) -> Result<(), String> {
+    fn send(&mut self, cmd: &str, args: Value, fd: Option<RawFd>) -> Result<(), QmpError> {
         let mut msg = serde_json::to_vec(&json!({"execute": cmd, "arguments": args}))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| QmpError::Protocol(e.to_string()))?;
         msg.push(b'\n');
         match fd {
-            None => self
-                .stream
-                .write_all(&msg)
-                .map_err(|e| format!("QMP write: {e}")),
+            None => self.stream.write_all(&msg).map_err(io("write")),
             Some(fd) => send_with_fd(&self.stream, &msg, fd),
         }
     }
 
-    fn reply(&mut self, cmd: &str) -> Result<Value, String> {
+    fn reply(&mut self, cmd: &str) -> Result<Value, QmpError> {
         loop {
             let m = self.read_msg()?;
             if let Some(r) = m.get("return") {
@@ -92,14 +127,17 @@ impl Qmp {
             }
             if let Some(e) = m.get("error") {
                 let desc = e.get("desc").and_then(Value::as_str).unwrap_or("?");
-                return Err(format!("QMP {cmd}: {desc}"));
+                return Err(QmpError::Command {
+                    cmd: cmd.to_string(),
+                    desc: desc.to_string(),
+                });
             }
             // An asynchronous event (STOP, MIGRATION, ...): not the reply.
         }
     }
 
     /// Runs one command and returns its `return` value.
-    pub(crate) fn execute(&mut self, cmd: &str, args: Value) -> Result<Value, String> {
+    pub(crate) fn execute(&mut self, cmd: &str, args: Value) -> Result<Value, QmpError> {
         self.send(cmd, args, None)?;
         self.reply(cmd)
     }
@@ -110,14 +148,14 @@ impl Qmp {
         cmd: &str,
         args: Value,
         fd: RawFd,
-    ) -> Result<Value, String> {
+    ) -> Result<Value, QmpError> {
         self.send(cmd, args, Some(fd))?;
         self.reply(cmd)
     }
 
     /// Sets (or clears) migration capability `x-ignore-shared`: RAM in a shared file backend
     /// is not copied into the migration stream.
-    pub(crate) fn ignore_shared(&mut self, on: bool) -> Result<(), String> {
+    pub(crate) fn ignore_shared(&mut self, on: bool) -> Result<(), QmpError> {
         self.execute(
             "migrate-set-capabilities",
             json!({"capabilities": [{"capability": "x-ignore-shared", "state": on}]}),
@@ -127,7 +165,7 @@ impl Qmp {
 
     /// Pauses the VM and writes its migration stream (device state, plus RAM not in a shared
     /// file) to `out`; returns once it is complete. The VM stays paused.
-    pub(crate) fn save(&mut self, out: &std::fs::File, timeout: Duration) -> Result<(), String> {
+    pub(crate) fn save(&mut self, out: &std::fs::File, timeout: Duration) -> Result<(), QmpError> {
         self.execute("stop", json!({}))?;
         self.execute_with_fd("getfd", json!({"fdname": "airlock-snap"}), out.as_raw_fd())?;
         self.execute("migrate", json!({"uri": "fd:airlock-snap"}))?;
@@ -138,12 +176,12 @@ impl Qmp {
                 "completed" => return Ok(()),
                 "failed" | "cancelled" => {
                     let why = st.get("error-desc").and_then(Value::as_str).unwrap_or("?");
-                    return Err(format!("migration failed: {why}"));
+                    return Err(QmpError::Migration(format!("migration failed: {why}")));
                 }
                 _ => {}
             }
             if Instant::now() > deadline {
-                return Err("migration did not finish in time".into());
+                return Err(QmpError::Timeout("migration"));
             }
             std::thread::sleep(Duration::from_millis(2));
         }
@@ -154,7 +192,7 @@ impl Qmp {
     /// Loads the migration stream QEMU inherited as fd `fd` (`-incoming defer`) and runs the
     /// guest once it is in. The saving side paused the guest first, so QEMU would otherwise
     /// keep it paused.
-    pub(crate) fn restore(&mut self, fd: i32, timeout: Duration) -> Result<(), String> {
+    pub(crate) fn restore(&mut self, fd: i32, timeout: Duration) -> Result<(), QmpError> {
         self.execute("migrate-incoming", json!({"uri": format!("fd:{fd}")}))?;
         let deadline = Instant::now() + timeout;
         loop {
@@ -166,10 +204,14 @@ impl Qmp {
                     self.execute("cont", json!({}))?;
                     return Ok(());
                 }
-                other => return Err(format!("QEMU is {other} after loading the snapshot")),
+                other => {
+                    return Err(QmpError::Migration(format!(
+                        "QEMU is {other} after loading the snapshot"
+                    )))
+                }
             }
             if Instant::now() > deadline {
-                return Err("loading the snapshot did not finish in time".into());
+                return Err(QmpError::Timeout("loading the snapshot"));
             }
             std::thread::sleep(Duration::from_micros(500));
         }
@@ -177,7 +219,7 @@ impl Qmp {
 }
 
 /// Writes `msg` with `fd` as SCM_RIGHTS ancillary data (std's ancillary API is unstable).
-fn send_with_fd(stream: &UnixStream, msg: &[u8], fd: RawFd) -> Result<(), String> {
+fn send_with_fd(stream: &UnixStream, msg: &[u8], fd: RawFd) -> Result<(), QmpError> {
     // SAFETY: a msghdr over valid local buffers; the control buffer is sized with CMSG_SPACE
     // and written through the CMSG_* accessors.
     unsafe {
@@ -199,12 +241,15 @@ fn send_with_fd(stream: &UnixStream, msg: &[u8], fd: RawFd) -> Result<(), String
         std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd);
         let n = libc::sendmsg(stream.as_raw_fd(), &hdr, libc::MSG_NOSIGNAL);
         if n < 0 {
-            return Err(format!("QMP sendmsg: {}", std::io::Error::last_os_error()));
+            return Err(QmpError::Io {
+                what: "sendmsg",
+                source: std::io::Error::last_os_error(),
+            });
         }
         if (n as usize) < msg.len() {
             (&*stream)
                 .write_all(&msg[n as usize..])
-                .map_err(|e| format!("QMP write: {e}"))?;
+                .map_err(io("write"))?;
         }
     }
     Ok(())

@@ -214,20 +214,24 @@ impl Sandbox {
         };
         let (state, scratch_src, scratch_dst) = (
             dir.join("state"),
-            self.state.path().join("scratch.ext4"),
+            self.scratch.clone(),
             dir.join("scratch.ext4"),
         );
         let (mon, r) = tokio::task::spawn_blocking(move || {
-            let r = (|| {
-                let q = mon.session()?;
-                q.ignore_shared(false)?;
+            let r = (|| -> Result<(), String> {
+                let s = |e: qmp::QmpError| e.to_string();
+                let q = mon.session().map_err(s)?;
+                q.ignore_shared(false).map_err(s)?;
                 let out = crate::state::private_file(&state).map_err(|e| e.to_string())?;
-                let saved = q.save(&out, Duration::from_secs(300));
+                let saved = q.save(&out, Duration::from_secs(300)).map_err(s);
                 // Copy the disk while the guest is paused (QEMU flushed it for migration).
                 let copied = saved.and_then(|()| {
                     template::copy_disk(&scratch_src, &scratch_dst).map_err(|e| e.to_string())
                 });
-                let resumed = q.execute("cont", serde_json::json!({})).map(drop);
+                let resumed = q
+                    .execute("cont", serde_json::json!({}))
+                    .map(drop)
+                    .map_err(s);
                 copied
                     .and(resumed)
                     .and(out.sync_all().map_err(|e| e.to_string()))
@@ -322,7 +326,7 @@ pub(crate) async fn start(
         let mut q = qmp::Qmp::connect(mon_host)?;
         q.ignore_shared(false)?;
         q.restore(fd, Duration::from_secs(120))?;
-        Ok::<_, String>(q)
+        Ok::<_, qmp::QmpError>(q)
     })
     .await
     .map_err(|e| Error::Setup(e.to_string()))?
@@ -337,6 +341,7 @@ pub(crate) async fn start(
         },
     )
     .encode();
+    let state_scratch = state.path().join("scratch.ext4");
     let (conn, mut ctl) = conn::Conn::start_after(host_end, Some(marker));
     let mut launch = l.clone();
     launch.pinned = None;
@@ -358,6 +363,7 @@ pub(crate) async fn start(
         monitor: std::sync::Mutex::new(Some(qmp::Monitor::Ready(q))),
         template: None,
         launch: Some(launch),
+        scratch: state_scratch,
     };
     sb.watch_vm();
     let init = crate::init_message(

@@ -201,11 +201,12 @@ async fn build_template(b: &template::Builder, ctx: &BuildCtx<'_>) -> Result<(),
     }
     let state = b.state();
     tokio::task::spawn_blocking(move || {
-        let mut q = qmp::Qmp::connect(mon_host)?;
-        q.ignore_shared(true)?;
+        let s = |e: qmp::QmpError| e.to_string();
+        let mut q = qmp::Qmp::connect(mon_host).map_err(s)?;
+        q.ignore_shared(true).map_err(s)?;
         let out =
             crate::state::private_file(&state).map_err(|e| format!("{}: {e}", state.display()))?;
-        q.save(&out, Duration::from_secs(60))?;
+        q.save(&out, Duration::from_secs(60)).map_err(s)?;
         out.sync_all().map_err(|e| e.to_string())
     })
     .await

@@ -121,84 +121,18 @@ pub fn share_owner(user: Option<&str>, rootfs: Option<&std::path::Path>) -> (u32
     (uid, gid)
 }
 
-/// The network part of a [`Launch`].
-#[derive(Clone, Default, Serialize, Deserialize)]
-pub struct Net {
-    /// No NIC.
-    #[serde(default)]
-    pub disabled: bool,
-    /// Allow rules.
-    #[serde(default)]
-    pub allow_hosts: Vec<String>,
-    /// `NAME:IP` pins.
-    #[serde(default)]
-    pub add_hosts: Vec<(String, String)>,
-    /// Private CIDRs allowed.
-    #[serde(default)]
-    pub allow_private: Vec<String>,
-    /// Secrets.
-    #[serde(default)]
-    pub secrets: Vec<Secret>,
-    /// Extra upstream TLS roots (PEM files).
-    #[serde(default)]
-    pub upstream_ca: Vec<std::path::PathBuf>,
-    /// Audit log file.
-    #[serde(default)]
-    pub audit_file: Option<std::path::PathBuf>,
-}
+/// The network part of a [`Launch`]: the sandbox API's own typed spec, checked with
+/// [`NetworkSpec::validate`] before anything is pulled or booted.
+pub type Net = NetworkSpec;
 
-impl Net {
-    /// The serializable form of a checked [`NetworkSpec`].
-    pub fn from_spec(n: &NetworkSpec) -> Net {
-        Net {
-            disabled: n.disabled,
-            allow_hosts: n.allow_hosts.clone(),
-            add_hosts: n
-                .add_hosts
-                .iter()
-                .map(|(name, ip)| (name.clone(), ip.to_string()))
-                .collect(),
-            allow_private: n.allow_private.clone(),
-            secrets: n
-                .secrets
-                .iter()
-                .map(|s| Secret {
-                    name: s.name.clone(),
-                    value: s.value.clone(),
-                    hosts: s.hosts.clone(),
-                    placeholder: s.placeholder.clone(),
-                    in_body: s.in_body,
-                    allow_http: s.allow_http,
-                })
-                .collect(),
-            upstream_ca: n.upstream_ca.clone(),
-            audit_file: n.audit_file.clone(),
-        }
-    }
-}
-
-/// One secret.
-#[derive(Clone, Serialize, Deserialize)]
-pub struct Secret {
-    /// Variable name.
-    pub name: String,
-    /// Value: lives only in memory and on the supervisor's stdin pipe.
-    pub value: String,
-    /// Hosts it may go to.
-    pub hosts: Vec<String>,
-    /// Placeholder.
-    pub placeholder: Option<String>,
-    /// Substitute in bodies too.
-    #[serde(default)]
-    pub in_body: bool,
-    /// Substitute over plain HTTP too.
-    #[serde(default)]
-    pub allow_http: bool,
-}
+/// One secret (its value lives only in memory and on the supervisor's stdin pipe).
+pub type Secret = SecretSpec;
 
 impl Launch {
     /// The sandbox spec (resolving, and pulling if needed, the image).
     pub async fn spec(&self) -> Result<SandboxSpec, String> {
+        // The network first: a malformed rule or secret is reported before any pull.
+        self.net.validate().map_err(|e| e.to_string())?;
         let rootfs = match (&self.rootfs, &self.image) {
             (Some(p), _) => RootfsSource::from_path(p).map_err(|e| e.to_string())?,
             (None, Some(name)) => {
@@ -237,34 +171,7 @@ impl Launch {
         if let Some(q) = self.share_quota_mib {
             spec.share_quota_mib = q;
         }
-        let mut net = NetworkSpec {
-            disabled: self.net.disabled,
-            allow_hosts: self.net.allow_hosts.clone(),
-            allow_private: self.net.allow_private.clone(),
-            upstream_ca: self.net.upstream_ca.clone(),
-            audit_file: self.net.audit_file.clone(),
-            ..Default::default()
-        };
-        for (name, ip) in &self.net.add_hosts {
-            let ip = ip
-                .parse()
-                .map_err(|_| format!("add-host {name}: {ip:?} is not an IP address"))?;
-            net.add_hosts.push((name.clone(), ip));
-        }
-        for s in &self.net.secrets {
-            net.secrets.push(SecretSpec {
-                name: s.name.clone(),
-                value: s.value.clone(),
-                hosts: s.hosts.clone(),
-                placeholder: s.placeholder.clone(),
-                in_body: s.in_body,
-                allow_http: s.allow_http,
-            });
-        }
-        if net.disabled && (!net.allow_hosts.is_empty() || !net.secrets.is_empty()) {
-            return Err("--no-network cannot be combined with allowed hosts or secrets".into());
-        }
-        spec.network = net;
+        spec.network = self.net.clone();
         Ok(spec)
     }
 
@@ -327,7 +234,17 @@ impl Launch {
             net: Net {
                 disabled: net.no_network,
                 allow_hosts: net.allowed_hosts,
-                add_hosts: net.add_hosts.into_iter().map(|h| (h.host, h.ip)).collect(),
+                add_hosts: net
+                    .add_hosts
+                    .into_iter()
+                    .map(|h| match h.ip.parse() {
+                        Ok(ip) => Ok((h.host, ip)),
+                        Err(_) => Err(RpcError::params(format!(
+                            "add_hosts {}: {:?} is not an IP address",
+                            h.host, h.ip
+                        ))),
+                    })
+                    .collect::<Result<_, _>>()?,
                 // block_private_ips=false opens every private range, as matchlock.
                 allow_private: if net.block_private_ips == Some(false)
                     && net.allow_private.is_empty()

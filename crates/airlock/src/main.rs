@@ -687,6 +687,14 @@ async fn run(a: RunArgs) -> i32 {
             return EXIT_SANDBOX_FAILED;
         }
     }
+    // Checked before the image is resolved or pulled: a bad rule costs nothing.
+    let network = match a.net.to_spec() {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("airlock: {e}");
+            return EXIT_SANDBOX_FAILED;
+        }
+    };
     let (rootfs, argv, image_env, image_cwd, image_user) = match resolve_root(&a).await {
         Ok(r) => r,
         Err(e) => {
@@ -705,13 +713,7 @@ async fn run(a: RunArgs) -> i32 {
     spec.kernel_args = a.kernel_args.clone();
     spec.cold = a.cold;
     spec.from_snapshot = a.from.clone();
-    spec.network = match a.net.to_spec() {
-        Ok(n) => n,
-        Err(e) => {
-            eprintln!("airlock: {e}");
-            return EXIT_SANDBOX_FAILED;
-        }
-    };
+    spec.network = network;
     let listeners = match bind_published(&a.publish) {
         Ok(l) => l,
         Err(e) => {
@@ -862,7 +864,7 @@ fn detach_request(a: RunArgs) -> Result<detach::SuperviseRequest, String> {
         kernel_args: a.kernel_args.clone(),
         cold: a.cold,
         from: a.from.clone(),
-        net: launch::Net::from_spec(&net),
+        net,
         mounts: a.volumes.clone(),
         fs_rules: a.fs_rules.clone(),
         share_quota_mib: Some(a.share_quota),

@@ -220,7 +220,7 @@ impl AirlockMcp {
         for h in &a.add_hosts {
             let (name, ip) = crate::netargs::parse_add_host(h)
                 .map_err(|e| e.replace("--add-host ", "add_hosts "))?;
-            net.add_hosts.push((name, ip.to_string()));
+            net.add_hosts.push((name, ip));
         }
         let mut secret_names = Vec::new();
         for s in &a.secrets {

@@ -91,6 +91,8 @@ impl NetArgs {
                 return Err(format!("--upstream-ca {}: no such file", c.display()));
             }
         }
+        // Every rule checked now, before anything is pulled or booted.
+        spec.validate().map_err(|e| e.to_string())?;
         Ok(spec)
     }
 }

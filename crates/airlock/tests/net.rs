@@ -626,3 +626,79 @@ fn rootfs() -> String {
         format!("{home}/.cache/airlock/demo-rootfs")
     })
 }
+
+/// A malformed rule, range or secret is refused before anything is pulled or booted, by
+/// foreground `run`, `run -d` and RPC `create` alike: the image named here lives on a port
+/// nothing listens on, so an attempted pull would fail with a connection error instead.
+#[test]
+fn bad_network_settings_fail_before_any_pull() {
+    use std::io::Write;
+    let rt = tempfile::tempdir().unwrap();
+    let image = "127.0.0.1:1/none:1";
+    let airlock = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_airlock"))
+            .args(args)
+            .env("AIRLOCK_RUNTIME_DIR", rt.path())
+            .env("AIRLOCK_DATA_DIR", rt.path().join("data"))
+            .env("TOKEN", "value-1234")
+            .output()
+            .unwrap()
+    };
+    for (flags, want) in [
+        (
+            vec!["--allow-host", "a..b"],
+            "'a..b' is not a host name or pattern",
+        ),
+        (vec!["--allow-host", "h.test:99999"], "is not a port number"),
+        (
+            vec!["--allow-private", "10.0.0.0/99"],
+            "--allow-private: '10.0.0.0/99' is not a CIDR",
+        ),
+        (
+            vec!["--secret", "TOKEN@bad host"],
+            "secret TOKEN: 'bad host' is not a host name",
+        ),
+    ] {
+        for detach in [false, true] {
+            let mut args = vec!["run"];
+            if detach {
+                args.push("-d");
+            }
+            args.extend(["--image", image]);
+            args.extend(flags.iter().copied());
+            args.extend(["--", "true"]);
+            let o = airlock(&args);
+            let err = text(&o.stderr);
+            assert_eq!(o.status.code(), Some(125), "{args:?}: {err}");
+            assert!(err.contains(want), "{args:?}: {err}");
+            assert!(
+                !err.contains("127.0.0.1:1"),
+                "{args:?} tried to pull: {err}"
+            );
+        }
+    }
+    let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .arg("rpc")
+        .env("AIRLOCK_RUNTIME_DIR", rt.path())
+        .env("AIRLOCK_DATA_DIR", rt.path().join("data"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(
+            br#"{"jsonrpc":"2.0","id":1,"method":"create","params":{"image":"127.0.0.1:1/none:1","network":{"allowed_hosts":["a..b"]}}}
+"#,
+        )
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let reply = text(&out.stdout);
+    assert!(
+        reply.contains("'a..b' is not a host name or pattern"),
+        "{reply}"
+    );
+    assert!(!reply.contains("127.0.0.1:1"), "{reply}");
+}
