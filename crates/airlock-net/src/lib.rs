@@ -99,7 +99,7 @@ impl Counters {
 /// What the guest NIC has moved, from the guest's point of view (as `docker stats` shows a
 /// container's NET I/O): `rx` is what the guest received, `tx` what it sent, dropped frames
 /// included.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetCounters {
     /// Bytes of ethernet frames delivered to the guest.
     pub rx_bytes: u64,

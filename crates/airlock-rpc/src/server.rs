@@ -20,6 +20,11 @@ use tokio::sync::{mpsc, watch};
 
 use crate::wire::{self, RpcError, EXEC_FAILED, FILE_FAILED, VM_FAILED};
 
+/// A typed result as the JSON value of an answer.
+fn result<T: serde::Serialize>(r: T) -> Result<Value, RpcError> {
+    serde_json::to_value(r).map_err(|e| RpcError::new(wire::INTERNAL_ERROR, e.to_string()))
+}
+
 /// Most output `exec` (the non-streaming one) collects before failing.
 pub const EXEC_OUTPUT_MAX: usize = 64 * 1024 * 1024;
 /// Most `read_file` returns in one answer without a `length` (larger: read ranges).
@@ -451,9 +456,15 @@ impl Conn {
                     bound.push((f.local_addr(), *guest));
                     self.shared.forwards.lock().unwrap().push(f);
                 }
-                Ok(json!({"bindings": bound.iter().map(|(a, g)| json!({
-                    "address": a.ip().to_string(), "local_port": a.port(), "remote_port": g
-                })).collect::<Vec<_>>()}))
+                let bindings = bound
+                    .iter()
+                    .map(|(a, g)| wire::Binding {
+                        address: a.ip().to_string(),
+                        local_port: a.port(),
+                        remote_port: *g,
+                    })
+                    .collect();
+                result(wire::PortForwardResult { bindings })
             }
             "allow_list_add" | "allow_list_delete" => {
                 let p: wire::HostsParams = wire::params(p)?;
@@ -479,16 +490,15 @@ impl Conn {
                     .snapshot(&p.name)
                     .await
                     .map_err(|e| RpcError::params(e.to_string()))?;
-                Ok(json!({"name": info.name, "source": info.source}))
+                result(wire::SnapshotResult {
+                    name: info.name,
+                    source: info.source,
+                })
             }
             "share_diff" => {
                 let sb = self.shared.need_sandbox()?;
                 let changes = sb.share_diff().await.map_err(file_error)?;
-                let changes: Vec<Value> = changes
-                    .into_iter()
-                    .map(|c| json!({"kind": c.kind, "path": c.path}))
-                    .collect();
-                Ok(json!({"changes": changes}))
+                result(wire::ShareDiffResult { changes })
             }
             "copy_out" => {
                 // Writes on the host as the server's user, who is also the client's (stdio,
@@ -507,7 +517,11 @@ impl Conn {
                     .copy_out(&p.path, dest, max, p.umask)
                     .await
                     .map_err(file_error)?;
-                Ok(json!({"files": s.files, "dirs": s.dirs, "skipped": s.skipped}))
+                result(wire::CopyOutResult {
+                    files: s.files,
+                    dirs: s.dirs,
+                    skipped: s.skipped,
+                })
             }
             "copy_in" => {
                 // Reads the host as the server's user, who is also the client's.
@@ -521,22 +535,22 @@ impl Conn {
                 }
                 let sb = self.shared.need_sandbox()?;
                 let bytes = sb.copy_in(src, &p.dest).await.map_err(file_error)?;
-                Ok(json!({"bytes": bytes}))
+                result(wire::CopyInResult { bytes })
             }
             "stats" => {
                 // Airlock extension: one sample; a client makes rates from two.
                 let sb = self.shared.need_sandbox()?;
-                Ok(serde_json::to_value(sb.stats()).unwrap_or_default())
+                result(sb.stats())
             }
             "info" => {
                 let sb = self.shared.need_sandbox()?;
-                Ok(json!({
-                    "id": sb.id(),
-                    "vm_pid": sb.vm_pid(),
-                    "kernel": sb.kernel_release(),
-                    "accel": sb.accel().accel.to_string(),
-                    "supervisor_pid": std::process::id(),
-                }))
+                result(wire::InfoResult {
+                    id: sb.id().to_string(),
+                    vm_pid: sb.vm_pid(),
+                    kernel: sb.kernel_release().to_string(),
+                    accel: sb.accel().accel.to_string(),
+                    supervisor_pid: std::process::id(),
+                })
             }
             "shutdown" => {
                 let p: wire::ShutdownParams = wire::params(p)?;
@@ -774,18 +788,14 @@ impl Conn {
                         _ => -1,
                     };
                     let ms = started.elapsed().as_millis() as u64;
-                    let mut r = json!({"exit_code": code, "duration_ms": ms});
-                    if let Some(sig) = s.signal {
-                        r["signal"] = json!(sig);
-                    }
-                    if s.oom_killed {
-                        r["oom_killed"] = json!(true);
-                    }
-                    if collect {
-                        r["stdout"] = json!(b64(&stdout));
-                        r["stderr"] = json!(b64(&stderr));
-                    }
-                    return Ok(r);
+                    return result(wire::ExecResult {
+                        exit_code: code,
+                        duration_ms: ms,
+                        signal: s.signal,
+                        oom_killed: s.oom_killed,
+                        stdout: collect.then(|| b64(&stdout)),
+                        stderr: collect.then(|| b64(&stderr)),
+                    });
                 }
                 Ok(Some(ExecEvent::Failed(e))) => {
                     return Err(RpcError::new(EXEC_FAILED, e.message))

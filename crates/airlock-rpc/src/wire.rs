@@ -343,50 +343,50 @@ pub struct VfsParams {
 }
 
 /// Parameters of `exec`, `exec_stream`, `exec_pipe`, `exec_tty`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 pub struct ExecParams {
     /// Shell command line (run with `sh -c`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<String>,
     /// Airlock extension: program and arguments, no shell.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub argv: Option<Vec<String>>,
     /// Working directory.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub working_dir: Option<String>,
     /// User (`name`, `uid`, `uid:gid`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
     /// Airlock extension: extra environment.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
     /// Terminal rows (`exec_tty`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rows: Option<u16>,
     /// Terminal columns (`exec_tty`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cols: Option<u16>,
     /// Airlock extension for `exec`/`exec_stream`: stdin bytes, base64.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stdin: Option<String>,
 }
 
 /// Parameters of `*.stdin`, `*.stdin_eof`, `*.resize`, `*.signal`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct InputParams {
     /// The id of the exec request.
     pub id: Value,
     /// Base64 bytes (`stdin`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<String>,
     /// Rows (`resize`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rows: Option<u16>,
     /// Columns (`resize`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cols: Option<u16>,
     /// Signal number (`signal`, an Airlock extension).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<i32>,
 }
 
@@ -399,7 +399,7 @@ pub struct WriteFileParams {
     #[serde(default)]
     pub content: String,
     /// Permission bits (default 0644).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<u32>,
     /// Airlock extension: append (to write large files in chunks).
     #[serde(default)]
@@ -415,18 +415,18 @@ pub struct PathParams {
     #[serde(default)]
     pub offset: u64,
     /// Airlock extension (`read_file`): at most this many bytes.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub length: Option<u64>,
 }
 
 /// `port_forward`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct PortForwardParams {
     /// Mappings.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub forwards: Vec<Forward>,
     /// Host addresses to bind (default 127.0.0.1).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub addresses: Vec<String>,
 }
 
@@ -440,29 +440,29 @@ pub struct Forward {
 }
 
 /// `allow_list_add` / `allow_list_delete`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct HostsParams {
     /// Allow rules.
     pub hosts: Vec<String>,
 }
 
 /// `copy_out` (Airlock extension).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct CopyOutParams {
     /// Guest path (a file or a directory tree).
     pub path: String,
     /// Absolute host path that must not exist yet.
     pub dest: String,
     /// Most bytes accepted (default [`COPY_OUT_DEFAULT_MAX`]).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_bytes: Option<u64>,
     /// The client's umask, applied to what is written (default: the server's own).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub umask: Option<u32>,
 }
 
 /// `copy_in` (Airlock extension).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct CopyInParams {
     /// Absolute host path of a file or directory tree.
     pub src: String,
@@ -472,10 +472,10 @@ pub struct CopyInParams {
 
 /// `shutdown` (supervisor sockets). Without `grace_ms` the VM powers off at once (`kill`); with
 /// it the guest's processes get SIGTERM and that long before SIGKILL (`stop`).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
 pub struct ShutdownParams {
     /// Milliseconds between SIGTERM and SIGKILL (at most 600 000).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grace_ms: Option<u64>,
 }
 
@@ -495,6 +495,118 @@ pub struct CloseParams {
     /// Grace period for a clean shutdown.
     #[serde(default)]
     pub timeout_seconds: Option<f64>,
+}
+
+// Results. The server serializes these and the client ([`crate::client`]) parses them, so the
+// two cannot drift apart.
+
+/// Result of `exec`, `exec_stream`, `exec_pipe` and `exec_tty`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+pub struct ExecResult {
+    /// Exit code; 128 + N for a command killed by signal N; -1 if unknown.
+    pub exit_code: i32,
+    /// Wall time of the command, milliseconds.
+    #[serde(default)]
+    pub duration_ms: u64,
+    /// The signal that killed the command.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// The guest's OOM killer ended it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub oom_killed: bool,
+    /// `exec` only: its standard output, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdout: Option<String>,
+    /// `exec` only: its standard error, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stderr: Option<String>,
+}
+
+/// Parameters of the `*.stdout` / `*.stderr` notifications a streaming exec sends.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct OutputParams {
+    /// The id of the exec request.
+    pub id: Value,
+    /// Base64 bytes.
+    #[serde(default)]
+    pub data: String,
+}
+
+/// One bound forward in the result of `port_forward`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+pub struct Binding {
+    /// Host address bound.
+    pub address: String,
+    /// Host port bound (the one picked when 0 was asked).
+    pub local_port: u16,
+    /// Guest port.
+    pub remote_port: u16,
+}
+
+/// Result of `port_forward`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct PortForwardResult {
+    /// What was bound.
+    #[serde(default)]
+    pub bindings: Vec<Binding>,
+}
+
+/// Result of `share_diff`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct ShareDiffResult {
+    /// Changed guest paths.
+    #[serde(default)]
+    pub changes: Vec<airlock_sandbox::ShareChange>,
+}
+
+/// Result of `copy_out`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize)]
+pub struct CopyOutResult {
+    /// Regular files written.
+    #[serde(default)]
+    pub files: u64,
+    /// Directories made.
+    #[serde(default)]
+    pub dirs: u64,
+    /// Entries left out (symlinks, devices).
+    #[serde(default)]
+    pub skipped: u64,
+}
+
+/// Result of `copy_in`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize)]
+pub struct CopyInResult {
+    /// Bytes of file content copied.
+    #[serde(default)]
+    pub bytes: u64,
+}
+
+/// Result of `snapshot`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct SnapshotResult {
+    /// The snapshot's name.
+    pub name: String,
+    /// Id of the sandbox it was taken from.
+    pub source: String,
+}
+
+/// Result of `info` (an Airlock extension).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct InfoResult {
+    /// Sandbox id.
+    pub id: String,
+    /// Pid of the VM process.
+    #[serde(default)]
+    pub vm_pid: u32,
+    /// The guest kernel's release string.
+    #[serde(default)]
+    pub kernel: String,
+    /// `kvm` or `tcg`.
+    #[serde(default)]
+    pub accel: String,
+    /// Pid of the process serving this socket.
+    #[serde(default)]
+    pub supervisor_pid: u32,
 }
 
 /// Every method this server knows.
@@ -529,7 +641,7 @@ pub const METHODS: &[&str] = &[
 ];
 
 /// `snapshot` (an Airlock extension): capture the running sandbox under `name`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct SnapshotParams {
     /// Snapshot name.
     pub name: String,

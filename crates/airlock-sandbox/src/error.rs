@@ -57,6 +57,15 @@ pub enum Error {
     /// A file operation failed in the guest (the message names the path).
     #[error("{}", .0.message)]
     File(ExecError),
+    /// A snapshot could not be taken, found or started.
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    /// The sandbox network could not be set up, or a rule given to it is malformed.
+    #[error(transparent)]
+    Network(#[from] airlock_net::NetError),
+    /// The operation needs the sandbox's network, and it has none (`--no-network`).
+    #[error("this sandbox has no network")]
+    NoNetwork,
     /// Host I/O.
     #[error("{0}")]
     Io(#[from] std::io::Error),

@@ -52,7 +52,9 @@ pub use files::{FileInfo, READ_FILE_MAX};
 pub use network::{NetworkSpec, SecretSpec};
 pub use ports::{GuestStream, PortForward, MAX_FORWARD_CONNECTIONS};
 pub use rootfs::RootfsSource;
-pub use shares::{process_umask, FsEvent, FsRule, Mount, Share, ShareMode, VolumeMount};
+pub use shares::{
+    process_umask, FsEvent, FsRule, Mount, Share, ShareChange, ShareMode, VolumeMount,
+};
 pub use spec::{
     ExecSpec, Output, SandboxSpec, DEFAULT_CPUS, DEFAULT_DISK_MIB, DEFAULT_MEMORY_MIB,
     DEFAULT_SHARE_QUOTA_MIB,
@@ -185,7 +187,7 @@ impl Sandbox {
         let nic = match &network {
             Some(net) => {
                 let (host, vm) = std::os::unix::net::UnixStream::pair()?;
-                net.start(host).map_err(|e| Error::Setup(e.to_string()))?;
+                net.start(host)?;
                 Some(NicConfig {
                     fd: vm.into(),
                     mac: airlock_net::stack::GUEST_MAC,
@@ -503,18 +505,18 @@ impl Sandbox {
     pub fn allow_host(&self, rule: &str) -> Result<(), Error> {
         self.network
             .as_ref()
-            .ok_or_else(|| Error::Setup("this sandbox has no network".into()))?
+            .ok_or(Error::NoNetwork)?
             .allow(rule)
-            .map_err(|e| Error::Setup(e.to_string()))
+            .map_err(Error::from)
     }
 
     /// Removes an allow rule; returns whether it was there.
     pub fn remove_allowed_host(&self, rule: &str) -> Result<bool, Error> {
         self.network
             .as_ref()
-            .ok_or_else(|| Error::Setup("this sandbox has no network".into()))?
+            .ok_or(Error::NoNetwork)?
             .remove(rule)
-            .map_err(|e| Error::Setup(e.to_string()))
+            .map_err(Error::from)
     }
 
     /// Host pid of the VMM process.

@@ -66,7 +66,7 @@ pub(crate) fn build(spec: &NetworkSpec) -> Result<airlock_net::Network, crate::E
         upstream_ca: spec.upstream_ca.clone(),
         audit_file: spec.audit_file.clone(),
     };
-    airlock_net::Network::new(cfg).map_err(|e| crate::Error::Setup(e.to_string()))
+    airlock_net::Network::new(cfg).map_err(crate::Error::from)
 }
 
 impl NetworkSpec {

@@ -69,6 +69,42 @@ pub fn snapshots_dir() -> PathBuf {
     crate::assets::cache_dir().join("snapshots")
 }
 
+/// Why a snapshot could not be taken, found or started.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// The name is not a valid snapshot name.
+    #[error("snapshot name {0:?}: use 1-64 letters, digits, '.', '_' or '-' (not a leading '.')")]
+    BadName(String),
+    /// No snapshot has this name.
+    #[error("no snapshot named {0} (take one with: airlock snapshot ID {0})")]
+    NotFound(String),
+    /// A snapshot of this name exists already.
+    #[error("a snapshot named {0} exists: remove it first (airlock snapshot --rm {0})")]
+    Exists(String),
+    /// Its files are unreadable or incomplete.
+    #[error("snapshot {name} is damaged ({why}): remove it with airlock snapshot --rm {name}")]
+    Damaged {
+        /// The snapshot.
+        name: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A kernel, initrd or image it was taken on is gone.
+    #[error("snapshot {name} needs {} which is gone (the image or kernel was removed)", .path.display())]
+    Missing {
+        /// The snapshot.
+        name: String,
+        /// The missing file.
+        path: PathBuf,
+    },
+    /// This sandbox, or this start, cannot use snapshots (the message says why).
+    #[error("{0}")]
+    Refused(String),
+    /// The VMM failed to save or restore the state.
+    #[error("snapshot: {0}")]
+    Vmm(String),
+}
+
 fn check_name(name: &str) -> Result<(), Error> {
     let ok = !name.is_empty()
         && name.len() <= 64
@@ -79,9 +115,7 @@ fn check_name(name: &str) -> Result<(), Error> {
     if ok {
         Ok(())
     } else {
-        Err(Error::Setup(format!(
-            "snapshot name {name:?}: use 1-64 letters, digits, '.', '_' or '-' (not a leading '.')"
-        )))
+        Err(SnapshotError::BadName(name.into()).into())
     }
 }
 
@@ -104,7 +138,7 @@ pub fn remove(name: &str) -> Result<(), Error> {
     check_name(name)?;
     let dir = snapshots_dir().join(name);
     if !dir.is_dir() {
-        return Err(Error::Setup(format!("no snapshot named {name}")));
+        return Err(SnapshotError::NotFound(name.into()).into());
     }
     let trash = snapshots_dir().join(format!(".rm-{name}-{}", std::process::id()));
     std::fs::rename(&dir, &trash)?;
@@ -115,25 +149,28 @@ pub fn remove(name: &str) -> Result<(), Error> {
 fn load(name: &str) -> Result<(PathBuf, SnapshotInfo), Error> {
     check_name(name)?;
     let dir = snapshots_dir().join(name);
-    let bytes = std::fs::read(dir.join("manifest.json")).map_err(|_| {
-        Error::Setup(format!(
-            "no snapshot named {name} (take one with: airlock snapshot ID {name})"
-        ))
-    })?;
-    let info: SnapshotInfo = serde_json::from_slice(&bytes)
-        .map_err(|e| Error::Setup(format!("snapshot {name}: bad manifest: {e}")))?;
+    let bytes = std::fs::read(dir.join("manifest.json"))
+        .map_err(|_| SnapshotError::NotFound(name.into()))?;
+    let info: SnapshotInfo =
+        serde_json::from_slice(&bytes).map_err(|e| SnapshotError::Damaged {
+            name: name.into(),
+            why: format!("bad manifest: {e}"),
+        })?;
     let size = |f: &str| std::fs::metadata(dir.join(f)).map(|m| m.len()).ok();
     if size("state") != Some(info.state_size) || size("scratch.ext4") != Some(info.scratch_size) {
-        return Err(Error::Setup(format!(
-            "snapshot {name} is damaged (a file is missing or has the wrong size): remove it with airlock snapshot --rm {name}"
-        )));
+        return Err(SnapshotError::Damaged {
+            name: name.into(),
+            why: "a file is missing or has the wrong size".into(),
+        }
+        .into());
     }
     for p in [&info.launch.kernel, &info.launch.initrd, &info.launch.base] {
         if !p.is_file() {
-            return Err(Error::Setup(format!(
-                "snapshot {name} needs {} which is gone (the image or kernel was removed)",
-                p.display()
-            )));
+            return Err(SnapshotError::Missing {
+                name: name.into(),
+                path: p.clone(),
+            }
+            .into());
         }
     }
     Ok((dir, info))
@@ -145,21 +182,20 @@ impl Sandbox {
     pub async fn snapshot(&self, name: &str) -> Result<SnapshotInfo, Error> {
         check_name(name)?;
         let Some(launch) = self.launch.clone() else {
-            return Err(Error::Setup("this sandbox cannot be snapshotted".into()));
+            return Err(SnapshotError::Refused("this sandbox cannot be snapshotted".into()).into());
         };
         if let Some(why) = &launch.pinned {
-            return Err(Error::Setup(format!(
+            return Err(SnapshotError::Refused(format!(
                 "sandbox {} {why}, which cannot be snapshotted (vhost-user-fs cannot migrate in QEMU 7.2; a volume belongs to one sandbox at a time)",
                 self.id
-            )));
+            ))
+            .into());
         }
         let root = snapshots_dir();
         std::fs::create_dir_all(&root)?;
         let dest = root.join(name);
         if dest.exists() {
-            return Err(Error::Setup(format!(
-                "a snapshot named {name} exists: remove it first (airlock snapshot --rm {name})"
-            )));
+            return Err(SnapshotError::Exists(name.into()).into());
         }
         let tmp = root.join(format!(".tmp-{name}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
@@ -182,10 +218,10 @@ impl Sandbox {
                 state_size: std::fs::metadata(tmp.join("state"))?.len(),
                 scratch_size: std::fs::metadata(tmp.join("scratch.ext4"))?.len(),
             };
-            let json = serde_json::to_vec_pretty(&info).map_err(|e| Error::Setup(e.to_string()))?;
+            let json = serde_json::to_vec_pretty(&info).map_err(std::io::Error::other)?;
             crate::assets::write_atomic(&tmp.join("manifest.json"), &json)?;
             std::fs::rename(&tmp, &dest).map_err(|e| {
-                Error::Setup(format!("store snapshot {name}: {e} (taken concurrently?)"))
+                SnapshotError::Vmm(format!("store snapshot {name}: {e} (taken concurrently?)"))
             })?;
             Ok(info)
         });
@@ -202,15 +238,16 @@ impl Sandbox {
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while self.conn.unsent() > 0 {
             if std::time::Instant::now() > deadline {
-                return Err(Error::Setup(
+                return Err(SnapshotError::Refused(
                     "the guest is not reading its control channel; cannot snapshot".into(),
-                ));
+                )
+                .into());
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let mon = self.monitor.lock().unwrap().take();
         let Some(mut mon) = mon else {
-            return Err(Error::Setup("this sandbox has no VMM monitor".into()));
+            return Err(SnapshotError::Refused("this sandbox has no VMM monitor".into()).into());
         };
         let (state, scratch_src, scratch_dst) = (
             dir.join("state"),
@@ -239,10 +276,10 @@ impl Sandbox {
             (mon, r)
         })
         .await
-        .map_err(|e| Error::Setup(e.to_string()))?;
+        .map_err(|e| SnapshotError::Vmm(e.to_string()))?;
         *self.monitor.lock().unwrap() = Some(mon);
         drop(gate);
-        r.map_err(|e| Error::Setup(format!("snapshot: {e}")))
+        Ok(r.map_err(SnapshotError::Vmm)?)
     }
 }
 
@@ -253,14 +290,15 @@ pub(crate) async fn start(
     backend: &dyn Backend,
 ) -> Result<Sandbox, Error> {
     if !spec.shares.is_empty() || !spec.volumes.is_empty() {
-        return Err(Error::Setup(
+        return Err(SnapshotError::Refused(
             "a sandbox started from a snapshot cannot add shares or volumes".into(),
-        ));
+        )
+        .into());
     }
     let (dir, info) = load(name)?;
     let l = info.launch.clone();
     if l.nic == spec.network.disabled {
-        return Err(Error::Setup(format!(
+        return Err(SnapshotError::Refused(format!(
             "snapshot {name} was taken {} a network; start it {}",
             if l.nic { "with" } else { "without" },
             if l.nic {
@@ -268,7 +306,8 @@ pub(crate) async fn start(
             } else {
                 "with --no-network"
             }
-        )));
+        ))
+        .into());
     }
     let accel: Accel = l.accel.parse().map_err(Error::Setup)?;
     let id = crate::new_id();
@@ -289,8 +328,7 @@ pub(crate) async fn start(
     let nic = match &network {
         Some(net) => {
             let (host, vm) = std::os::unix::net::UnixStream::pair()?;
-            net.start(host)
-                .map_err(|e| crate::Error::Setup(e.to_string()))?;
+            net.start(host)?;
             Some(NicConfig {
                 fd: vm.into(),
                 mac: airlock_net::stack::GUEST_MAC,

@@ -1,10 +1,10 @@
 //! Resource use of a running sandbox, as `airlock stats` shows it: what the VM process costs
 //! the host (CPU time, memory) and what the guest NIC moved.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// A sample of a sandbox's resource use.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Stats {
     /// CPU time the VM process has used (user + system, every thread), nanoseconds.
     pub cpu_ns: u64,

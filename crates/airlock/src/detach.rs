@@ -18,10 +18,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use airlock_sandbox::{private_file, ExecEvent, ExecSpec, Sandbox};
-use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
+
+use airlock_rpc::client::{Client, ExecKind, ExecMessage};
+use airlock_rpc::wire;
 
 use crate::launch::Launch;
 
@@ -684,98 +686,17 @@ async fn run_main(sb: Arc<Sandbox>, spec: ExecSpec, log: PathBuf) {
 // ---------------------------------------------------------------------------------------------
 // Client side of the socket
 
-/// A JSON-RPC connection to a supervisor.
-pub struct Client {
-    rd: tokio::io::BufReader<tokio::net::unix::OwnedReadHalf>,
-    wr: tokio::net::unix::OwnedWriteHalf,
-    next: u64,
-}
-
-impl Client {
-    /// Connects to sandbox `id`.
-    pub async fn connect(id: &str) -> Result<(Client, PathBuf), String> {
-        let dir = find(id)?;
-        if status(&dir) != Status::Running {
-            return Err(format!(
-                "sandbox {} is not running (airlock ls -a)",
-                dir.file_name().unwrap_or_default().to_string_lossy()
-            ));
-        }
-        let s = tokio::net::UnixStream::connect(dir.join("sock"))
-            .await
-            .map_err(|e| format!("cannot reach the sandbox's supervisor: {e}"))?;
-        let (r, w) = s.into_split();
-        Ok((
-            Client {
-                rd: tokio::io::BufReader::new(r),
-                wr: w,
-                next: 1,
-            },
-            dir,
-        ))
+/// The typed JSON-RPC client, connected to sandbox `id`'s supervisor.
+pub async fn connect(id: &str) -> Result<(Client, PathBuf), String> {
+    let dir = find(id)?;
+    if status(&dir) != Status::Running {
+        return Err(format!(
+            "sandbox {} is not running (airlock ls -a)",
+            dir.file_name().unwrap_or_default().to_string_lossy()
+        ));
     }
-
-    /// Sends a request; returns its id.
-    pub async fn send(&mut self, method: &str, params: Value) -> Result<u64, String> {
-        let id = self.next;
-        self.next += 1;
-        self.send_raw(json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}))
-            .await?;
-        Ok(id)
-    }
-
-    /// Sends a notification (no answer).
-    pub async fn notify(&mut self, method: &str, params: Value) -> Result<(), String> {
-        self.send_raw(json!({"jsonrpc": "2.0", "method": method, "params": params}))
-            .await
-    }
-
-    async fn send_raw(&mut self, v: Value) -> Result<(), String> {
-        let mut line = v.to_string();
-        line.push('\n');
-        self.wr
-            .write_all(line.as_bytes())
-            .await
-            .map_err(|e| format!("supervisor connection: {e}"))
-    }
-
-    /// The next message.
-    pub async fn recv(&mut self) -> Result<Value, String> {
-        let mut line = String::new();
-        let n = self
-            .rd
-            .read_line(&mut line)
-            .await
-            .map_err(|e| format!("supervisor connection: {e}"))?;
-        if n == 0 {
-            return Err("the supervisor closed the connection (sandbox stopped?)".into());
-        }
-        serde_json::from_str(&line).map_err(|e| format!("bad answer from supervisor: {e}"))
-    }
-
-    /// Calls `method` and waits for its answer.
-    pub async fn call(&mut self, method: &str, params: Value) -> Result<Value, String> {
-        let id = self.send(method, params).await?;
-        loop {
-            let v = self.recv().await?;
-            if v["id"] == json!(id) {
-                if let Some(e) = v.get("error") {
-                    return Err(e["message"].as_str().unwrap_or("error").to_string());
-                }
-                return Ok(v["result"].clone());
-            }
-        }
-    }
-}
-
-fn b64d(s: &str) -> Vec<u8> {
-    base64::engine::general_purpose::STANDARD
-        .decode(s)
-        .unwrap_or_default()
-}
-
-fn b64e(b: &[u8]) -> String {
-    base64::engine::general_purpose::STANDARD.encode(b)
+    let c = Client::connect(&dir.join("sock")).await?;
+    Ok((c, dir))
 }
 
 /// Options of `airlock exec`.
@@ -811,31 +732,26 @@ async fn exec_inner(o: ExecOpts) -> Result<i32, String> {
     if o.cmd.is_empty() {
         return Err("no command given: airlock exec ID -- CMD [ARG...]".into());
     }
-    let (mut c, _) = Client::connect(&o.id).await?;
+    let (mut c, _) = connect(&o.id).await?;
     let tty = o
         .tty
         .then(crate::term::local_size)
         .map(|s| s.unwrap_or(airlock_sandbox::WinSize { rows: 24, cols: 80 }));
-    let env: serde_json::Map<String, Value> = o
-        .env
-        .into_iter()
-        .map(|(k, v)| (k, Value::String(v)))
-        .collect();
-    let mut params = json!({"argv": o.cmd, "env": env});
-    if let Some(w) = &o.workdir {
-        params["working_dir"] = json!(w);
-    }
-    if let Some(u) = &o.user {
-        params["user"] = json!(u);
-    }
-    let method = if let Some(ws) = tty {
-        params["rows"] = json!(ws.rows);
-        params["cols"] = json!(ws.cols);
-        "exec_tty"
-    } else {
-        "exec_pipe"
+    let params = wire::ExecParams {
+        argv: Some(o.cmd),
+        env: o.env.into_iter().collect(),
+        working_dir: o.workdir,
+        user: o.user,
+        rows: tty.map(|ws| ws.rows),
+        cols: tty.map(|ws| ws.cols),
+        ..Default::default()
     };
-    let id = c.send(method, params).await?;
+    let kind = if tty.is_some() {
+        ExecKind::Tty
+    } else {
+        ExecKind::Pipe
+    };
+    let id = c.exec_start(kind, &params).await?;
     let mut signals = crate::term::Signals::new()?;
     let _raw = if tty.is_some() && o.interactive {
         crate::term::RawMode::enable()
@@ -847,70 +763,72 @@ async fn exec_inner(o: ExecOpts) -> Result<i32, String> {
     let mut ready = false;
     let mut stdout = std::io::stdout();
     let mut stderr = std::io::stderr();
-    let pfx = method;
     loop {
         tokio::select! {
-            m = c.recv() => {
-                let v = m?;
-                match v["method"].as_str() {
-                    Some(n) if n.ends_with(".ready") => {
-                        ready = true;
-                        if o.interactive {
-                            let tx = in_tx.clone();
-                            std::thread::spawn(move || {
-                                let mut buf = vec![0u8; 32 * 1024];
-                                let mut stdin = std::io::stdin().lock();
-                                loop {
-                                    match stdin.read(&mut buf) {
-                                        Ok(0) | Err(_) => break,
-                                        Ok(n) => if tx.blocking_send(Some(buf[..n].to_vec())).is_err() { return },
-                                    }
+            m = c.exec_next(kind, id) => match m? {
+                ExecMessage::Ready => {
+                    ready = true;
+                    if o.interactive {
+                        let tx = in_tx.clone();
+                        std::thread::spawn(move || {
+                            let mut buf = vec![0u8; 32 * 1024];
+                            let mut stdin = std::io::stdin().lock();
+                            loop {
+                                match stdin.read(&mut buf) {
+                                    Ok(0) | Err(_) => break,
+                                    Ok(n) => if tx.blocking_send(Some(buf[..n].to_vec())).is_err() { return },
                                 }
-                                let _ = tx.blocking_send(None);
-                            });
-                        } else {
-                            c.notify(&format!("{pfx}.stdin_eof"), json!({"id": id})).await?;
-                        }
+                            }
+                            let _ = tx.blocking_send(None);
+                        });
+                    } else {
+                        c.exec_stdin_eof(kind, id).await?;
                     }
-                    Some(n) if n.ends_with(".stdout") => {
-                        let b = b64d(v["params"]["data"].as_str().unwrap_or(""));
-                        if stdout.write_all(&b).and_then(|_| stdout.flush()).is_err() {
-                            c.notify(&format!("{pfx}.signal"), json!({"id": id, "signal": libc::SIGPIPE})).await?;
-                        }
-                    }
-                    Some(n) if n.ends_with(".stderr") => {
-                        let _ = stderr.write_all(&b64d(v["params"]["data"].as_str().unwrap_or("")));
-                    }
-                    Some(_) => {}
-                    None if v["id"] == json!(id) => {
-                        drop(_raw);
-                        if let Some(e) = v.get("error") {
-                            let msg = e["message"].as_str().unwrap_or("exec failed");
-                            eprintln!("airlock: {msg}");
-                            return Ok(if e["code"] == json!(airlock_rpc::wire::EXEC_FAILED) {
-                                if msg.contains("not found") { 127 } else if msg.contains("ermission denied") { 126 } else { 125 }
-                            } else { crate::EXIT_SANDBOX_FAILED });
-                        }
-                        if v["result"]["oom_killed"] == json!(true) {
-                            eprintln!("airlock: {}", crate::OOM_MESSAGE);
-                        }
-                        return Ok(v["result"]["exit_code"].as_i64().unwrap_or(125) as i32);
-                    }
-                    None => {}
                 }
-            }
+                ExecMessage::Stdout(b) => {
+                    if stdout.write_all(&b).and_then(|_| stdout.flush()).is_err() {
+                        c.exec_signal(kind, id, libc::SIGPIPE).await?;
+                    }
+                }
+                ExecMessage::Stderr(b) => {
+                    let _ = stderr.write_all(&b);
+                }
+                ExecMessage::Done(r) => {
+                    drop(_raw);
+                    return Ok(match r {
+                        Ok(r) => {
+                            if r.oom_killed {
+                                eprintln!("airlock: {}", crate::OOM_MESSAGE);
+                            }
+                            r.exit_code
+                        }
+                        Err(e) => {
+                            eprintln!("airlock: {}", e.message);
+                            if e.code != wire::EXEC_FAILED {
+                                crate::EXIT_SANDBOX_FAILED
+                            } else if e.message.contains("not found") {
+                                127
+                            } else if e.message.contains("ermission denied") {
+                                126
+                            } else {
+                                125
+                            }
+                        }
+                    });
+                }
+            },
             d = in_rx.recv(), if ready => match d {
-                Some(Some(b)) => c.notify(&format!("{pfx}.stdin"), json!({"id": id, "data": b64e(&b)})).await?,
-                Some(None) | None => c.notify(&format!("{pfx}.stdin_eof"), json!({"id": id})).await?,
+                Some(Some(b)) => c.exec_stdin(kind, id, &b).await?,
+                Some(None) | None => c.exec_stdin_eof(kind, id).await?,
             },
             ev = signals.next() => match ev {
                 crate::term::SignalEvent::Resize => {
                     if let (Some(ws), true) = (crate::term::local_size(), tty.is_some()) {
-                        c.notify("exec_tty.resize", json!({"id": id, "rows": ws.rows, "cols": ws.cols})).await?;
+                        c.exec_resize(id, ws.rows, ws.cols).await?;
                     }
                 }
                 crate::term::SignalEvent::Forward(sig) => {
-                    c.notify(&format!("{pfx}.signal"), json!({"id": id, "signal": sig})).await?;
+                    c.exec_signal(kind, id, sig).await?;
                 }
             },
         }
@@ -1100,10 +1018,10 @@ pub async fn inspect(id: &str) -> Result<(), String> {
         j["exit"] = serde_json::from_slice(&b).unwrap_or(Value::Null);
     }
     if s == Status::Running {
-        if let Ok((mut c, _)) = Client::connect(id).await {
-            if let Ok(info) = c.call("info", json!({})).await {
-                j["kernel"] = info["kernel"].clone();
-                j["accel"] = info["accel"].clone();
+        if let Ok((mut c, _)) = connect(id).await {
+            if let Ok(info) = c.info().await {
+                j["kernel"] = json!(info.kernel);
+                j["accel"] = json!(info.accel);
             }
         }
     }
@@ -1223,12 +1141,8 @@ async fn halt(id: &str, grace: Option<Duration>) -> Result<(), String> {
     if status(&dir) != Status::Running {
         return Err(format!("sandbox {id} is not running"));
     }
-    let params = match grace {
-        Some(g) => json!({"grace_ms": g.as_millis() as u64}),
-        None => json!({}),
-    };
-    let asked = match Client::connect(id).await {
-        Ok((mut c, _)) => c.call("shutdown", params).await.is_ok(),
+    let asked = match connect(id).await {
+        Ok((mut c, _)) => c.shutdown(grace).await.is_ok(),
         Err(_) => false,
     };
     if !asked {
@@ -1341,30 +1255,22 @@ pub async fn port_forward(id: &str, specs: &[String]) -> Result<(), String> {
 
 /// Sets up forwards through the supervisor, writing one `ADDR:PORT -> GUEST` line each to `out`.
 async fn forward(id: &str, specs: &[String], out: &mut dyn Write) -> Result<(), String> {
-    let mut by_addr: std::collections::BTreeMap<String, Vec<Value>> = Default::default();
+    let mut by_addr: std::collections::BTreeMap<String, Vec<wire::Forward>> = Default::default();
     for s in specs {
         let (a, h, g) = parse_forward(s)?;
-        by_addr
-            .entry(a)
-            .or_default()
-            .push(json!({"local_port": h, "remote_port": g}));
+        by_addr.entry(a).or_default().push(wire::Forward {
+            local_port: h,
+            remote_port: g,
+        });
     }
-    let (mut c, _) = Client::connect(id).await?;
-    for (addr, fwds) in by_addr {
-        let r = c
-            .call(
-                "port_forward",
-                json!({"forwards": fwds, "addresses": [addr]}),
-            )
-            .await?;
-        for b in r["bindings"].as_array().into_iter().flatten() {
-            let _ = writeln!(
-                out,
-                "{}:{} -> {}",
-                b["address"].as_str().unwrap_or(""),
-                b["local_port"],
-                b["remote_port"]
-            );
+    let (mut c, _) = connect(id).await?;
+    for (addr, forwards) in by_addr {
+        let p = wire::PortForwardParams {
+            forwards,
+            addresses: vec![addr],
+        };
+        for b in c.port_forward(&p).await?.bindings {
+            let _ = writeln!(out, "{}:{} -> {}", b.address, b.local_port, b.remote_port);
         }
     }
     Ok(())
@@ -1372,13 +1278,8 @@ async fn forward(id: &str, specs: &[String], out: &mut dyn Write) -> Result<(), 
 
 /// `airlock allow-list add|rm`.
 pub async fn allow_list(id: &str, add: bool, hosts: &[String]) -> Result<(), String> {
-    let (mut c, _) = Client::connect(id).await?;
-    let m = if add {
-        "allow_list_add"
-    } else {
-        "allow_list_delete"
-    };
-    c.call(m, json!({"hosts": hosts})).await.map(drop)
+    let (mut c, _) = connect(id).await?;
+    Ok(c.allow_list(add, hosts).await?)
 }
 
 /// A guest-supplied path made safe to print: control characters escaped, so a hostile
@@ -1398,16 +1299,13 @@ fn printable(s: &str) -> String {
 /// `airlock diff`: what the guest changed in its overlay workspace shares, docker-style
 /// (`A` added, `C` changed, `D` deleted), or the raw list with `--json`.
 pub async fn diff(id: &str, json_out: bool) -> Result<(), String> {
-    let (mut c, _) = Client::connect(id).await?;
-    let r = c.call("share_diff", json!({})).await?;
-    let mut changes: Vec<(String, String)> = r["changes"]
-        .as_array()
-        .ok_or("bad answer from the supervisor: no changes list")?
-        .iter()
-        .map(|v| {
-            let s = |k: &str| v[k].as_str().unwrap_or("").to_string();
-            (s("path"), s("kind"))
-        })
+    let (mut c, _) = connect(id).await?;
+    let mut changes: Vec<(String, String)> = c
+        .share_diff()
+        .await?
+        .changes
+        .into_iter()
+        .map(|ch| (ch.path, ch.kind))
         .collect();
     changes.sort();
     if json_out {
@@ -1454,9 +1352,12 @@ pub async fn cp_in(src: &str, dest: &str) -> Result<(), String> {
     let src_s = abs
         .to_str()
         .ok_or_else(|| format!("{}: the source must be UTF-8", abs.display()))?;
-    let (mut c, _) = Client::connect(id).await?;
-    c.call("copy_in", json!({"src": src_s, "dest": guest}))
-        .await?;
+    let (mut c, _) = connect(id).await?;
+    let p = wire::CopyInParams {
+        src: src_s.into(),
+        dest: guest.into(),
+    };
+    c.copy_in(&p).await?;
     Ok(())
 }
 
@@ -1477,15 +1378,15 @@ pub async fn cp(src: &str, dest: &str) -> Result<(), String> {
     let dest_s = abs
         .to_str()
         .ok_or_else(|| format!("{}: the destination must be UTF-8", abs.display()))?;
-    let (mut c, _) = Client::connect(id).await?;
+    let (mut c, _) = connect(id).await?;
     // The supervisor writes the copy; the modes follow this shell's umask, not its.
-    let r = c
-        .call(
-            "copy_out",
-            json!({"path": guest, "dest": dest_s, "umask": airlock_sandbox::process_umask()}),
-        )
-        .await?;
-    let skipped = r["skipped"].as_u64().unwrap_or(0);
+    let p = wire::CopyOutParams {
+        path: guest.into(),
+        dest: dest_s.into(),
+        max_bytes: None,
+        umask: Some(airlock_sandbox::process_umask()),
+    };
+    let skipped = c.copy_out(&p).await?.skipped;
     if skipped > 0 {
         eprintln!(
             "airlock: skipped {skipped} entries that are not regular files or directories (symlinks, devices)"

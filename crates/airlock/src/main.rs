@@ -1213,9 +1213,8 @@ async fn snapshot_cmd(s: SnapshotArgs) -> Result<(), String> {
     let (Some(id), Some(name)) = (s.id, s.name) else {
         return Err("usage: airlock snapshot ID NAME".into());
     };
-    let (mut c, _) = detach::Client::connect(&id).await?;
-    c.call("snapshot", serde_json::json!({ "name": name }))
-        .await?;
+    let (mut c, _) = detach::connect(&id).await?;
+    c.snapshot(&name).await?;
     println!("{name}");
     Ok(())
 }
@@ -1228,9 +1227,8 @@ async fn fork(id: &str) -> Result<(), String> {
         id.chars().take(12).collect::<String>(),
         std::process::id()
     );
-    let (mut c, _) = detach::Client::connect(id).await?;
-    c.call("snapshot", serde_json::json!({ "name": name }))
-        .await?;
+    let (mut c, _) = detach::connect(id).await?;
+    c.snapshot(&name).await?;
     drop(c);
     let r = detach::start_from_snapshot(&name, id);
     let _ = airlock_sandbox::snapshot::remove(&name);

@@ -5,20 +5,21 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use airlock_sandbox::Stats;
+use serde::Serialize;
 
-use crate::detach::{self, Client, Meta};
+use crate::detach::{self, Meta};
 
 /// One sandbox's sample.
 struct Sample {
     meta: Meta,
     at: Instant,
-    v: Value,
+    v: Stats,
 }
 
 async fn sample(meta: &Meta) -> Option<Sample> {
-    let (mut c, _) = Client::connect(&meta.id).await.ok()?;
-    let v = c.call("stats", json!({})).await.ok()?;
+    let (mut c, _) = detach::connect(&meta.id).await.ok()?;
+    let v = c.stats().await.ok()?;
     Some(Sample {
         meta: meta.clone(),
         at: Instant::now(),
@@ -26,28 +27,42 @@ async fn sample(meta: &Meta) -> Option<Sample> {
     })
 }
 
-fn num(v: &Value, k: &str) -> u64 {
-    v[k].as_u64().unwrap_or(0)
+/// A row of the table, and one object of `--json`.
+#[derive(Debug, Serialize)]
+struct Row {
+    id: String,
+    name: Option<String>,
+    cpu_percent: f64,
+    memory_bytes: u64,
+    rss_bytes: u64,
+    memory_limit_bytes: u64,
+    memory_percent: f64,
+    net_rx_bytes: u64,
+    net_tx_bytes: u64,
 }
 
 /// A row: the later sample, with the CPU rate since the earlier one.
-fn row(before: &Sample, now: &Sample) -> Value {
+fn row(before: &Sample, now: &Sample) -> Row {
     let wall = now.at.duration_since(before.at).as_nanos().max(1) as f64;
-    let cpu = num(&now.v, "cpu_ns").saturating_sub(num(&before.v, "cpu_ns")) as f64;
+    let cpu = now.v.cpu_ns.saturating_sub(before.v.cpu_ns) as f64;
     let limit = u64::from(now.meta.memory_mib) << 20;
-    let pss = num(&now.v, "pss_bytes");
-    let net = &now.v["net"];
-    json!({
-        "id": now.meta.id,
-        "name": now.meta.name,
-        "cpu_percent": (cpu / wall * 1000.0).round() / 10.0,
-        "memory_bytes": pss,
-        "rss_bytes": num(&now.v, "rss_bytes"),
-        "memory_limit_bytes": limit,
-        "memory_percent": if limit == 0 { 0.0 } else { (pss as f64 / limit as f64 * 1000.0).round() / 10.0 },
-        "net_rx_bytes": num(net, "rx_bytes"),
-        "net_tx_bytes": num(net, "tx_bytes"),
-    })
+    let pss = now.v.pss_bytes;
+    let net = now.v.net.unwrap_or_default();
+    Row {
+        id: now.meta.id.clone(),
+        name: now.meta.name.clone(),
+        cpu_percent: (cpu / wall * 1000.0).round() / 10.0,
+        memory_bytes: pss,
+        rss_bytes: now.v.rss_bytes,
+        memory_limit_bytes: limit,
+        memory_percent: if limit == 0 {
+            0.0
+        } else {
+            (pss as f64 / limit as f64 * 1000.0).round() / 10.0
+        },
+        net_rx_bytes: net.rx_bytes,
+        net_tx_bytes: net.tx_bytes,
+    }
 }
 
 /// Binary units for memory, as docker prints them.
@@ -76,29 +91,20 @@ fn bytes(b: u64) -> String {
     }
 }
 
-fn table(rows: &[Value]) -> String {
+fn table(rows: &[Row]) -> String {
     let mut out = format!(
         "{:<12}  {:<16}  {:>7}  {:>22}  {:>6}  {:>19}\n",
         "ID", "NAME", "CPU %", "MEM USAGE / LIMIT", "MEM %", "NET I/O"
     );
     for r in rows {
-        let u = |k: &str| r[k].as_u64().unwrap_or(0);
         out.push_str(&format!(
             "{:<12}  {:<16}  {:>6.1}%  {:>22}  {:>5.1}%  {:>19}\n",
-            r["id"].as_str().unwrap_or(""),
-            r["name"].as_str().unwrap_or("-"),
-            r["cpu_percent"].as_f64().unwrap_or(0.0),
-            format!(
-                "{} / {}",
-                mem(u("memory_bytes")),
-                mem(u("memory_limit_bytes"))
-            ),
-            r["memory_percent"].as_f64().unwrap_or(0.0),
-            format!(
-                "{} / {}",
-                bytes(u("net_rx_bytes")),
-                bytes(u("net_tx_bytes"))
-            ),
+            r.id,
+            r.name.as_deref().unwrap_or("-"),
+            r.cpu_percent,
+            format!("{} / {}", mem(r.memory_bytes), mem(r.memory_limit_bytes)),
+            r.memory_percent,
+            format!("{} / {}", bytes(r.net_rx_bytes), bytes(r.net_tx_bytes)),
         ));
     }
     out
@@ -126,7 +132,7 @@ pub async fn stats(ids: &[String], no_stream: bool, json_out: bool) -> Result<()
         for m in &metas {
             now.extend(sample(m).await);
         }
-        let rows: Vec<Value> = now
+        let rows: Vec<Row> = now
             .iter()
             .filter_map(|n| {
                 let b = before.iter().find(|b| b.meta.id == n.meta.id)?;
@@ -134,7 +140,7 @@ pub async fn stats(ids: &[String], no_stream: bool, json_out: bool) -> Result<()
             })
             .collect();
         let text = if json_out {
-            format!("{}\n", Value::Array(rows))
+            format!("{}\n", serde_json::to_string(&rows).unwrap_or_default())
         } else if tty && !no_stream {
             // Redrawn in place, as docker does.
             format!("\x1b[2J\x1b[H{}", table(&rows))

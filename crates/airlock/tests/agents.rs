@@ -6,17 +6,12 @@
 //! real key, the agent only ever saw the placeholder, the key is nowhere in guest output or the
 //! audit log, and the edits land (rw share) or stay in the overlay (default).
 
+mod util;
+use util::{repo, text};
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
 
 const FINAL: &str = "All done: the stand-in model is finished.";
 

@@ -5,6 +5,9 @@
 //! no runtime-dir entry beyond the host-wide TSC cache, no temp file.
 //! Real guests (TCG here); each test has its own runtime dir.
 
+mod util;
+use util::{rootfs, text};
+
 #[path = "../../airlock-image/tests/common/mod.rs"]
 mod common;
 mod debian;
@@ -13,17 +16,6 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn rootfs() -> String {
-    std::env::var("AIRLOCK_TEST_ROOTFS").unwrap_or_else(|_| {
-        let home = std::env::var("HOME").unwrap();
-        format!("{home}/.cache/airlock/demo-rootfs")
-    })
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 /// A private runtime dir (and temp dir for airlock's own temp files), checked for leaks when
 /// the test is done with it.

@@ -2,6 +2,9 @@
 //! (umoci, skopeo) building the tarballs. The registry paths are covered in depth by
 //! airlock-image's own tests; here the commands' parsing, printing and exit codes are.
 
+mod util;
+use util::text;
+
 #[path = "../../airlock-image/tests/common/mod.rs"]
 mod common;
 
@@ -24,10 +27,6 @@ fn busybox_archive(work: &std::path::Path) -> (common::Layout, std::path::PathBu
         &format!("oci-archive:{}:bb", tar.display()),
     ]);
     (layout, tar)
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 #[test]

@@ -2,16 +2,12 @@
 //! supervisor death, secrets kept out of state files and `ps`, and `airlock rpc`'s handling of
 //! malformed input. Real guests (TCG here); each test has its own runtime dir.
 
+mod util;
+use util::rootfs;
+
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn rootfs() -> String {
-    std::env::var("AIRLOCK_TEST_ROOTFS").unwrap_or_else(|_| {
-        let home = std::env::var("HOME").unwrap();
-        format!("{home}/.cache/airlock/demo-rootfs")
-    })
-}
 
 struct Env {
     rt: tempfile::TempDir,

@@ -3,15 +3,14 @@
 //! guests. The key is given to the server only through its environment (MCP_KEY); an HTTPS
 //! stand-in on the host (tests/agents/api.js, own test CA) records what arrived.
 
+mod util;
+use util::text;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod debian;
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 #[test]
 fn mcp_client_creates_execs_edits_and_destroys_sandboxes() {

@@ -3,6 +3,9 @@
 //! reached under test names through `--add-host`). The servers record every request and byte
 //! they receive (the canary), so the tests can prove what arrived and what did not.
 
+mod util;
+use util::{rootfs, text};
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -11,10 +14,6 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 mod debian;
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 fn sha_hex(s: &str) -> String {
     hex::encode(Sha256::digest(s.as_bytes()))
@@ -618,13 +617,6 @@ fn sealed_by_default() {
         log.contains(r#""type":"dns","name":"example.com","qtype":"A","allowed":false"#),
         "{log}"
     );
-}
-
-fn rootfs() -> String {
-    std::env::var("AIRLOCK_TEST_ROOTFS").unwrap_or_else(|_| {
-        let home = std::env::var("HOME").unwrap();
-        format!("{home}/.cache/airlock/demo-rootfs")
-    })
 }
 
 /// A malformed rule, range or secret is refused before anything is pulled or booted, by

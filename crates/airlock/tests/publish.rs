@@ -1,19 +1,15 @@
 //! `airlock run -p`: a real server in a real guest, curl on the host. Needs the kernel, agent
 //! and demo rootfs from `scripts/setup`; fails loudly without them.
 
+mod util;
+use util::rootfs;
+
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Command, Stdio};
 
 use sha2::{Digest, Sha256};
 
 mod debian;
-
-fn rootfs() -> String {
-    std::env::var("AIRLOCK_TEST_ROOTFS").unwrap_or_else(|_| {
-        let home = std::env::var("HOME").unwrap();
-        format!("{home}/.cache/airlock/demo-rootfs")
-    })
-}
 
 fn airlock(rt: &tempfile::TempDir, args: &[&str]) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_airlock"));

@@ -2,29 +2,14 @@
 //! machines without hardware virtualization). They need the guest kernel, the static agent and
 //! the demo rootfs, which `scripts/setup` builds; missing pieces fail loudly, never skip.
 
+mod util;
+use util::{rootfs, text};
+
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
-
-fn rootfs() -> String {
-    if let Ok(r) = std::env::var("AIRLOCK_TEST_ROOTFS") {
-        return r;
-    }
-    let cache = std::env::var("AIRLOCK_CACHE_DIR")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|_| {
-            std::path::PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/airlock")
-        });
-    let p = cache.join("demo-rootfs");
-    assert!(
-        p.join("bin/busybox").exists(),
-        "no test rootfs at {}: run scripts/setup",
-        p.display()
-    );
-    p.display().to_string()
-}
 
 /// `airlock run --rootfs R ARGS...` with a private runtime dir, returning (cmd, runtime dir).
 fn airlock(args: &[&str]) -> (Command, tempfile::TempDir) {
@@ -72,10 +57,6 @@ fn start_until_up(
     stdout.read_exact(&mut b).unwrap();
     assert_eq!(&b, b"up\n");
     (child, stdout, rt)
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 #[test]

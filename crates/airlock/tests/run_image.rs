@@ -3,6 +3,9 @@
 //! say (owners, setuid, hardlinks, devices, whiteouts, opaque directories) and that the image
 //! config (Cmd, Entrypoint, Env, WorkingDir, User) is honoured.
 
+mod util;
+use util::text;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -155,10 +158,6 @@ fn import(work: &Path, name: &str, archive: &Path) -> (std::path::PathBuf, std::
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     (data, rt)
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 #[test]

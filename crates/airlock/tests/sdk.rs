@@ -2,12 +2,10 @@
 //! `matchlock`, unchanged), Airlock's Python SDK (`sdk/python`) and TypeScript SDK
 //! (`sdk/typescript`). `scripts/setup` installs their dependencies; missing ones fail loudly.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+mod util;
+use util::repo;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
+use std::process::Command;
 
 /// The busybox demo image (imported into the user's store once, idempotently).
 fn image() -> String {

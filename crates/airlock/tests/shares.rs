@@ -1,13 +1,9 @@
 //! `airlock run -v` and `--fs-rule`, and `airlock volume`, end to end with real guests.
 
-use std::process::Command;
+mod util;
+use util::rootfs;
 
-fn rootfs() -> String {
-    std::env::var("AIRLOCK_TEST_ROOTFS").unwrap_or_else(|_| {
-        let home = std::env::var("HOME").unwrap();
-        format!("{home}/.cache/airlock/demo-rootfs")
-    })
-}
+use std::process::Command;
 
 fn airlock(data: &std::path::Path) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_airlock"));

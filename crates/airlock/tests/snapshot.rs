@@ -3,14 +3,10 @@
 //! `fork`; clear refusals. Real guests (TCG here); each test has its own runtime dir and its
 //! own memory size (so its own template).
 
-use std::process::{Command, Output, Stdio};
+mod util;
+use util::rootfs;
 
-fn rootfs() -> String {
-    std::env::var("AIRLOCK_TEST_ROOTFS").unwrap_or_else(|_| {
-        let home = std::env::var("HOME").unwrap();
-        format!("{home}/.cache/airlock/demo-rootfs")
-    })
-}
+use std::process::{Command, Output, Stdio};
 
 struct Env {
     rt: tempfile::TempDir,
