@@ -216,17 +216,68 @@ impl Registry {
             let _ = std::os::unix::fs::chown(&cwd, Some(id.uid), Some(id.gid));
         }
 
-        let mut cmd = Command::new(&req.argv[0]);
-        cmd.args(&req.argv[1..]).env_clear().current_dir(&cwd);
-        cmd.env("PATH", DEFAULT_PATH)
-            .env("HOSTNAME", hostname)
-            .env("HOME", &id.home);
+        let mut env: std::collections::BTreeMap<String, String> = [
+            ("PATH", DEFAULT_PATH),
+            ("HOSTNAME", hostname),
+            ("HOME", &id.home),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
         if req.tty.is_some() {
-            cmd.env("TERM", "xterm");
+            env.insert("TERM".into(), "xterm".into());
         }
         for (k, v) in crate::net::base_env().iter().chain(&req.env) {
-            cmd.env(k, v);
+            env.insert(k.clone(), v.clone());
         }
+        let not_found = || {
+            (
+                ExecErrorKind::NotFound,
+                format!(
+                    "exec: \"{}\": executable file not found in $PATH",
+                    req.argv[0]
+                ),
+            )
+        };
+
+        let root = id.uid == 0 && id.gid == 0 && id.groups.iter().all(|g| *g == 0);
+        if req.tty.is_none() && root && fast_spawn_allowed() {
+            let path = env.get("PATH").map_or(DEFAULT_PATH, String::as_str);
+            let program = crate::spawn::find_program(&req.argv[0], path).ok_or_else(not_found)?;
+            let envs: Vec<(String, String)> = env.clone().into_iter().collect();
+            let by_pid = self.by_pid.lock().unwrap();
+            match crate::spawn::spawn(&program, &req.argv, &envs, &cwd, req.stdin) {
+                Ok(sp) => {
+                    let pipes = vec![
+                        (Kind::Stdout, File::from(sp.stdout)),
+                        (Kind::Stderr, File::from(sp.stderr)),
+                    ];
+                    let stdin_sink = sp.stdin.map(File::from);
+                    return self.started(stream, sp.pid, pipes, stdin_sink, None, by_pid);
+                }
+                // A script without `#!`: execvp's shell fallback, through Command below.
+                Err(e) if e.raw_os_error() == Some(libc::ENOEXEC) => {}
+                Err(e) => {
+                    return Err(match e.kind() {
+                        std::io::ErrorKind::NotFound => not_found(),
+                        std::io::ErrorKind::PermissionDenied => (
+                            ExecErrorKind::PermissionDenied,
+                            format!("exec: \"{}\": {e}", req.argv[0]),
+                        ),
+                        _ => (
+                            ExecErrorKind::Other,
+                            format!("exec: \"{}\": {e}", req.argv[0]),
+                        ),
+                    })
+                }
+            }
+        }
+
+        let mut cmd = Command::new(&req.argv[0]);
+        cmd.args(&req.argv[1..])
+            .env_clear()
+            .envs(&env)
+            .current_dir(&cwd);
 
         let mut pty_master = None;
         let mut pipes: Vec<(Kind, File)> = Vec::new();
@@ -255,7 +306,9 @@ impl Registry {
         }
 
         let (uid, gid, groups) = (id.uid, id.gid, id.groups.clone());
-        let privileged = PRIVILEGED.load(std::sync::atomic::Ordering::Relaxed);
+        // Once the agent itself has given them up, every child starts without them.
+        let drop_in_child =
+            !PRIVILEGED.load(std::sync::atomic::Ordering::Relaxed) && !RESTRICTED.get();
         // SAFETY: only async-signal-safe syscalls run between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
@@ -265,7 +318,7 @@ impl Registry {
                 if tty.is_some() && libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                if !privileged {
+                if drop_in_child {
                     drop_privileges()?;
                 }
                 if libc::setgroups(groups.len(), groups.as_ptr()) < 0
@@ -278,21 +331,17 @@ impl Registry {
             });
         }
 
-        let mut by_pid = self.by_pid.lock().unwrap();
+        let by_pid = self.by_pid.lock().unwrap();
         let mut child = cmd.spawn().map_err(|e| {
             let kind = match e.kind() {
                 std::io::ErrorKind::NotFound => ExecErrorKind::NotFound,
                 std::io::ErrorKind::PermissionDenied => ExecErrorKind::PermissionDenied,
                 _ => ExecErrorKind::Other,
             };
-            let msg = match kind {
-                ExecErrorKind::NotFound => format!(
-                    "exec: \"{}\": executable file not found in $PATH",
-                    req.argv[0]
-                ),
-                _ => format!("exec: \"{}\": {e}", req.argv[0]),
-            };
-            (kind, msg)
+            match kind {
+                ExecErrorKind::NotFound => not_found(),
+                _ => (kind, format!("exec: \"{}\": {e}", req.argv[0])),
+            }
         })?;
         drop(cmd); // closes our copies of the pty slave
         let pid = child.id() as i32;
@@ -317,6 +366,20 @@ impl Registry {
             stdin_sink = child.stdin.take().map(|s| File::from(OwnedFd::from(s)));
         }
 
+        self.started(stream, pid, pipes, stdin_sink, pty_master, by_pid)
+    }
+
+    /// Registers a spawned command (under the `by_pid` lock, so the reaper cannot miss it),
+    /// tells the host, and starts its pumps.
+    fn started(
+        self: &Arc<Self>,
+        stream: u32,
+        pid: i32,
+        pipes: Vec<(Kind, File)>,
+        stdin_sink: Option<File>,
+        pty_master: Option<Arc<OwnedFd>>,
+        mut by_pid: std::sync::MutexGuard<'_, HashMap<i32, Arc<Entry>>>,
+    ) -> Result<(), (ExecErrorKind, String)> {
         let (stdin_tx, stdin_rx) = channel::<StdinMsg>();
         let entry = Arc::new(Entry {
             stream,
@@ -735,9 +798,54 @@ fn readable(fd: RawFd, timeout_ms: i32) -> bool {
 /// Whether commands keep every capability and may gain privileges (`--privileged`).
 static PRIVILEGED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Set from the host's `Init`.
+thread_local! {
+    /// Whether this thread of the agent has given up [`DROPPED_CAPS`] (bounding, inheritable
+    /// and ambient sets) and set no_new_privs, so a child it spawns starts without them and
+    /// needs no fork to drop them. Per thread, as Linux keeps these: the serve loop that
+    /// handles `Init` is the one that spawns.
+    static RESTRICTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Set from the host's `Init` (and `Resume`): without `--privileged` the agent restricts
+/// itself once, for good; it keeps its own effective capabilities (it still mounts and powers
+/// off), which exec does not pass on past the bounding set.
 pub fn set_privileged(on: bool) {
-    PRIVILEGED.store(on, std::sync::atomic::Ordering::Relaxed);
+    use std::sync::atomic::Ordering::Relaxed;
+    PRIVILEGED.store(on, Relaxed);
+    if on && RESTRICTED.get() {
+        // The host refuses this (a snapshot taken without --privileged); say so if it comes.
+        log("--privileged asked after the agent gave up its capabilities: commands stay restricted");
+    }
+    if !on && !RESTRICTED.get() {
+        match restrict_agent() {
+            Ok(()) => RESTRICTED.set(true),
+            Err(e) => log(&format!("cannot restrict the agent: {e}; commands drop capabilities each")),
+        }
+    }
+}
+
+/// Whether a command may be spawned without a fork of its own: privileges are already what the
+/// child must have (privileged, or the agent restricted).
+fn fast_spawn_allowed() -> bool {
+    use std::sync::atomic::Ordering::Relaxed;
+    PRIVILEGED.load(Relaxed) || RESTRICTED.get()
+}
+
+/// The agent-wide half of [`drop_privileges`]: the bounding, ambient and inheritable sets and
+/// no_new_privs, leaving the agent's own permitted and effective sets; root's supplementary
+/// groups become `[0]`, as a command's would.
+fn restrict_agent() -> std::io::Result<()> {
+    drop_bounding_and_ambient()?;
+    // SAFETY: setgroups with a one-element array.
+    if unsafe { libc::setgroups(1, [0 as libc::gid_t].as_ptr()) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    set_caps(|d, keep| d.inheritable &= keep)?;
+    // SAFETY: prctl with constant arguments.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Capabilities no workload keeps unless privileged: loading kernel code, raw I/O ports and
@@ -753,26 +861,26 @@ const DROPPED_CAPS: [u32; 3] = [
 /// bounding set, so they are gone after exec for root too), then sets no_new_privs so no
 /// setuid binary or file capability can bring anything back.
 fn drop_privileges() -> std::io::Result<()> {
-    // The kernel's capget/capset ABI (v3: two 32-bit words per set); libc does not define it.
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
+    drop_bounding_and_ambient()?;
+    set_caps(|d, keep| {
+        d.effective &= keep;
+        d.permitted &= keep;
+        d.inheritable &= keep;
+    })?;
+    // SAFETY: prctl with constant arguments.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } < 0 {
+        return Err(std::io::Error::last_os_error());
     }
-    #[repr(C)]
-    #[derive(Clone, Copy, Default)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    const V3: u32 = 0x2008_0522;
-    let err = std::io::Error::last_os_error;
-    // SAFETY: prctl/capget/capset with valid pointers to local, correctly sized structs.
+    Ok(())
+}
+
+/// Removes [`DROPPED_CAPS`] from this thread's bounding and ambient sets (async-signal-safe).
+fn drop_bounding_and_ambient() -> std::io::Result<()> {
+    // SAFETY: prctl with constant arguments.
     unsafe {
         for cap in DROPPED_CAPS {
             if libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) < 0 {
-                return Err(err());
+                return Err(std::io::Error::last_os_error());
             }
             // Ambient capabilities may be unsupported; nothing to drop then.
             libc::prctl(
@@ -783,26 +891,44 @@ fn drop_privileges() -> std::io::Result<()> {
                 0,
             );
         }
-        let mut hdr = Header {
-            version: V3,
-            pid: 0,
-        };
-        let mut data = [Data::default(); 2];
+    }
+    Ok(())
+}
+
+/// One 32-bit word of each capability set (the kernel's capget/capset ABI v3: two words per
+/// set); libc does not define it.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+/// Applies `clear(word, keep_mask)` for each of [`DROPPED_CAPS`] to this thread's sets
+/// (async-signal-safe: syscalls on stack data only).
+fn set_caps(clear: impl Fn(&mut CapData, u32)) -> std::io::Result<()> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    const V3: u32 = 0x2008_0522;
+    let mut hdr = Header {
+        version: V3,
+        pid: 0,
+    };
+    let mut data = [CapData::default(); 2];
+    // SAFETY: capget/capset with valid pointers to local, correctly sized structs.
+    unsafe {
         if libc::syscall(libc::SYS_capget, &mut hdr, data.as_mut_ptr()) < 0 {
-            return Err(err());
+            return Err(std::io::Error::last_os_error());
         }
         for cap in DROPPED_CAPS {
-            let bit = !(1u32 << (cap % 32));
-            let d = &mut data[(cap / 32) as usize];
-            d.effective &= bit;
-            d.permitted &= bit;
-            d.inheritable &= bit;
+            clear(&mut data[(cap / 32) as usize], !(1u32 << (cap % 32)));
         }
         if libc::syscall(libc::SYS_capset, &mut hdr, data.as_ptr()) < 0 {
-            return Err(err());
-        }
-        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 {
-            return Err(err());
+            return Err(std::io::Error::last_os_error());
         }
     }
     Ok(())

@@ -13,6 +13,7 @@ mod net;
 mod ports;
 mod setup;
 mod shares;
+mod spawn;
 mod user;
 
 use std::fs::File;

@@ -327,6 +327,7 @@ impl Sandbox {
             nic: cfg.nic.is_some(),
             cmdline: cfg.cmdline_extra.clone(),
             accel: accel.accel.to_string(),
+            privileged: spec.privileged,
             pinned: if !spec.shares.is_empty() {
                 Some("has shares".into())
             } else if !spec.volumes.is_empty() {

@@ -33,6 +33,9 @@ pub(crate) struct LaunchInfo {
     pub accel: String,
     /// Shares or volumes: vhost-user-fs cannot migrate, a volume is one sandbox's at a time.
     pub pinned: Option<String>,
+    /// `--privileged`: without it the agent gave up the dangerous capabilities for good.
+    #[serde(default)]
+    pub privileged: bool,
 }
 
 /// `manifest.json` of a snapshot.
@@ -306,6 +309,12 @@ pub(crate) async fn start(
             } else {
                 "with --no-network"
             }
+        ))
+        .into());
+    }
+    if spec.privileged && !l.privileged {
+        return Err(SnapshotError::Refused(format!(
+            "snapshot {name} was taken without --privileged and its guest gave up those capabilities for good: start it without --privileged"
         ))
         .into());
     }
