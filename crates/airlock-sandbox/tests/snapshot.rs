@@ -287,6 +287,12 @@ async fn snapshot_then_start_copies_with_its_files_and_processes() {
     assert!(airlock_sandbox::snapshot::list()
         .iter()
         .any(|s| s.name == name));
+    // Its guest gave up the dangerous capabilities for good: --privileged is refused.
+    let mut privileged = SandboxSpec::new(RootfsSource::from_path(root()).unwrap());
+    privileged.from_snapshot = Some(name.clone());
+    privileged.privileged = true;
+    let err = Sandbox::start(privileged).await.unwrap_err().to_string();
+    assert!(err.contains("without --privileged"), "{err}");
     airlock_sandbox::snapshot::remove(&name).unwrap();
     let mut gone = SandboxSpec::new(RootfsSource::from_path(root()).unwrap());
     gone.from_snapshot = Some(name.clone());
