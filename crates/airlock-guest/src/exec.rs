@@ -814,12 +814,16 @@ pub fn set_privileged(on: bool) {
     PRIVILEGED.store(on, Relaxed);
     if on && RESTRICTED.get() {
         // The host refuses this (a snapshot taken without --privileged); say so if it comes.
-        log("--privileged asked after the agent gave up its capabilities: commands stay restricted");
+        log(
+            "--privileged asked after the agent gave up its capabilities: commands stay restricted",
+        );
     }
     if !on && !RESTRICTED.get() {
         match restrict_agent() {
             Ok(()) => RESTRICTED.set(true),
-            Err(e) => log(&format!("cannot restrict the agent: {e}; commands drop capabilities each")),
+            Err(e) => log(&format!(
+                "cannot restrict the agent: {e}; commands drop capabilities each"
+            )),
         }
     }
 }

@@ -121,8 +121,15 @@ pub fn spawn(
         let flags = libc::POSIX_SPAWN_SETSID as i32
             | libc::POSIX_SPAWN_SETSIGDEF as i32
             | libc::POSIX_SPAWN_SETSIGMASK as i32;
-        check(libc::posix_spawnattr_setflags(&mut a.0, flags as libc::c_short))?;
-        for (fd, to) in [(in_r.as_raw_fd(), 0), (out_w.as_raw_fd(), 1), (err_w.as_raw_fd(), 2)] {
+        check(libc::posix_spawnattr_setflags(
+            &mut a.0,
+            flags as libc::c_short,
+        ))?;
+        for (fd, to) in [
+            (in_r.as_raw_fd(), 0),
+            (out_w.as_raw_fd(), 1),
+            (err_w.as_raw_fd(), 2),
+        ] {
             check(libc::posix_spawn_file_actions_adddup2(&mut a.1, fd, to))?;
         }
         check(libc::posix_spawn_file_actions_addchdir_np(
@@ -156,7 +163,10 @@ mod tests {
     fn finds_programs_as_execvp_would() {
         assert_eq!(find_program("/x/y", ""), Some(PathBuf::from("/x/y")));
         assert_eq!(find_program("./y", ""), Some(PathBuf::from("./y")));
-        assert_eq!(find_program("sh", "/nonexistent:/bin"), Some(PathBuf::from("/bin/sh")));
+        assert_eq!(
+            find_program("sh", "/nonexistent:/bin"),
+            Some(PathBuf::from("/bin/sh"))
+        );
         assert_eq!(find_program("no-such-program-here", "/bin:/usr/bin"), None);
         // A directory or a non-executable file is not a program.
         assert_eq!(find_program("tmp", "/"), None);
@@ -168,10 +178,14 @@ mod tests {
     #[test]
     fn spawns_with_exactly_the_env_cwd_and_a_new_session() {
         let env = vec![("A".to_string(), "1".to_string())];
-        let argv: Vec<String> = ["sh", "-c", "echo $A $(pwd) $$ $(cut -d' ' -f6 /proc/$$/stat); cat; echo err >&2"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let argv: Vec<String> = [
+            "sh",
+            "-c",
+            "echo $A $(pwd) $$ $(cut -d' ' -f6 /proc/$$/stat); cat; echo err >&2",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         let s = spawn(Path::new("/bin/sh"), &argv, &env, "/tmp", true).unwrap();
         {
             use std::io::Write;
@@ -179,9 +193,13 @@ mod tests {
             w.write_all(b"in\n").unwrap();
         }
         let mut out = String::new();
-        std::fs::File::from(s.stdout).read_to_string(&mut out).unwrap();
+        std::fs::File::from(s.stdout)
+            .read_to_string(&mut out)
+            .unwrap();
         let mut err = String::new();
-        std::fs::File::from(s.stderr).read_to_string(&mut err).unwrap();
+        std::fs::File::from(s.stderr)
+            .read_to_string(&mut err)
+            .unwrap();
         let mut status = 0;
         // SAFETY: waitpid on our own child.
         assert_eq!(unsafe { libc::waitpid(s.pid, &mut status, 0) }, s.pid);
@@ -189,7 +207,9 @@ mod tests {
         assert_eq!(out, format!("1 /tmp {0} {0}\nin\n", s.pid));
         assert_eq!(err, "err\n");
         assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0);
-        let e = spawn(Path::new("/nonexistent/x"), &argv, &env, "/", false).err().unwrap();
+        let e = spawn(Path::new("/nonexistent/x"), &argv, &env, "/", false)
+            .err()
+            .unwrap();
         assert_eq!(e.kind(), io::ErrorKind::NotFound);
     }
 }
