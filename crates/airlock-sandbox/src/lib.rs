@@ -22,7 +22,9 @@ mod error;
 mod exec;
 mod files;
 pub mod imagefs;
+mod launch;
 pub mod network;
+mod pool;
 mod ports;
 mod qmp;
 pub mod rootfs;
@@ -39,10 +41,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use airlock_backend::{Accel, AccelChoice, Backend, DiskConfig, NicConfig, Vm, VmConfig, VmExit};
+use airlock_backend::{Accel, AccelChoice, Backend, DiskConfig, Vm, VmExit};
 use airlock_proto::{ExecRequest, Frame, Init, Kind, CONTROL_STREAM, VERSION};
-
-use warm::{template_for, warm_inputs, BuildCtx};
 
 pub use airlock_proto::{ConnectError, ConnectErrorKind, ExecError, ExitStatus, WinSize};
 pub use conn::ExecEvent;
@@ -50,6 +50,7 @@ pub use error::Error;
 pub use exec::{Exec, ExecInput};
 pub use files::{FileInfo, READ_FILE_MAX};
 pub use network::{NetworkSpec, SecretSpec};
+pub use pool::{Pool, PoolStatus, MAX_POOL};
 pub use ports::{GuestStream, PortForward, MAX_FORWARD_CONNECTIONS};
 pub use rootfs::RootfsSource;
 pub use shares::{
@@ -87,6 +88,8 @@ pub struct Sandbox {
     launch: Option<snapshot::LaunchInfo>,
     /// The writable layer's file (in the state dir, or the spec's `writable_disk`).
     scratch: PathBuf,
+    /// Claimed from a [`Pool`] (restored ahead of time) rather than started for this spec.
+    pooled: bool,
 }
 
 impl std::fmt::Debug for Sandbox {
@@ -147,250 +150,68 @@ impl Sandbox {
             return snapshot::start(spec, &name, backend).await;
         }
         boot::check(&spec)?;
-        tracing::debug!("preparing assets");
-        let kernel = match &spec.kernel {
-            Some(k) => k.clone(),
-            None => assets::kernel()?,
+        // Before anything is pulled or booted: a bad rule fails here.
+        let network = match spec.network.disabled {
+            true => None,
+            false => Some(network::build(&spec.network)?),
         };
-        let initrd = assets::initramfs(&assets::agent()?)?;
-        let forced = match spec.accel {
-            Some(a) => Some(a),
-            None => accel_from_env()?,
-        };
-        let accel = airlock_backend::detect_accel(forced);
-        let id = boot::sandbox_id(&spec)?;
-        let state = state::StateDir::create(&id)?;
-        // A kept writable layer from an earlier run: booted as it is, never from a template.
-        let reuse_disk = spec.writable_disk.as_ref().is_some_and(|d| d.exists());
-        let base = match &spec.builder_target {
-            Some(_) => None,
-            None => Some(match &spec.rootfs {
-                RootfsSource::Oci { store, image } => {
-                    state.set_image(&image.manifest_digest)?;
-                    // Boxed: building boots a (builder) sandbox itself.
-                    Box::pin(imagefs::build(store, image)).await?
-                }
-                src => {
-                    let src = src.clone();
-                    tokio::task::spawn_blocking(move || src.prepare())
-                        .await
-                        .map_err(|e| Error::Setup(e.to_string()))??
-                }
-            }),
-        };
-
-        let network = if spec.network.disabled {
-            None
-        } else {
-            Some(network::build(&spec.network)?)
-        };
-        let nic = match &network {
-            Some(net) => {
-                let (host, vm) = std::os::unix::net::UnixStream::pair()?;
-                net.start(host)?;
-                Some(NicConfig {
-                    fd: vm.into(),
-                    mac: airlock_net::stack::GUEST_MAC,
-                })
+        match launch::launch(&spec, backend, warm_allowed).await? {
+            launch::Outcome::Up(l) => {
+                Sandbox::finish(l, spec, network, backend, warm_allowed).await
             }
-            None => None,
-        };
-        let boot::Devices {
-            disks,
-            volume_leases,
-            volume_mounts,
-            fs_servers,
-            fs_devices,
-            share_mounts,
-        } = boot::devices(&spec, &state)?;
-        let cmdline_extra = guest_kernel_args(accel.accel)
-            .into_iter()
-            .chain(spec.kernel_args.iter().cloned())
-            .collect::<Vec<_>>()
-            .join(" ");
-        let warm = (warm_allowed && !reuse_disk)
-            .then(|| {
-                warm_inputs(
-                    &spec,
-                    backend,
-                    &kernel,
-                    &initrd,
-                    base.as_deref(),
-                    accel.accel,
-                    &cmdline_extra,
-                    network.is_some(),
-                )
-            })
-            .flatten();
-        let template = match &warm {
-            Some(inputs) => {
-                let ctx = BuildCtx {
-                    backend,
-                    kernel: &kernel,
-                    initrd: &initrd,
-                    base: base.as_deref().unwrap_or(std::path::Path::new("")),
-                    spec: &spec,
-                    accel: accel.accel,
-                    cmdline_extra: &cmdline_extra,
-                    nic: network.is_some(),
-                    console_log: state.console_log(),
-                };
-                template_for(inputs, &ctx).await
-            }
-            None => None,
-        };
-        let mut vm_disks = match (&spec.builder_target, &base) {
-            (Some(target), _) => vec![DiskConfig {
-                path: target.clone(),
-                read_only: false,
-                serial: "airlock-target".into(),
-            }],
-            (None, Some(base)) => {
-                let scratch = match &spec.writable_disk {
-                    Some(d) => d.clone(),
-                    None => state.path().join("scratch.ext4"),
-                };
-                let (s, mib) = (scratch.clone(), spec.disk_mib);
-                let from = template.as_ref().map(|t| t.scratch());
-                tokio::task::spawn_blocking(move || match from {
-                    _ if reuse_disk => Ok(()),
-                    Some(t) => template::copy_disk(&t, &s).map_err(|e| {
-                        Error::Rootfs(format!("copy the template's writable disk: {e}"))
-                    }),
-                    None => rootfs::create_scratch(&s, mib),
-                })
-                .await
-                .map_err(|e| Error::Setup(e.to_string()))??;
-                image_disks(base.clone(), scratch)
-            }
-            (None, None) => Vec::new(),
-        };
-        vm_disks.extend(disks);
-        let disks = vm_disks;
-
-        // Shared RAM on tmpfs (never written back to a disk), named for this sandbox.
-        let ram_file =
-            (!fs_devices.is_empty()).then(|| PathBuf::from(format!("/dev/shm/airlock-{id}.ram")));
-
-        let (host_end, vm_end) = std::os::unix::net::UnixStream::pair()?;
-        host_end.set_nonblocking(true)?;
-        let host_end = tokio::net::UnixStream::from_std(host_end)?;
-        let monitor = match backend.snapshot_binary() {
-            Some(_) => Some(std::os::unix::net::UnixStream::pair()?),
-            None => None,
-        };
-        let incoming = match &template {
-            Some(t) => Some(std::fs::File::open(t.state())?.into()),
-            None => None,
-        };
-        // A restore must see the command line its template booted with.
-        let cmdline_extra = match &template {
-            Some(t) => t.boot_cmdline.clone(),
-            None => cmdline_extra,
-        };
-        let cfg = VmConfig {
-            cmdline_extra,
-            cpus: spec.cpus,
-            memory_mib: spec.memory_mib,
-            disks,
-            nic,
-            fs_devices,
-            shared_memory_file: match &template {
-                Some(t) => Some(t.ram()),
-                None => ram_file.clone(),
-            },
-            memory_private: template.is_some(),
-            monitor: monitor
-                .as_ref()
-                .map(|(_, vm)| vm.try_clone())
-                .transpose()?
-                .map(Into::into),
-            incoming,
-            #[cfg(feature = "bench-9p")]
-            bench_9p: spec.bench_9p.clone(),
-            ..VmConfig::new(
-                kernel,
-                initrd,
-                vm_end.into(),
-                state.console_log(),
-                accel.accel,
-            )
-        };
-        let monitor = monitor.map(|(host, _vm)| host);
-        let launch = base.as_ref().map(|b| snapshot::LaunchInfo {
-            kernel: cfg.kernel.clone(),
-            initrd: cfg.initrd.clone(),
-            base: b.clone(),
-            cpus: spec.cpus,
-            memory_mib: spec.memory_mib,
-            disk_mib: spec.disk_mib,
-            nic: cfg.nic.is_some(),
-            cmdline: cfg.cmdline_extra.clone(),
-            accel: accel.accel.to_string(),
-            privileged: spec.privileged,
-            pinned: if !spec.shares.is_empty() {
-                Some("has shares".into())
-            } else if !spec.volumes.is_empty() {
-                Some("has volumes".into())
-            } else {
-                None
-            },
-        });
-        tracing::debug!(%id, accel = %accel.accel, warm = template.is_some(), "starting sandbox");
-        let vm = backend.launch(cfg)?;
-        let mut monitor = monitor;
-        let mut restored_qmp = None;
-        if let Some(t) = &template {
-            // Feed QEMU the saved device state; it resumes the guest by itself once loaded.
-            let r = restore(monitor.take(), vm.incoming_fd()).await?;
-            match r {
-                Ok(q) => restored_qmp = Some(q),
-                Err(why) if warm_allowed => {
-                    vm.kill();
-                    tracing::warn!(
-                        "template {} could not be restored ({why}); removing it and booting cold",
-                        t.key
-                    );
-                    template::remove(&t.key);
-                    drop((vm, network, state));
-                    return Box::pin(Sandbox::start_inner(spec, backend, false)).await;
-                }
-                Err(why) => return Err(Error::Setup(format!("restore from template: {why}"))),
+            launch::Outcome::RestoreFailed => {
+                drop(network);
+                Box::pin(Sandbox::start_inner(spec, backend, false)).await
             }
         }
-        let sb_state_scratch = state.path().join("scratch.ext4");
-        let (conn, mut ctl) = conn::Conn::start(host_end);
+    }
+
+    /// Attaches the network, then greets the agent with `Init` (its identity, clock, network,
+    /// CA and mounts) and waits for `Ready`. A restored VM that does not come up has its
+    /// template removed and the sandbox starts over cold (when `warm_allowed`).
+    async fn finish(
+        l: launch::Launched,
+        spec: SandboxSpec,
+        network: Option<airlock_net::Network>,
+        backend: &dyn Backend,
+        warm_allowed: bool,
+    ) -> Result<Sandbox, Error> {
+        if let (Some(net), Some(host)) = (&network, l.nic_host) {
+            net.start(host)?;
+        }
+        l.control.set_nonblocking(true)?;
+        let (conn, mut ctl) = conn::Conn::start(tokio::net::UnixStream::from_std(l.control)?);
+        let mut launch = l.launch;
+        if let Some(li) = &mut launch {
+            // A pooled VM was launched for the pool's spec; the claim decides.
+            li.privileged = spec.privileged;
+        }
+        let template = l.template;
         let mut sb = Sandbox {
-            id: id.clone(),
-            accel,
+            id: l.id,
+            accel: l.accel,
             conn: conn.clone(),
-            vm,
-            state,
+            vm: l.vm,
+            state: l.state,
             next_stream: Arc::new(AtomicU32::new(1)),
             kernel_release: String::new(),
             network,
-            _fs: fs_servers,
-            _volumes: volume_leases,
-            ram_file,
-            monitor: std::sync::Mutex::new(
-                restored_qmp
-                    .map(qmp::Monitor::Ready)
-                    .or(monitor.map(qmp::Monitor::Raw)),
-            ),
-            template: template.as_ref().map(|t| t.key.clone()),
+            _fs: l.fs_servers,
+            _volumes: l.volume_leases,
+            ram_file: l.ram_file,
+            monitor: std::sync::Mutex::new(l.monitor),
+            template: template.clone(),
             launch,
-            scratch: match &spec.writable_disk {
-                Some(d) => d.clone(),
-                None => sb_state_scratch.clone(),
-            },
+            scratch: l.scratch,
+            pooled: false,
         };
         sb.watch_vm();
 
         let init = init_message(
             &sb,
             spec.hostname.clone(),
-            share_mounts,
-            volume_mounts,
+            l.share_mounts,
+            l.volume_mounts,
             spec.privileged,
         );
         let restored = template.is_some();
@@ -400,14 +221,13 @@ impl Sandbox {
             spec.ready_timeout
         };
         let res = handshake(&conn, &mut ctl, &init, restored, timeout).await;
-        if let (Err(e), Some(t), true) = (&res, &template, warm_allowed) {
+        if let (Err(e), Some(key), true) = (&res, &template, warm_allowed) {
             sb.vm.kill();
             tracing::warn!(
-                "sandbox restored from template {} did not come up ({}); removing the template and booting cold",
-                t.key,
+                "sandbox restored from template {key} did not come up ({}); removing the template and booting cold",
                 e.to_string().lines().next().unwrap_or("")
             );
-            template::remove(&t.key);
+            template::remove(key);
             drop(sb);
             return Box::pin(Sandbox::start_inner(spec, backend, false)).await;
         }
@@ -474,6 +294,11 @@ impl Sandbox {
             return Error::Protocol(why);
         }
         Error::VmStopped { why, console }
+    }
+
+    /// Whether it was claimed from a [`Pool`] (restored and paused before it was asked for).
+    pub fn pooled(&self) -> bool {
+        self.pooled
     }
 
     /// The sandbox id.

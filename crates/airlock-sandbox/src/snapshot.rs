@@ -411,6 +411,7 @@ pub(crate) async fn start(
         template: None,
         launch: Some(launch),
         scratch: state_scratch,
+        pooled: false,
     };
     sb.watch_vm();
     let init = crate::init_message(

@@ -10,6 +10,7 @@ mod image;
 mod launch;
 mod mcp;
 mod netargs;
+mod pool;
 mod stats;
 mod term;
 
@@ -78,6 +79,10 @@ enum Cmd {
     /// Manage named volumes (persistent ext4 disks for `run -v NAME:/path`).
     #[command(subcommand)]
     Volume(VolumeCmd),
+    /// Warm pools: sandboxes kept restored and paused by a long-lived holder
+    /// (`airlock mcp --pool N`), so a create is a claim.
+    #[command(subcommand)]
+    Pool(PoolCmd),
     /// Run a command in a running sandbox (started with `run -d`).
     Exec(ExecArgs),
     /// List sandboxes started with `run -d`.
@@ -193,7 +198,14 @@ enum Cmd {
     /// Model Context Protocol server over stdio: tools to create sandboxes, exec, read / write /
     /// list files and destroy them (secrets by name from this environment). Every sandbox it
     /// created is killed when the client disconnects.
-    Mcp,
+    Mcp {
+        /// Keep N sandboxes restored and paused for each image/CPU/memory shape once it was
+        /// created (a create is then a claim from that pool; `create_sandbox` with shares
+        /// always starts its own). 0: no pool.
+        #[arg(long, value_name = "N", default_value_t = 0,
+              value_parser = clap::value_parser!(u16).range(0..=64))]
+        pool: u16,
+    },
     /// Internal: the supervisor of a detached sandbox.
     #[command(name = "__supervise", hide = true)]
     Supervise,
@@ -303,6 +315,16 @@ struct SnapshotArgs {
     id: Option<String>,
     /// Name for the snapshot.
     name: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum PoolCmd {
+    /// List the pools of running holders: size, ready, filling, claims, misses, idle memory.
+    Ls {
+        /// JSON output.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -491,6 +513,7 @@ fn main() {
         Cmd::Run(a) => runtime().block_on(run(*a)),
         Cmd::Volume(v) => done(volume(v)),
         Cmd::Template(t) => done(template_cmd(t)),
+        Cmd::Pool(PoolCmd::Ls { json }) => done(pool::ls(json)),
         Cmd::Snapshot(s) => done(runtime().block_on(snapshot_cmd(s))),
         Cmd::Fork { id } => done(runtime().block_on(fork(&id))),
         Cmd::Exec(a) => match parse_env(&a.env) {
@@ -551,7 +574,7 @@ fn main() {
         }
         Cmd::Cp { src, dest } => done(runtime().block_on(detach::cp(&src, &dest))),
         Cmd::Rpc => runtime().block_on(launch::rpc()),
-        Cmd::Mcp => runtime().block_on(mcp::serve()),
+        Cmd::Mcp { pool } => runtime().block_on(mcp::serve(pool.into())),
         Cmd::Supervise => runtime().block_on(detach::supervise()),
     };
     std::process::exit(code);

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use airlock_sandbox::{ExecEvent, ExecSpec, Sandbox};
+use airlock_sandbox::{ExecEvent, ExecSpec, Sandbox, SandboxSpec};
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
 use rmcp::model::{ServerCapabilities, ServerConfig};
@@ -38,6 +38,10 @@ pub struct AirlockMcp {
     #[allow(dead_code)] // read by the #[tool_handler] expansion
     tool_router: ToolRouter<Self>,
     sandboxes: Arc<Mutex<HashMap<String, Entry>>>,
+    /// `--pool N`: sandboxes kept ready per shape (image, CPUs, memory); 0: no pool.
+    pool_size: usize,
+    /// One pool per shape, made at its first `create_sandbox`.
+    pools: Arc<std::sync::Mutex<HashMap<String, airlock_sandbox::Pool>>>,
 }
 
 /// `create_sandbox` arguments.
@@ -131,9 +135,53 @@ fn secret_from_env(s: &str) -> Result<airlock_sandbox::SecretSpec, String> {
 impl AirlockMcp {
     /// A server with no sandboxes yet.
     pub fn new() -> AirlockMcp {
+        AirlockMcp::with_pool(0)
+    }
+
+    /// A server that keeps `pool_size` sandboxes restored and paused for each shape it was
+    /// asked for once, so later creates of that shape are claims (see [`airlock_sandbox::Pool`]).
+    pub fn with_pool(pool_size: usize) -> AirlockMcp {
         AirlockMcp {
             tool_router: Self::tool_router(),
             sandboxes: Arc::default(),
+            pool_size,
+            pools: Arc::default(),
+        }
+    }
+
+    /// Starts `spec`, from this shape's pool when there is one (made now if not).
+    async fn start(&self, spec: SandboxSpec) -> Result<Sandbox, airlock_sandbox::Error> {
+        if self.pool_size == 0 || !spec.shares.is_empty() {
+            return Sandbox::start(spec).await;
+        }
+        let key = format!(
+            "{:?}/{}/{}/{}",
+            spec.rootfs, spec.cpus, spec.memory_mib, spec.disk_mib
+        );
+        let pool = {
+            let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
+            match pools.get(&key) {
+                Some(p) => Some(p.clone()),
+                None => {
+                    let mut shape = SandboxSpec::new(spec.rootfs.clone());
+                    (shape.cpus, shape.memory_mib, shape.disk_mib) =
+                        (spec.cpus, spec.memory_mib, spec.disk_mib);
+                    (shape.kernel, shape.accel) = (spec.kernel.clone(), spec.accel);
+                    shape.kernel_args = spec.kernel_args.clone();
+                    shape.network.disabled = spec.network.disabled;
+                    match airlock_sandbox::Pool::new(shape, self.pool_size) {
+                        Ok(p) => {
+                            pools.insert(key, p);
+                        }
+                        Err(e) => tracing::warn!("no pool for this sandbox: {e}"),
+                    }
+                    None // this create starts on its own; the pool fills meanwhile
+                }
+            }
+        };
+        match pool {
+            Some(p) => p.start(spec).await,
+            None => Sandbox::start(spec).await,
         }
     }
 
@@ -262,8 +310,13 @@ impl AirlockMcp {
             }
             None => (Vec::new(), None, None),
         };
-        let sb = Sandbox::start(spec).await.map_err(|e| e.to_string())?;
+        let sb = self.start(spec).await.map_err(|e| e.to_string())?;
         let id = sb.id().to_string();
+        let start = match (sb.pooled(), sb.template().is_some()) {
+            (true, _) => "pool",
+            (false, true) => "warm",
+            (false, false) => "cold",
+        };
         self.sandboxes.lock().await.insert(
             id.clone(),
             Entry {
@@ -278,6 +331,7 @@ impl AirlockMcp {
             "image": a.image,
             "allow_hosts": a.allow_hosts,
             "secrets_as_placeholders": secret_names,
+            "start": start,
         })))
     }
 
@@ -414,8 +468,15 @@ impl ServerHandler for AirlockMcp {
 
 /// `airlock mcp`: serves until the client closes stdin or a termination signal, then kills
 /// every sandbox it created.
-pub async fn serve() -> i32 {
-    let server = AirlockMcp::new();
+pub async fn serve(pool_size: usize) -> i32 {
+    let server = AirlockMcp::with_pool(pool_size);
+    if pool_size > 0 {
+        let pools = server.pools.clone();
+        tokio::spawn(crate::pool::publish("mcp", move || {
+            let pools = pools.lock().unwrap_or_else(|e| e.into_inner());
+            pools.values().map(|p| p.status()).collect()
+        }));
+    }
     let running = match server.clone().serve(rmcp::transport::stdio()).await {
         Ok(r) => r,
         Err(e) => {

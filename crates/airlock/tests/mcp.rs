@@ -168,3 +168,60 @@ fn mcp_server_kills_its_sandboxes_on_sigterm() {
     assert_eq!(report["sigterm"], "exited", "{report}");
     assert_cleaned_up(rt.path(), &report);
 }
+
+#[test]
+fn mcp_pool_serves_the_second_create_of_a_shape() {
+    debian::ensure_image();
+    let rt = tempfile::tempdir().unwrap();
+    let out = Command::new("python3")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/mcp/pool_client.py"))
+        .arg(env!("CARGO_BIN_EXE_airlock"))
+        .env("AIRLOCK_RUNTIME_DIR", rt.path())
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "pool_client.py failed:\n{stdout}\n{}",
+        text(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_ne!(r["first_start"], "pool", "{r}");
+    assert_eq!(r["second_start"], "pool", "{r}");
+    assert_eq!(
+        (
+            r["before"]["size"].as_u64(),
+            r["before"]["claimed"].as_u64()
+        ),
+        (Some(1), Some(0)),
+        "{r}"
+    );
+    assert_eq!(r["after"]["claimed"].as_u64(), Some(1), "{r}");
+    let (a, b) = (
+        r["first_out"].as_str().unwrap(),
+        r["second_out"].as_str().unwrap(),
+    );
+    assert!(a.ends_with("42\n") && b.ends_with("42\n"), "{r}");
+    assert_ne!(a.lines().next(), b.lines().next(), "machine-id shared: {r}");
+    // The pool's own VM went with the server, as its claims did.
+    let rtp = rt.path().to_string_lossy().into_owned();
+    let t0 = Instant::now();
+    loop {
+        let procs: Vec<String> = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .map(|c| text(&c).replace('\0', " "))
+            .filter(|c| c.contains(&rtp))
+            .collect();
+        if procs.is_empty() {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "left running: {procs:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
