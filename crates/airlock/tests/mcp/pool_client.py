@@ -56,7 +56,15 @@ async def main():
             a = await call(s, "exec", {"sandbox_id": first["sandbox_id"], "command": probe})
             b = await call(s, "exec", {"sandbox_id": second["sandbox_id"], "command": probe})
             report["first_out"], report["second_out"] = a["stdout"], b["stdout"]
-            report["after"] = pools()[0]
+            # Published every 2 s: wait for the claim to show, and the refill behind it.
+            deadline = time.time() + 300
+            while True:
+                after = pools()[0]
+                if after["claimed"] == 1 and after["ready"] == 1:
+                    break
+                assert time.time() < deadline, f"no claim or refill shown: {after}"
+                await asyncio.sleep(0.5)
+            report["after"] = after
     print(json.dumps(report))
 
 
