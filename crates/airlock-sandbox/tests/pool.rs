@@ -4,30 +4,16 @@
 
 use std::time::Duration;
 
-use airlock_sandbox::{ExecSpec, Pool, RootfsSource, Sandbox, SandboxSpec};
+use airlock_sandbox::{Pool, RootfsSource, SandboxSpec};
 
 mod common;
-use common::{root_path as root, wait_until};
+use common::{root_path as root, sh, wait_until};
 
 fn spec(memory_mib: u32) -> SandboxSpec {
     let mut s =
         SandboxSpec::new(RootfsSource::from_path(root()).expect("demo rootfs: run scripts/setup"));
     s.memory_mib = memory_mib;
     s
-}
-
-async fn sh(sb: &Sandbox, script: &str) -> String {
-    let out = sb
-        .output(ExecSpec::new(["sh", "-c", script]))
-        .await
-        .unwrap();
-    assert_eq!(
-        out.status.code,
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 fn alive(pid: u32) -> bool {

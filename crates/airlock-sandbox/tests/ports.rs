@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 mod common;
-use common::spec;
+use common::{sh, spec};
 
 fn hex_sha(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
@@ -40,20 +40,6 @@ where
         out.push(h.await.unwrap());
     }
     out
-}
-
-async fn sh(sb: &Sandbox, script: &str) -> String {
-    let out = sb
-        .output(ExecSpec::new(["sh", "-c", script]))
-        .await
-        .unwrap();
-    assert_eq!(
-        out.status.code,
-        Some(0),
-        "{script}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// Starts a long-running server in the guest; the returned exec keeps it alive.

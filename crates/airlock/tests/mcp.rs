@@ -120,9 +120,10 @@ fn assert_cleaned_up(rt: &Path, report: &serde_json::Value) {
     loop {
         let left: Vec<String> = std::fs::read_dir(rt)
             .map(|r| {
-                // Sandbox state dirs (files such as the cached TSC rate may stay).
+                // Sandbox state dirs (files such as the cached TSC rate may stay, and the
+                // directory where pool holders publish their status).
                 r.flatten()
-                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                    .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()) && e.file_name() != "pools")
                     .map(|e| e.file_name().to_string_lossy().into_owned())
                     .collect()
             })
@@ -146,25 +147,35 @@ fn assert_cleaned_up(rt: &Path, report: &serde_json::Value) {
     }
 }
 
-#[test]
-fn mcp_server_kills_its_sandboxes_on_sigterm() {
-    debian::ensure_image();
-    let rt = tempfile::tempdir().unwrap();
+/// Runs the Python MCP client `script` with `args` (the airlock binary last) against a server
+/// whose runtime dir is `rt`; returns the JSON report it prints.
+fn run_client(script: &str, args: &[&str], rt: &Path) -> serde_json::Value {
     let out = Command::new("python3")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/mcp/client.py"))
-        .arg("--sigterm")
+        .arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/mcp")
+                .join(script),
+        )
+        .args(args)
         .arg(env!("CARGO_BIN_EXE_airlock"))
-        .env("AIRLOCK_RUNTIME_DIR", rt.path())
+        .env("AIRLOCK_RUNTIME_DIR", rt)
         .stdin(Stdio::null())
         .output()
         .unwrap();
     let stdout = text(&out.stdout);
     assert!(
         out.status.success(),
-        "client.py --sigterm failed:\n{stdout}\n{}",
+        "{script} {args:?} failed:\n{stdout}\n{}",
         text(&out.stderr)
     );
-    let report: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    serde_json::from_str(stdout.trim()).unwrap()
+}
+
+#[test]
+fn mcp_server_kills_its_sandboxes_on_sigterm() {
+    debian::ensure_image();
+    let rt = tempfile::tempdir().unwrap();
+    let report = run_client("client.py", &["--sigterm"], rt.path());
     assert_eq!(report["sigterm"], "exited", "{report}");
     assert_cleaned_up(rt.path(), &report);
 }
@@ -173,30 +184,14 @@ fn mcp_server_kills_its_sandboxes_on_sigterm() {
 fn mcp_pool_serves_the_second_create_of_a_shape() {
     debian::ensure_image();
     let rt = tempfile::tempdir().unwrap();
-    let out = Command::new("python3")
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/mcp/pool_client.py"))
-        .arg(env!("CARGO_BIN_EXE_airlock"))
-        .env("AIRLOCK_RUNTIME_DIR", rt.path())
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    let stdout = text(&out.stdout);
-    assert!(
-        out.status.success(),
-        "pool_client.py failed:\n{stdout}\n{}",
-        text(&out.stderr)
-    );
-    let r: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let r = run_client("pool_client.py", &[], rt.path());
     assert_ne!(r["first_start"], "pool", "{r}");
     assert_eq!(r["second_start"], "pool", "{r}");
-    assert_eq!(
-        (
-            r["before"]["size"].as_u64(),
-            r["before"]["claimed"].as_u64()
-        ),
-        (Some(1), Some(0)),
-        "{r}"
+    let before = (
+        r["before"]["size"].as_u64(),
+        r["before"]["claimed"].as_u64(),
     );
+    assert_eq!(before, (Some(1), Some(0)), "{r}");
     assert_eq!(r["after"]["claimed"].as_u64(), Some(1), "{r}");
     let (a, b) = (
         r["first_out"].as_str().unwrap(),
@@ -205,23 +200,5 @@ fn mcp_pool_serves_the_second_create_of_a_shape() {
     assert!(a.ends_with("42\n") && b.ends_with("42\n"), "{r}");
     assert_ne!(a.lines().next(), b.lines().next(), "machine-id shared: {r}");
     // The pool's own VM went with the server, as its claims did.
-    let rtp = rt.path().to_string_lossy().into_owned();
-    let t0 = Instant::now();
-    loop {
-        let procs: Vec<String> = std::fs::read_dir("/proc")
-            .unwrap()
-            .flatten()
-            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-            .map(|c| text(&c).replace('\0', " "))
-            .filter(|c| c.contains(&rtp))
-            .collect();
-        if procs.is_empty() {
-            break;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "left running: {procs:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    assert_cleaned_up(rt.path(), &r);
 }

@@ -2,7 +2,7 @@
 
 #![allow(dead_code)] // each test binary uses its own part
 
-use airlock_sandbox::{RootfsSource, SandboxSpec};
+use airlock_sandbox::{ExecSpec, RootfsSource, Sandbox, SandboxSpec};
 
 /// The demo rootfs directory: `AIRLOCK_TEST_ROOTFS` (set by scripts/test), else the cache's.
 pub fn root_path() -> String {
@@ -40,4 +40,19 @@ where
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+/// Runs `script` with `sh -c`, asserts it exits 0 (its stderr otherwise), returns its stdout.
+pub async fn sh(sb: &Sandbox, script: &str) -> String {
+    let out = sb
+        .output(ExecSpec::new(["sh", "-c", script]))
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status.code,
+        Some(0),
+        "{script}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
