@@ -20,8 +20,8 @@ pub(crate) struct Launched {
     pub(crate) accel: AccelChoice,
     pub(crate) state: state::StateDir,
     pub(crate) vm: Box<dyn Vm>,
-    /// Host end of the control channel.
-    pub(crate) control: UnixStream,
+    /// The control channel.
+    pub(crate) control: Control,
     /// Host end of the NIC, for the netstack the sandbox attaches.
     pub(crate) nic_host: Option<UnixStream>,
     pub(crate) monitor: Option<qmp::Monitor>,
@@ -36,6 +36,19 @@ pub(crate) struct Launched {
     pub(crate) volume_leases: Vec<shares::VolumeLease>,
     pub(crate) share_mounts: Vec<airlock_proto::ShareMount>,
     pub(crate) volume_mounts: Vec<airlock_proto::VolumeMount>,
+}
+
+/// The host's side of a launched VM's control channel.
+pub(crate) enum Control {
+    /// The socket, not read yet: the agent's `Hello` (or, restored, its readiness) is ahead.
+    Raw(UnixStream),
+    /// A pooled VM that already had a throw-away `Init` and its warm-up: the claim's `Init`
+    /// is a second one, and its streams start at `next_stream`.
+    Started {
+        conn: std::sync::Arc<crate::conn::Conn>,
+        ctl: tokio::sync::mpsc::UnboundedReceiver<crate::conn::ControlEvent>,
+        next_stream: u32,
+    },
 }
 
 /// What [`launch`] came to.
@@ -262,7 +275,7 @@ pub(crate) async fn launch(
         accel,
         state,
         vm,
-        control,
+        control: Control::Raw(control),
         nic_host,
         monitor,
         template: template.map(|t| t.key),

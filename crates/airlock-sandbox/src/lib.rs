@@ -179,8 +179,18 @@ impl Sandbox {
         if let (Some(net), Some(host)) = (&network, l.nic_host) {
             net.start(host)?;
         }
-        l.control.set_nonblocking(true)?;
-        let (conn, mut ctl) = conn::Conn::start(tokio::net::UnixStream::from_std(l.control)?);
+        let (conn, mut ctl, first_stream) = match l.control {
+            launch::Control::Raw(s) => {
+                s.set_nonblocking(true)?;
+                let (c, ctl) = conn::Conn::start(tokio::net::UnixStream::from_std(s)?);
+                (c, ctl, 1)
+            }
+            launch::Control::Started {
+                conn,
+                ctl,
+                next_stream,
+            } => (conn, ctl, next_stream),
+        };
         let mut launch = l.launch;
         if let Some(li) = &mut launch {
             // A pooled VM was launched for the pool's spec; the claim decides.
@@ -193,7 +203,7 @@ impl Sandbox {
             conn: conn.clone(),
             vm: l.vm,
             state: l.state,
-            next_stream: Arc::new(AtomicU32::new(1)),
+            next_stream: Arc::new(AtomicU32::new(first_stream)),
             kernel_release: String::new(),
             network,
             _fs: l.fs_servers,

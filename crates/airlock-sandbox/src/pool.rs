@@ -28,7 +28,8 @@ struct Inner {
     size: usize,
     backend: Arc<dyn Backend>,
     state: Mutex<State>,
-    wake: tokio::sync::Notify,
+    /// Wakes the refill task (apart from `Inner`, so the waiting task holds no pool alive).
+    wake: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Default)]
@@ -100,7 +101,7 @@ impl Pool {
             size,
             backend,
             state: Mutex::new(State::default()),
-            wake: tokio::sync::Notify::new(),
+            wake: Arc::new(tokio::sync::Notify::new()),
         });
         tokio::spawn(refill(Arc::downgrade(&inner)));
         Ok(Pool { inner })
@@ -193,6 +194,8 @@ impl Pool {
             && spec.kernel_args == s.kernel_args
             && spec.accel == s.accel
             && spec.network.disabled == s.network.disabled
+            // The warm-up's Init fixed the agent's privilege (a restriction is for good).
+            && spec.privileged == s.privileged
     }
 
     /// A ready VM that is still alive; dead ones are dropped.
@@ -246,11 +249,10 @@ async fn refill(pool: Weak<Inner>) {
             want
         };
         if !want {
-            let inner = pool.inner.clone();
+            let wake = pool.inner.wake.clone();
             drop(pool);
             // Woken by a claim; the timeout lets a dropped pool end this task.
-            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), inner.wake.notified())
-                .await;
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), wake.notified()).await;
             continue;
         }
         let made = prepare(&pool.inner.shape, pool.inner.backend.as_ref()).await;
@@ -289,7 +291,67 @@ async fn prepare(shape: &SandboxSpec, backend: &dyn Backend) -> Result<Launched,
             "no template could be made for the pool's sandboxes (see the warnings above)".into(),
         ));
     }
+    l = warm_up(l, shape.privileged).await?;
     l = qmp_command(l, "stop").await?;
+    Ok(l)
+}
+
+/// Execs run in a pooled VM before it is paused.
+const WARMUP_EXECS: u32 = 2;
+
+/// Runs the paths a claim will take once in this QEMU process, so the claim finds them
+/// translated (under TCG every new QEMU process translates the guest's code afresh): a
+/// throw-away `Init` (no network, no CA, no secret: the claim's `Init` replaces every field),
+/// then [`WARMUP_EXECS`] spawns of the agent's own binary (which exits at once when it is not
+/// PID 1). Nothing of the image runs before a claim.
+async fn warm_up(mut l: Launched, privileged: bool) -> Result<Launched, Error> {
+    let launch::Control::Raw(s) = l.control else {
+        return Err(Error::Setup("the pooled VM was greeted already".into()));
+    };
+    s.set_nonblocking(true)?;
+    let (conn, mut ctl) = crate::conn::Conn::start(tokio::net::UnixStream::from_std(s)?);
+    let init = airlock_proto::Init {
+        hostname: "airlock-pool".into(),
+        rng_seed: crate::random_bytes::<32>().to_vec(),
+        privileged,
+        ..Default::default()
+    };
+    crate::handshake(&conn, &mut ctl, &init, true, crate::RESTORE_TIMEOUT).await?;
+    for id in 1..=WARMUP_EXECS {
+        let (mut events, _window) = conn.open_stream(id);
+        let req = airlock_proto::ExecRequest {
+            argv: vec!["/proc/self/exe".into()],
+            ..Default::default()
+        };
+        let sent = conn
+            .send(airlock_proto::Frame::json(
+                airlock_proto::Kind::Exec,
+                id,
+                &req,
+            ))
+            .await;
+        sent.map_err(|e| Error::Setup(format!("warm-up exec: {e}")))?;
+        let ended = tokio::time::timeout(crate::RESTORE_TIMEOUT, async {
+            while let Some(ev) = events.recv().await {
+                if matches!(ev, crate::ExecEvent::Exit(_) | crate::ExecEvent::Failed(_)) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        conn.close_stream(id);
+        if !matches!(ended, Ok(true)) {
+            return Err(Error::Setup(
+                "the pooled VM's warm-up exec did not end".into(),
+            ));
+        }
+    }
+    l.control = launch::Control::Started {
+        conn,
+        ctl,
+        next_stream: WARMUP_EXECS + 1,
+    };
     Ok(l)
 }
 

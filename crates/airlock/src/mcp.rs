@@ -493,6 +493,12 @@ pub async fn serve(pool_size: usize) -> i32 {
         _ = tokio::signal::ctrl_c() => ct.cancel(),
     }
     server.destroy_all().await;
+    // Pooled VMs and their state dirs go with their pools (the exit below would skip drops).
+    server
+        .pools
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clear();
     // Exit here: a blocking read of stdin cannot be cancelled, and the runtime would wait for
     // it on shutdown (after SIGTERM the client may keep stdin open).
     std::process::exit(0)
