@@ -300,6 +300,14 @@ impl Registry {
         if let Some(ws) = tty {
             let pty = nix::pty::openpty(Some(&winsize(ws)), None)
                 .map_err(|e| (ExecErrorKind::Other, format!("openpty: {e}")))?;
+            // openpty's fds are inheritable: without this every command started while this
+            // one runs (and this one) would hold the master and slave open.
+            for fd in [&pty.master, &pty.slave] {
+                let _ = nix::fcntl::fcntl(
+                    fd,
+                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+                );
+            }
             let slave = pty.slave;
             let dup = |fd: &OwnedFd| {
                 fd.try_clone()

@@ -847,7 +847,8 @@ impl Task for Service {
             .await
             .map_err(ttrpc_err)?;
         let input = p.input.lock().unwrap().clone();
-        if let Some(i) = input {
+        // A client without a real terminal reports 0x0: keep the size the process has.
+        if let (Some(i), true) = (input, req.width > 0 && req.height > 0) {
             let ws = WinSize {
                 rows: req.height.min(u16::MAX as u32) as u16,
                 cols: req.width.min(u16::MAX as u32) as u16,
