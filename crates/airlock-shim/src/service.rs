@@ -29,6 +29,9 @@ use tokio::sync::{mpsc, watch, Notify};
 use crate::error::ShimError;
 use crate::{mounts, policy, spec, stdio};
 
+/// Colon-separated PEM files the sealed network trusts for upstream TLS besides the host's
+/// roots (set in containerd's environment: shims inherit it).
+pub const UPSTREAM_CA_ENV: &str = "AIRLOCK_UPSTREAM_CA";
 /// Where the pod directory appears in the guest.
 const GUEST_PODS: &str = "/containers";
 /// Exit status reported for a process whose VM went away under it (as SIGKILL).
@@ -671,6 +674,19 @@ async fn boot(owner: &str, oci: &spec::Spec, policy: policy::Policy, dir: &Path)
         .filter(|h| !h.is_empty() && h.len() <= 64);
     let secrets = policy.secret_names();
     s.network = policy.network;
+    // Node-level, not per pod: extra roots for upstream TLS (a corporate CA), as
+    // `--upstream-ca` is for `airlock run`.
+    if let Some(cas) = std::env::var_os(UPSTREAM_CA_ENV) {
+        for p in std::env::split_paths(&cas).filter(|p| !p.as_os_str().is_empty()) {
+            if !p.is_file() {
+                return Err(ShimError::Invalid(format!(
+                    "{UPSTREAM_CA_ENV}: {} is not a file",
+                    p.display()
+                )));
+            }
+            s.network.upstream_ca.push(p);
+        }
+    }
     s.shares = vec![Share {
         host: dir.join("c"),
         guest: GUEST_PODS.into(),

@@ -59,6 +59,8 @@ pub fn available() -> bool {
 pub struct Options {
     /// Enable the CRI plugin with runtime handler `airlock`, CNI from these dirs.
     pub cri: Option<(PathBuf, PathBuf)>,
+    /// Extra environment for containerd (and so for its shims).
+    pub env: Vec<(String, String)>,
 }
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -129,6 +131,7 @@ state = "{state}"
             .arg("--config")
             .arg(d.join("config.toml"))
             .env("PATH", path)
+            .envs(opts.env.iter().cloned())
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -157,10 +160,15 @@ state = "{state}"
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        let tar = image_archive(c.dir.path());
-        let out = c.ctr(&["image", "import", tar.to_str().unwrap()]);
-        assert!(out.status.success(), "import: {}", text(&out.stderr));
+        let tar = image_archive(c.dir.path(), IMAGE, &[]);
+        c.import(&tar);
         c
+    }
+
+    /// Imports an OCI archive.
+    pub fn import(&self, tar: &Path) {
+        let out = self.ctr(&["image", "import", tar.to_str().unwrap()]);
+        assert!(out.status.success(), "import: {}", text(&out.stderr));
     }
 
     /// containerd's log so far.
@@ -322,9 +330,10 @@ impl Drop for Containerd {
     }
 }
 
-/// The busybox root of scripts/mkrootfs-busybox as an OCI archive named [`IMAGE`] (umoci and
-/// skopeo, real image tools), written into `dir`.
-pub fn image_archive(dir: &Path) -> PathBuf {
+/// The busybox root of scripts/mkrootfs-busybox as an OCI archive named `name` (umoci and
+/// skopeo, real image tools), written into `dir`; `host_bins` are host programs copied in
+/// with the shared libraries they load (a real client, e.g. curl, without a distribution).
+pub fn image_archive(dir: &Path, name: &str, host_bins: &[&str]) -> PathBuf {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let rootfs = std::env::var("AIRLOCK_TEST_ROOTFS").unwrap_or_else(|_| {
         let out = Command::new(repo.join("scripts/mkrootfs-busybox"))
@@ -333,22 +342,27 @@ pub fn image_archive(dir: &Path) -> PathBuf {
         assert!(out.status.success(), "mkrootfs-busybox: {}", text(&out.stderr));
         text(&out.stdout).trim().to_string()
     });
-    let tar = dir.join("busybox.tar");
+    let tar = dir.join(format!("image-{}.tar", host_bins.len()));
     let script = format!(
         r#"set -e
 cd "{work}"
+rm -rf oci bundle
 umoci init --layout oci >/dev/null
 umoci new --image oci:img >/dev/null
 umoci unpack --image oci:img bundle >/dev/null
 cp -a "{rootfs}/." bundle/rootfs/
+for b in {bins}; do
+  for f in "$b" $(ldd "$b" | grep -o '/[^ ]*'); do cp -L --parents "$f" bundle/rootfs/; done
+done
 umoci repack --image oci:img bundle >/dev/null
 umoci config --image oci:img --config.cmd /bin/sh \
   --config.env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
   --config.workingdir /root >/dev/null
-skopeo copy -q oci:oci:img "oci-archive:{tar}:{IMAGE}"
+skopeo copy -q oci:oci:img "oci-archive:{tar}:{name}"
 rm -rf oci bundle"#,
         work = dir.display(),
         tar = tar.display(),
+        bins = host_bins.join(" "),
     );
     let out = Command::new("sh").arg("-c").arg(script).output().unwrap();
     assert!(out.status.success(), "image archive: {}", text(&out.stderr));
