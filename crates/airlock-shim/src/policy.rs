@@ -131,6 +131,21 @@ pub fn from_annotations(
     Ok(p)
 }
 
+/// Checks the annotations' syntax and rules without the container's environment (a CRI pod
+/// sandbox has none: secret values come from its first container).
+pub fn check_syntax(annotations: &HashMap<String, String>) -> Result<(), ShimError> {
+    let names: Vec<(String, String)> = annotations
+        .get(SECRETS)
+        .map(|v| {
+            list(v, ';')
+                .filter_map(|s| s.rsplit_once('@').map(|(h, _)| h.to_string()))
+                .map(|n| (n, "syntax-check-only".to_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    from_annotations(annotations, &names).map(drop)
+}
+
 /// `512`, `512Mi`, `512M`, `2Gi`, `2G` → MiB, 64 MiB to 1 TiB.
 fn parse_mib(v: &str) -> Result<u32, String> {
     let v = v.trim();

@@ -61,15 +61,28 @@ struct Proc {
     close_stdin: Arc<Notify>,
     /// Its pid inside the VM, once started.
     guest_pid: std::sync::atomic::AtomicU32,
+    /// A CRI pod sandbox's process: nothing runs for it (the VM is the pod; a pause process
+    /// holding namespaces has no job in it). It "runs" until killed.
+    hollow: bool,
 }
 
 impl Proc {
     fn new(container: &str, exec_id: &str, stdio: stdio::Paths, spec: ExecSpec) -> Arc<Proc> {
+        Self::make(container, exec_id, stdio, Some(spec))
+    }
+
+    fn make(
+        container: &str,
+        exec_id: &str,
+        stdio: stdio::Paths,
+        spec: Option<ExecSpec>,
+    ) -> Arc<Proc> {
         Arc::new(Proc {
+            hollow: spec.is_none(),
             container: container.into(),
             exec_id: exec_id.into(),
             stdio,
-            spec: Mutex::new(Some(spec)),
+            spec: Mutex::new(spec),
             phase: watch::channel(Phase::Created).0,
             input: Mutex::new(None),
             close_stdin: Arc::new(Notify::new()),
@@ -128,9 +141,18 @@ struct Pod {
     secrets: Vec<String>,
 }
 
+/// A CRI pod whose VM boots with its first container: the secrets named by the pod's
+/// annotations come from that container's environment (the sandbox has none).
+struct Pending {
+    owner: String,
+    annotations: HashMap<String, String>,
+    hostname: Option<String>,
+}
+
 #[derive(Default)]
 struct State {
     pod: Option<Arc<Pod>>,
+    pending: Option<Pending>,
     containers: HashMap<String, Container>,
 }
 
@@ -219,29 +241,73 @@ impl Inner {
         let (starts_pod, pod_id) = oci.pod(&req.id);
         spec::check_id(&pod_id)?;
         let env = spec::env_pairs(&process.env);
-        // Policy first: a typo fails before any mount or boot.
-        let policy = if starts_pod {
-            Some(policy::from_annotations(&oci.annotations, &env)?)
-        } else {
-            None
-        };
+        let cri_sandbox = oci
+            .annotations
+            .get(spec::CRI_CONTAINER_TYPE)
+            .is_some_and(|t| t == "sandbox");
 
         let mut st = self.state.lock().await;
         if st.containers.contains_key(&req.id) {
             return Err(ShimError::State(format!("container {} already exists", req.id)));
         }
-        if starts_pod && st.pod.is_some() {
+        if starts_pod && (st.pod.is_some() || st.pending.is_some()) {
             return Err(ShimError::State(format!(
                 "this shim already runs a pod; {} cannot start another",
                 req.id
             )));
         }
-        if !starts_pod && st.pod.is_none() {
+        if !starts_pod && st.pod.is_none() && st.pending.is_none() {
             return Err(ShimError::State(format!(
                 "container {}: its pod sandbox {pod_id} is not running in this shim",
                 req.id
             )));
         }
+        if cri_sandbox {
+            // Checked now (a typo fails RunPodSandbox); booted with the first container.
+            policy::check_syntax(&oci.annotations)?;
+            st.pending = Some(Pending {
+                owner: req.id.clone(),
+                annotations: oci.annotations.clone(),
+                hostname: oci.hostname.clone(),
+            });
+            let paths = stdio::Paths {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+            };
+            st.containers.insert(
+                req.id.clone(),
+                Container {
+                    bundle,
+                    mounted_rootfs: false,
+                    rootfs: PathBuf::new(),
+                    bind: PathBuf::new(),
+                    init: Proc::make(&req.id, "", paths, None),
+                    execs: HashMap::new(),
+                },
+            );
+            drop(st);
+            info!("created pod sandbox {} (its VM boots with the first container)", req.id);
+            self.publish_create(req, std::process::id()).await;
+            return Ok(std::process::id());
+        }
+        // Policy before any mount or boot: a typo costs nothing.
+        let boot_with = if st.pod.is_some() {
+            None
+        } else if let Some(p) = &st.pending {
+            Some((
+                p.owner.clone(),
+                policy::from_annotations(&p.annotations, &env)?,
+                p.hostname.clone(),
+            ))
+        } else {
+            Some((
+                req.id.clone(),
+                policy::from_annotations(&oci.annotations, &env)?,
+                oci.hostname.clone(),
+            ))
+        };
 
         let rootfs = oci.rootfs(&bundle);
         let mut mounted_rootfs = false;
@@ -282,9 +348,12 @@ impl Inner {
             }
         };
 
-        if let Some(policy) = policy {
-            match boot(&req.id, &oci, policy, &dir).await {
-                Ok(pod) => st.pod = Some(Arc::new(pod)),
+        if let Some((owner, policy, hostname)) = boot_with {
+            match boot(&owner, hostname, policy, &dir).await {
+                Ok(pod) => {
+                    st.pod = Some(Arc::new(pod));
+                    st.pending = None;
+                }
                 Err(e) => {
                     cleanup(true);
                     return Err(e);
@@ -315,6 +384,11 @@ impl Inner {
         let pid = pod.sandbox.vm_pid();
         drop(st);
         info!("created {} (pod {pod_id})", req.id);
+        self.publish_create(req, pid).await;
+        Ok(pid)
+    }
+
+    async fn publish_create(&self, req: &api::CreateTaskRequest, pid: u32) {
         self.publish(
             containerd_shim_protos::topics::TASK_CREATE_EVENT_TOPIC,
             Box::new(TaskCreate {
@@ -333,11 +407,27 @@ impl Inner {
             }),
         )
         .await;
-        Ok(pid)
     }
 
     async fn start(self: &Arc<Self>, id: &str, exec_id: &str) -> Result<u32> {
         let p = self.proc(id, exec_id).await?;
+        if p.hollow {
+            if !matches!(p.phase(), Phase::Created) {
+                return Err(ShimError::State(format!("{id}: already started")));
+            }
+            let pid = std::process::id();
+            p.phase.send_replace(Phase::Running { pid });
+            self.publish(
+                containerd_shim_protos::topics::TASK_START_EVENT_TOPIC,
+                Box::new(TaskStart {
+                    container_id: id.into(),
+                    pid,
+                    ..Default::default()
+                }),
+            )
+            .await;
+            return Ok(pid);
+        }
         let pod = self
             .state
             .lock()
@@ -487,6 +577,13 @@ impl Inner {
             Phase::Stopped { .. } => Err(ShimError::NotFound(format!(
                 "process {id} {exec_id} already finished"
             ))),
+            Phase::Running { .. } if p.hollow => {
+                if p.stop(128 + signal as u32) {
+                    self.publish_exit(&p).await;
+                }
+                self.end_pod_if_owner(id).await;
+                Ok(())
+            }
             Phase::Running { .. } => {
                 let input = p.input.lock().unwrap().clone();
                 match input {
@@ -568,19 +665,26 @@ impl Inner {
             }
         }
         let c = st.containers.remove(id).expect("present");
-        mounts::unmount(&c.bind);
-        let _ = std::fs::remove_dir(&c.bind);
+        if !c.bind.as_os_str().is_empty() {
+            mounts::unmount(&c.bind);
+            let _ = std::fs::remove_dir(&c.bind);
+        }
         if c.mounted_rootfs {
             mounts::unmount(&c.rootfs);
         }
         let last = st.containers.is_empty();
         let owner = st.pod.as_ref().is_some_and(|p| p.owner == id);
+        if st.pending.as_ref().is_some_and(|p| p.owner == id) {
+            st.pending = None;
+        }
         if last || owner {
             if let Some(pod) = st.pod.take() {
                 pod.sandbox.kill();
                 // Remaining containers' mounts go with the pod directory.
                 for (_, other) in st.containers.drain() {
-                    mounts::unmount(&other.bind);
+                    if !other.bind.as_os_str().is_empty() {
+                        mounts::unmount(&other.bind);
+                    }
                     if other.mounted_rootfs {
                         mounts::unmount(&other.rootfs);
                     }
@@ -658,7 +762,12 @@ impl Inner {
 }
 
 /// Boots the pod's VM for its first container `owner`.
-async fn boot(owner: &str, oci: &spec::Spec, policy: policy::Policy, dir: &Path) -> Result<Pod> {
+async fn boot(
+    owner: &str,
+    hostname: Option<String>,
+    policy: policy::Policy,
+    dir: &Path,
+) -> Result<Pod> {
     let cache = airlock_sandbox::assets::cache_dir();
     let root = mounts::vm_root(&cache)?;
     let mut s = SandboxSpec::new(RootfsSource::Dir(root));
@@ -668,10 +777,7 @@ async fn boot(owner: &str, oci: &spec::Spec, policy: policy::Policy, dir: &Path)
     if let Some(c) = policy.cpus {
         s.cpus = c;
     }
-    s.hostname = oci
-        .hostname
-        .clone()
-        .filter(|h| !h.is_empty() && h.len() <= 64);
+    s.hostname = hostname.filter(|h| !h.is_empty() && h.len() <= 64);
     let secrets = policy.secret_names();
     s.network = policy.network;
     // Node-level, not per pod: extra roots for upstream TLS (a corporate CA), as

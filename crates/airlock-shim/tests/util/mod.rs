@@ -97,6 +97,9 @@ impl Containerd {
   disable_cgroup = false
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.airlock]
       runtime_type = "io.containerd.airlock.v2"
       pod_annotations = ["airlock.io/*"]
