@@ -15,6 +15,7 @@ use tonic::transport::{Channel, Endpoint, Uri};
 use util::{text, Containerd, Options, IMAGE};
 
 const SECRET: &str = "cri-s3cr3t-5b2e";
+const CURL_IMAGE: &str = "docker.io/airlock/busybox-curl:test";
 
 /// The namespace CRI keeps its images and containers in.
 const K8S_NS: &str = "k8s.io";
@@ -67,6 +68,8 @@ fn cri_pod_lifecycle() {
     // CRI's images live in k8s.io; the sandbox image is the test image too.
     let ns = std::mem::replace(&mut c.ns, K8S_NS.into());
     c.import(&util::image_archive(c.dir.path(), IMAGE, &[]));
+    // A second container of the pod runs another image, on its own root in the same VM.
+    c.import(&util::image_archive(c.dir.path(), CURL_IMAGE, &["/usr/bin/curl"]));
     let rt = tokio::runtime::Runtime::new().unwrap();
     let socket = c.socket.clone();
     let logs = work.path().join("logs");
@@ -160,6 +163,47 @@ fn cri_pod_lifecycle() {
             .await
             .map_err(|e| format!("ExecSync: {e}"))?
             .into_inner();
+        // The sidecar: created after the VM booted, its rootfs bound into the pod directory
+        // the VM already shares.
+        let side = cri
+            .create_container(CreateContainerRequest {
+                pod_sandbox_id: pod.clone(),
+                config: Some(ContainerConfig {
+                    metadata: Some(ContainerMetadata { name: "side".into(), attempt: 0 }),
+                    image: Some(ImageSpec { image: CURL_IMAGE.into(), ..Default::default() }),
+                    command: vec!["sleep".into(), "1000".into()],
+                    log_path: "side.log".into(),
+                    ..Default::default()
+                }),
+                sandbox_config: Some(sandbox_config.clone()),
+            })
+            .await
+            .map_err(|e| format!("CreateContainer side: {e}"))?
+            .into_inner()
+            .container_id;
+        cri.start_container(StartContainerRequest { container_id: side.clone() })
+            .await
+            .map_err(|e| format!("StartContainer side: {e}"))?;
+        let roots = |id: String| {
+            let mut cri = cri.clone();
+            async move {
+                let o = cri
+                    .exec_sync(ExecSyncRequest {
+                        container_id: id,
+                        cmd: vec!["sh".into(), "-c".into(), "test -x /usr/bin/curl && echo curl || echo no-curl; uname -n".into()],
+                        timeout: 60,
+                    })
+                    .await
+                    .map_err(|e| format!("ExecSync: {e}"))?
+                    .into_inner();
+                Ok::<_, String>(text(&o.stdout))
+            }
+        };
+        let main_root = roots(created.clone()).await?;
+        let side_root = roots(side.clone()).await?;
+        if !main_root.starts_with("no-curl\nagent-pod") || !side_root.starts_with("curl\nagent-pod") {
+            return Err(format!("roots: main {main_root:?} side {side_root:?}"));
+        }
         Ok::<_, String>((created, out, started))
     });
     let (container, out, started) = match result {
