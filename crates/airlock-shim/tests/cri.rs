@@ -254,3 +254,136 @@ fn cri_pod_lifecycle() {
     assert!(util::mounts_under(&c.dir.path().join("state")).iter().all(|m| !m.ends_with("rootfs")));
     c.ns = ns;
 }
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// The bench of docs/benchmarks.md (benches/shim-cri runs it): a pod started through CRI
+/// until its container's `true` has exited, against `airlock run` of the same busybox image
+/// (cold boot, and the default warm start), alternated in one run.
+#[test]
+#[ignore = "a benchmark: benches/shim-cri"]
+fn bench_cri_pod_start_vs_airlock_run() {
+    assert!(util::available(), "needs root and containerd");
+    let iterations: usize = std::env::var("BENCH_ITERATIONS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let airlock = std::env::var("AIRLOCK_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| repo.join("target/release/airlock"));
+    let out = std::process::Command::new(repo.join("scripts/mkimage-busybox"))
+        .env("AIRLOCK_BIN", &airlock)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "mkimage-busybox: {}", text(&out.stderr));
+    let work = tempfile::tempdir().unwrap();
+    let conf = cni_config(work.path());
+    let mut c = Containerd::start_with(Options {
+        cri: Some((Path::new("/usr/lib/cni").to_path_buf(), conf)),
+        ..Default::default()
+    });
+    let ns = std::mem::replace(&mut c.ns, K8S_NS.into());
+    c.import(&util::image_archive(c.dir.path(), IMAGE, &[]));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let logs = work.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let cli = |cold: bool| {
+        let mut cmd = std::process::Command::new(&airlock);
+        cmd.args(["run", "--image", "demo/busybox:latest"]);
+        if cold {
+            cmd.arg("--cold");
+        }
+        cmd.args(["--", "true"]);
+        let t = Instant::now();
+        let out = util::output_within(&mut cmd, Duration::from_secs(120));
+        assert!(out.status.success(), "airlock run: {}", text(&out.stderr));
+        t.elapsed()
+    };
+    // The warm template is made by the first warm run: not timed.
+    cli(false);
+    let (mut pods, mut colds, mut warms) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..iterations {
+        let socket = c.socket.clone();
+        let logs = logs.clone();
+        pods.push(rt.block_on(async move {
+            let mut cri = client(&socket).await;
+            let config = PodSandboxConfig {
+                metadata: Some(PodSandboxMetadata {
+                    name: format!("bench{i}"),
+                    uid: format!("uid-{i}"),
+                    namespace: "default".into(),
+                    attempt: 0,
+                }),
+                log_directory: logs.display().to_string(),
+                ..Default::default()
+            };
+            let t = Instant::now();
+            let pod = cri
+                .run_pod_sandbox(RunPodSandboxRequest {
+                    config: Some(config.clone()),
+                    runtime_handler: "airlock".into(),
+                })
+                .await
+                .expect("RunPodSandbox")
+                .into_inner()
+                .pod_sandbox_id;
+            let id = cri
+                .create_container(CreateContainerRequest {
+                    pod_sandbox_id: pod.clone(),
+                    config: Some(ContainerConfig {
+                        metadata: Some(ContainerMetadata { name: "main".into(), attempt: 0 }),
+                        image: Some(ImageSpec { image: IMAGE.into(), ..Default::default() }),
+                        command: vec!["true".into()],
+                        log_path: format!("main{i}.log"),
+                        ..Default::default()
+                    }),
+                    sandbox_config: Some(config),
+                })
+                .await
+                .expect("CreateContainer")
+                .into_inner()
+                .container_id;
+            cri.start_container(StartContainerRequest { container_id: id.clone() })
+                .await
+                .expect("StartContainer");
+            loop {
+                let st = cri
+                    .container_status(ContainerStatusRequest { container_id: id.clone(), verbose: false })
+                    .await
+                    .expect("ContainerStatus")
+                    .into_inner()
+                    .status
+                    .unwrap();
+                if st.state == ContainerState::ContainerExited as i32 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let took = t.elapsed();
+            cri.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.clone() })
+                .await
+                .expect("StopPodSandbox");
+            cri.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod })
+                .await
+                .expect("RemovePodSandbox");
+            took
+        }));
+        colds.push(cli(true));
+        warms.push(cli(false));
+    }
+    let (p, cd, w) = (median(&mut pods), median(&mut colds), median(&mut warms));
+    println!(
+        "BENCH iterations={iterations} cri_pod_p50={:.0}ms airlock_run_cold_p50={:.0}ms airlock_run_warm_p50={:.0}ms cri/cold={:.2} cri/warm={:.2}",
+        p.as_secs_f64() * 1e3,
+        cd.as_secs_f64() * 1e3,
+        w.as_secs_f64() * 1e3,
+        p.as_secs_f64() / cd.as_secs_f64(),
+        p.as_secs_f64() / w.as_secs_f64()
+    );
+    println!("BENCH cri_pod_all={pods:?} cold_all={colds:?} warm_all={warms:?}");
+    c.ns = ns;
+}
