@@ -200,7 +200,12 @@ impl Registry {
                 "environment names must be non-empty and contain no '='".into(),
             ));
         }
-        let id = user::resolve(req.user.as_deref().unwrap_or("")).map_err(invalid)?;
+        // A container's root: its mounts first, then user and cwd resolved inside it.
+        let chroot = req.root.clone().unwrap_or_default();
+        if !chroot.is_empty() {
+            crate::roots::prepare(&chroot).map_err(invalid)?;
+        }
+        let id = user::resolve_in(&chroot, req.user.as_deref().unwrap_or("")).map_err(invalid)?;
 
         let cwd = req
             .cwd
@@ -210,10 +215,11 @@ impl Registry {
         if !cwd.starts_with('/') {
             return Err(invalid(format!("working directory {cwd} is not absolute")));
         }
-        if std::fs::metadata(&cwd).is_err() {
-            std::fs::create_dir_all(&cwd)
+        let host_cwd = format!("{chroot}{cwd}");
+        if std::fs::metadata(&host_cwd).is_err() {
+            std::fs::create_dir_all(&host_cwd)
                 .map_err(|e| invalid(format!("cannot create working directory {cwd}: {e}")))?;
-            let _ = std::os::unix::fs::chown(&cwd, Some(id.uid), Some(id.gid));
+            let _ = std::os::unix::fs::chown(&host_cwd, Some(id.uid), Some(id.gid));
         }
 
         let mut env: std::collections::BTreeMap<String, String> = [
@@ -241,7 +247,7 @@ impl Registry {
         };
 
         let root = id.uid == 0 && id.gid == 0 && id.groups.iter().all(|g| *g == 0);
-        if req.tty.is_none() && root && fast_spawn_allowed() {
+        if req.tty.is_none() && root && chroot.is_empty() && fast_spawn_allowed() {
             let path = env.get("PATH").map_or(DEFAULT_PATH, String::as_str);
             let program = crate::spawn::find_program(&req.argv[0], path).ok_or_else(not_found)?;
             let envs: Vec<(String, String)> = env.clone().into_iter().collect();
@@ -274,10 +280,18 @@ impl Registry {
         }
 
         let mut cmd = Command::new(&req.argv[0]);
-        cmd.args(&req.argv[1..])
-            .env_clear()
-            .envs(&env)
-            .current_dir(&cwd);
+        cmd.args(&req.argv[1..]).env_clear().envs(&env);
+        // In an exec root the child enters it itself (chroot, then chdir) before exec, so
+        // the program is looked up on PATH inside the root.
+        let enter = if chroot.is_empty() {
+            cmd.current_dir(&cwd);
+            None
+        } else {
+            let c = |s: &str| {
+                std::ffi::CString::new(s.as_bytes()).map_err(|_| invalid("NUL in a path".into()))
+            };
+            Some((c(&chroot)?, c(&cwd)?))
+        };
 
         let mut pty_master = None;
         let mut pipes: Vec<(Kind, File)> = Vec::new();
@@ -286,6 +300,14 @@ impl Registry {
         if let Some(ws) = tty {
             let pty = nix::pty::openpty(Some(&winsize(ws)), None)
                 .map_err(|e| (ExecErrorKind::Other, format!("openpty: {e}")))?;
+            // openpty's fds are inheritable: without this every command started while this
+            // one runs (and this one) would hold the master and slave open.
+            for fd in [&pty.master, &pty.slave] {
+                let _ = nix::fcntl::fcntl(
+                    fd,
+                    nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+                );
+            }
             let slave = pty.slave;
             let dup = |fd: &OwnedFd| {
                 fd.try_clone()
@@ -312,6 +334,11 @@ impl Registry {
         // SAFETY: only async-signal-safe syscalls run between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
+                if let Some((root, dir)) = &enter {
+                    if libc::chroot(root.as_ptr()) < 0 || libc::chdir(dir.as_ptr()) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 if libc::setsid() < 0 {
                     return Err(std::io::Error::last_os_error());
                 }

@@ -11,6 +11,7 @@ mod exec;
 mod files;
 mod net;
 mod ports;
+mod roots;
 mod setup;
 mod shares;
 mod spawn;

@@ -107,11 +107,18 @@ pub fn resolve_with(spec: &str, passwd_text: &str, group_text: &str) -> Result<I
     })
 }
 
-/// Resolves `spec` against the root filesystem's /etc/passwd and /etc/group.
-pub fn resolve(spec: &str) -> Result<Identity, String> {
-    let p = fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let g = fs::read_to_string("/etc/group").unwrap_or_default();
-    resolve_with(spec, &p, &g)
+/// Resolves `spec` against `root`'s /etc/passwd and /etc/group (an exec root; `""` is the
+/// VM's own root). Both files are read with a size bound: a root may hold anything.
+pub fn resolve_in(root: &str, spec: &str) -> Result<Identity, String> {
+    use std::io::Read;
+    let read = |name: &str| {
+        let mut s = String::new();
+        if let Ok(f) = fs::File::open(format!("{root}{name}")) {
+            let _ = f.take(16 << 20).read_to_string(&mut s);
+        }
+        s
+    };
+    resolve_with(spec, &read("/etc/passwd"), &read("/etc/group"))
 }
 
 #[cfg(test)]

@@ -550,6 +550,13 @@ pub struct ExecRequest {
     /// uncompressed layer tar applied onto the root of an image-builder VM).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub builtin: Option<String>,
+    /// Run the program chrooted into this guest directory (a share's mount point: a
+    /// container's root filesystem), with /proc, /dev and /sys mounted inside it once by the
+    /// agent; `cwd` and `user` are then resolved inside it. Absolute, at most 4096 bytes,
+    /// no `.` or `..` components, not `/`. Optional on the wire, so requests without it are
+    /// unchanged for every agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<String>,
 }
 
 /// The process started.
@@ -733,6 +740,20 @@ mod tests {
             f.encode_into(&mut wire);
         }
         assert_eq!(decode_all(&wire).unwrap(), frames);
+    }
+
+    #[test]
+    fn exec_root_is_optional_on_the_wire() {
+        let old: ExecRequest = serde_json::from_str(r#"{"argv":["sh"]}"#).unwrap();
+        assert_eq!(old.root, None);
+        let plain = serde_json::to_string(&ExecRequest::default()).unwrap();
+        assert!(!plain.contains("root"), "{plain}");
+        let r = ExecRequest {
+            root: Some("/run/airlock/c/x".into()),
+            ..Default::default()
+        };
+        let back: ExecRequest = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back, r);
     }
 
     #[test]

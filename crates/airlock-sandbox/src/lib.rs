@@ -408,6 +408,7 @@ impl Sandbox {
             tty: spec.tty,
             stdin: spec.stdin,
             builtin: spec.builtin,
+            root: spec.root,
         };
         self.open_exec_stream(Kind::Exec, &req, "command line and environment")
             .await

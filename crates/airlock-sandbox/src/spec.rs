@@ -133,6 +133,11 @@ pub struct ExecSpec {
     /// outside a builder VM).
     #[doc(hidden)]
     pub builtin: Option<String>,
+    /// Run chrooted into this guest directory (typically a share's mount point holding a
+    /// container's root filesystem): the agent mounts /proc, /dev and /sys inside it before
+    /// the first command there, and resolves `user` and `cwd` inside it. Absolute, no `.` or
+    /// `..` components, not `/`.
+    pub root: Option<String>,
 }
 
 impl ExecSpec {
