@@ -25,6 +25,7 @@ pub mod imagefs;
 pub mod network;
 mod ports;
 mod qmp;
+mod rootdiff;
 pub mod rootfs;
 pub mod shares;
 pub mod snapshot;
