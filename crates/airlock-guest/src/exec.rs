@@ -160,6 +160,10 @@ impl Registry {
                 self.builtin_output(stream, crate::shares::diff);
                 Ok(())
             }
+            Some("root-diff") => {
+                self.builtin_output(stream, crate::setup::root_diff);
+                Ok(())
+            }
             Some("copy-out") if req.argv.len() == 1 => {
                 let path = req.argv[0].clone();
                 self.builtin_output(stream, move |out| crate::shares::copy_out(&path, out));

@@ -139,6 +139,23 @@ pub const CA_FILE: &str = "/etc/ssl/airlock/ca.pem";
 /// The system roots plus the CA.
 pub const BUNDLE_FILE: &str = "/etc/ssl/airlock/bundle.pem";
 
+/// Root-relative paths the agent wrote into the root (resolv.conf; the CA files and the
+/// system bundles it appended to, once a CA was injected): a layer taken of the root by
+/// `root-diff` leaves them out.
+pub fn agent_written() -> Vec<String> {
+    let mut v = vec!["etc/resolv.conf".to_string()];
+    if std::path::Path::new(CA_FILE).exists() {
+        v.push("etc/ssl/airlock".into());
+        for b in SYSTEM_BUNDLES {
+            v.push(b.trim_start_matches('/').to_string());
+            if let Ok(real) = std::fs::canonicalize(b) {
+                v.push(real.to_string_lossy().trim_start_matches('/').to_string());
+            }
+        }
+    }
+    v
+}
+
 /// Makes every TLS client trust `pem`: appended to the image's system bundles (in the
 /// writable layer; the image is untouched), a combined bundle, and the variables that
 /// OpenSSL, Python requests, curl, git and Node read.

@@ -433,6 +433,19 @@ fn share_scratch() -> Result<String, String> {
     Ok(dir)
 }
 
+/// The `root-diff` builtin: what commands changed in the root (the overlay's upper
+/// directory, reached through a second mount of the writable disk) as a layer tar on `out`.
+pub fn root_diff(out: &mut fs::File) -> Result<(), String> {
+    if disk_by_serial(SCRATCH_SERIAL).is_none() {
+        return Err("this sandbox has no writable disk to diff".into());
+    }
+    let upper = format!("{}/upper", share_scratch()?);
+    let ours = crate::net::agent_written();
+    let mut exclude: Vec<&str> = vec!["proc", "sys", "dev", "run", "etc/machine-id"];
+    exclude.extend(ours.iter().map(String::as_str));
+    airlock_guest::rootdiff::write_diff(Path::new(&upper), &exclude, out).map(drop)
+}
+
 /// Upper directory of overlay share `i` (for diffs).
 pub fn share_upper(i: usize) -> String {
     format!("{SHARE_RUN}/scratch/shares/{i}/upper")

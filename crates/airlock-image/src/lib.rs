@@ -10,6 +10,8 @@
 //! * [`pull`] downloads an image from a registry (anonymous, bearer-token or basic auth,
 //!   credentials from `~/.docker/config.json`), verifying every blob against its digest.
 //! * [`import`] reads `docker save` tarballs and OCI image-layout tarballs as streams.
+//! * [`push`] uploads a stored image to a registry; [`Store::write_image`] records a new
+//!   image built from layers written with [`Store::blob_writer`] (`airlock build`).
 //! * [`ImageConfig`] exposes the runtime settings (entrypoint, cmd, env, …) of a stored image.
 //!
 //! The crate never extracts layers; it only stores them. Unpacking a root file system is the
@@ -23,15 +25,21 @@ mod error;
 mod import;
 mod lock;
 mod pull;
+mod push;
 mod reference;
 mod store;
+mod write;
 
 pub use config::ImageConfig;
 pub use error::{Error, Result};
 pub use import::import;
 pub use pull::{pull, Platform, ProgressEvent, ProgressFn, ProgressState, PullOptions};
+pub use push::{push, PushOptions};
 pub use reference::Reference;
 pub use store::{default_data_dir, ImageRecord, LayerRecord, Store};
+pub use write::{
+    compose_manifest, BlobWriter, WriteGuard, MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_OCI_LAYER_GZIP,
+};
 
 /// Media type of an OCI image manifest.
 pub const MEDIA_TYPE_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";

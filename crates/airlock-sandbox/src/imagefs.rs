@@ -19,15 +19,19 @@ use airlock_image::{ImageConfig, ImageRecord, Store};
 use crate::{Error, ExecEvent, ExecSpec, Sandbox, SandboxSpec};
 
 /// Where the built root filesystem of `image` is kept: beside the store's blobs, so the
-/// store's garbage collection can see it.
+/// store's garbage collection can see it. Keyed by the layer chain, not the manifest: images
+/// that differ only in their config (a build's last CMD, a retag) share one filesystem.
 pub fn cached_path(store: &Path, image: &ImageRecord) -> PathBuf {
-    let hex = image
-        .manifest_digest
-        .split_once(':')
-        .map_or(image.manifest_digest.as_str(), |(_, h)| h);
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for l in &image.layers {
+        h.update(l.digest.as_bytes());
+        h.update(b"\n");
+    }
+    let hex = hex::encode(h.finalize());
     store
         .join("rootfs")
-        .join(format!("oci-{}.ext4", &hex[..hex.len().min(32)]))
+        .join(format!("oci-{}.ext4", &hex[..32]))
 }
 
 /// Decompresses a layer blob by its magic bytes (gzip, zstd or plain tar).

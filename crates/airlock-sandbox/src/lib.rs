@@ -27,6 +27,7 @@ pub mod network;
 mod pool;
 mod ports;
 mod qmp;
+mod rootdiff;
 pub mod rootfs;
 pub mod shares;
 pub mod snapshot;

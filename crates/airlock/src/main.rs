@@ -4,6 +4,7 @@
 //! killed it; 124 when `--timeout` expired; 125 when the sandbox itself failed; 126 when the
 //! command cannot be executed; 127 when it was not found.
 
+mod build;
 mod detach;
 mod doctor;
 mod image;
@@ -57,6 +58,20 @@ enum Cmd {
         /// Platform to pick from a multi-platform image.
         #[arg(long, default_value = "linux/amd64")]
         platform: String,
+        /// Registry (host or host:port) that may be reached over plain HTTP; loopback always may.
+        #[arg(long = "insecure-registry", value_name = "HOST")]
+        insecure_registry: Vec<String>,
+    },
+    /// Build an image from a Dockerfile: `airlock build -t NAME[:TAG] [-f Dockerfile] DIR`.
+    /// Every RUN step runs in a sandbox (sealed network unless --allow-host); unchanged
+    /// steps come from the layer cache.
+    Build(Box<build::BuildArgs>),
+    /// Push a stored image to a registry: `airlock push NAME REGISTRY/REPO[:TAG]`.
+    Push {
+        /// The local image (as `run --image` names it).
+        image: String,
+        /// Where to: REGISTRY/REPOSITORY[:TAG].
+        target: String,
         /// Registry (host or host:port) that may be reached over plain HTTP; loopback always may.
         #[arg(long = "insecure-registry", value_name = "HOST")]
         insecure_registry: Vec<String>,
@@ -496,6 +511,12 @@ fn main() {
                 .block_on(image::pull(&image, Some(&platform), &insecure_registry))
                 .map(|rec| println!("{}\n{}", rec.reference, rec.manifest_digest)),
         ),
+        Cmd::Build(a) => done(runtime().block_on(build::build(*a))),
+        Cmd::Push {
+            image,
+            target,
+            insecure_registry,
+        } => done(runtime().block_on(build::push(&image, &target, &insecure_registry))),
         Cmd::Image(ImageCmd::Ls { json }) => done(image::ls(json)),
         Cmd::Image(ImageCmd::Rm { images }) => done(image::rm(&images)),
         Cmd::Image(ImageCmd::Gc) => done(image::gc()),
