@@ -123,6 +123,8 @@ struct Container {
     bundle: PathBuf,
     /// We mounted Create's rootfs mounts on the bundle's rootfs (and unmount it at delete).
     mounted_rootfs: bool,
+    /// Destinations of the volumes bound inside its rootfs.
+    volumes: Vec<String>,
     rootfs: PathBuf,
     /// Its rootfs bound into the pod directory.
     bind: PathBuf,
@@ -281,6 +283,7 @@ impl Inner {
                 Container {
                     bundle,
                     mounted_rootfs: false,
+                    volumes: Vec::new(),
                     rootfs: PathBuf::new(),
                     bind: PathBuf::new(),
                     init: Proc::make(&req.id, "", paths, None),
@@ -309,6 +312,7 @@ impl Inner {
             ))
         };
 
+        let volumes = mounts::volumes(&oci.mounts)?;
         let rootfs = oci.rootfs(&bundle);
         let mut mounted_rootfs = false;
         if !req.rootfs.is_empty() {
@@ -317,7 +321,9 @@ impl Inner {
             mounts::mount_rootfs(&req.rootfs, &rootfs).await?;
             mounted_rootfs = true;
         }
+        let vol_dests: Vec<String> = volumes.iter().map(|v| v.destination.clone()).collect();
         let undo_rootfs = |mounted: bool| {
+            mounts::unmount_volumes(&rootfs, &vol_dests);
             if mounted {
                 mounts::unmount(&rootfs);
             }
@@ -334,6 +340,12 @@ impl Inner {
             Some(p) => p.dir.clone(),
             None => mounts::pod_dir(&self.namespace, &pod_id),
         };
+        if let Err(e) = mounts::mount_volumes(&rootfs, &volumes) {
+            if mounted_rootfs {
+                mounts::unmount(&rootfs);
+            }
+            return Err(e);
+        }
         let bind = dir.join("c").join(&req.id);
         if let Err(e) = mounts::bind(&rootfs, &bind) {
             undo_rootfs(mounted_rootfs);
@@ -375,6 +387,7 @@ impl Inner {
             Container {
                 bundle,
                 mounted_rootfs,
+                volumes: vol_dests.clone(),
                 rootfs,
                 bind,
                 init,
@@ -669,6 +682,9 @@ impl Inner {
             mounts::unmount(&c.bind);
             let _ = std::fs::remove_dir(&c.bind);
         }
+        if !c.volumes.is_empty() {
+            mounts::unmount_volumes(&c.rootfs, &c.volumes);
+        }
         if c.mounted_rootfs {
             mounts::unmount(&c.rootfs);
         }
@@ -684,6 +700,9 @@ impl Inner {
                 for (_, other) in st.containers.drain() {
                     if !other.bind.as_os_str().is_empty() {
                         mounts::unmount(&other.bind);
+                    }
+                    if !other.volumes.is_empty() {
+                        mounts::unmount_volumes(&other.rootfs, &other.volumes);
                     }
                     if other.mounted_rootfs {
                         mounts::unmount(&other.rootfs);

@@ -30,6 +30,23 @@ pub struct Spec {
     pub annotations: HashMap<String, String>,
     /// Linux specifics (host devices are refused).
     pub linux: Option<Linux>,
+    /// Mounts; bind mounts of host paths become volumes in the container's root.
+    pub mounts: Vec<Mount>,
+}
+
+/// One entry of `mounts`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(default)]
+pub struct Mount {
+    /// Where, inside the container.
+    pub destination: String,
+    /// Filesystem type (`bind`, `proc`, `tmpfs`...).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Host path for binds.
+    pub source: String,
+    /// Mount options (`rbind`, `ro`...).
+    pub options: Vec<String>,
 }
 
 /// `process` of an OCI spec (also the payload of an exec).

@@ -261,3 +261,38 @@ fn bad_input_is_refused_through_containerd() {
         assert_clean(&c, &id);
     }
 }
+
+#[test]
+fn bind_mounts_become_volumes() {
+    if !util::available() {
+        return;
+    }
+    let c = Containerd::start();
+    let rw = c.dir.path().join("vol-rw");
+    let ro = c.dir.path().join("vol-ro");
+    std::fs::create_dir_all(&rw).unwrap();
+    std::fs::create_dir_all(&ro).unwrap();
+    std::fs::write(ro.join("in"), "from the host\n").unwrap();
+    let hosts = c.dir.path().join("hosts");
+    std::fs::write(&hosts, "10.9.8.7 pinned.test\n").unwrap();
+    let m_rw = format!("type=bind,src={},dst=/data,options=rbind:rw", rw.display());
+    let m_ro = format!("type=bind,src={},dst=/srv/ro,options=rbind:ro", ro.display());
+    let m_file = format!("type=bind,src={},dst=/etc/hosts,options=rbind:ro", hosts.display());
+    let out = c.ctr(&[
+        "run", "--rm", "--runtime", RUNTIME, "--mount", &m_rw, "--mount", &m_ro, "--mount", &m_file,
+        IMAGE, "v1", "sh", "-c",
+        "cat /srv/ro/in; echo written > /data/out; grep pinned /etc/hosts; \
+         (echo x > /srv/ro/nope) 2>/dev/null && echo RO-WRITABLE || echo ro-refused",
+    ]);
+    assert_eq!(
+        text(&out.stdout),
+        "from the host\n10.9.8.7 pinned.test\nro-refused\n",
+        "{}\n{}",
+        text(&out.stderr),
+        c.tail_log()
+    );
+    assert_eq!(std::fs::read_to_string(rw.join("out")).unwrap(), "written\n");
+    assert!(!ro.join("nope").exists());
+    assert_clean(&c, "v1");
+    assert!(mounts_under(&rw).is_empty() && mounts_under(&ro).is_empty());
+}
