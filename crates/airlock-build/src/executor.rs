@@ -3,7 +3,7 @@
 //! command changed in the root into a layer; COPY/ADD build their layer on the host.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{Read, Seek, Write};
+use std::io::{Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -17,6 +17,7 @@ use crate::dockerfile::{self, Command, CopySpec, Dockerfile, Instruction, Step};
 use crate::error::{BuildError, Result};
 use crate::image::{State, DEFAULT_PATH};
 use crate::layer::{clean_path, LayerWriter, Meta};
+use crate::stagefs::{self, open_layer};
 
 /// What a build reports as it goes (printed by the CLI like `docker build`).
 #[derive(Debug)]
@@ -698,7 +699,7 @@ impl Builder<'_> {
         let dest_raw = ex(&c.dest)?;
         let sources: Vec<String> = c.sources.iter().map(|s| ex(s)).collect::<Result<_>>()?;
         let workdir = state.get_str("WorkingDir").unwrap_or_else(|| "/".into());
-        let into_dir = dest_raw.ends_with('/')
+        let mut into_dir = dest_raw.ends_with('/')
             || dest_raw == "."
             || dest_raw.ends_with("/.")
             || sources.len() > 1
@@ -710,9 +711,18 @@ impl Builder<'_> {
         };
         let dest = context::clean_rel(dest_abs.trim_start_matches('/'))
             .ok_or_else(|| err(format!("destination {dest_raw} climbs above /")))?;
+        // As Docker: a destination that is a directory in the image takes files into it.
+        if !into_dir && !dest.is_empty() {
+            into_dir = stagefs::is_dir(self.store, &state.layers, &dest)?;
+        }
         let (uid, gid) = match &c.chown {
             None => (0, 0),
-            Some(o) => parse_chown(o).map_err(|e| err(e))?,
+            Some(o) => match parse_chown(o) {
+                Ok(ids) => ids,
+                Err(_) => {
+                    stagefs::resolve_owner(self.store, &state.layers, o).map_err(|e| err(e))?
+                }
+            },
         };
         let chmod = c
             .chmod
@@ -844,14 +854,12 @@ fn argv(c: &Command, shell: &[String]) -> Vec<String> {
     }
 }
 
-/// `--chown=UID[:GID]` (numeric; names would need the image's passwd file).
+/// `--chown=UID[:GID]` when numeric (names are looked up in the image by the caller).
 fn parse_chown(o: &str) -> std::result::Result<(u64, u64), String> {
     let (u, g) = o.split_once(':').unwrap_or((o, o));
     match (u.parse::<u64>(), g.parse::<u64>()) {
         (Ok(u), Ok(g)) => Ok((u, g)),
-        _ => Err(format!(
-            "--chown={o}: give numeric UID[:GID] (user and group names are not looked up)"
-        )),
+        _ => Err(format!("--chown={o}: not numeric")),
     }
 }
 
@@ -917,24 +925,6 @@ fn write_copy_layer(store: &Store, plan: CopyPlan) -> Result<Layer> {
         digest,
         diff_id,
         size,
-    })
-}
-
-/// A stored layer blob, decompressed by its magic bytes.
-fn open_layer(store: &Store, digest: &str) -> Result<Box<dyn Read>> {
-    let mut f = store.open_blob(digest)?;
-    let mut magic = [0u8; 4];
-    let n = f
-        .read(&mut magic)
-        .map_err(|e| BuildError::io(format!("read {digest}"), e))?;
-    let r = std::io::Cursor::new(magic[..n].to_vec()).chain(f);
-    Ok(match magic {
-        [0x1f, 0x8b, ..] => Box::new(flate2::read::GzDecoder::new(r)),
-        [0x28, 0xb5, 0x2f, 0xfd] => Box::new(
-            zstd::stream::read::Decoder::new(r)
-                .map_err(|e| BuildError::io(digest.to_string(), e))?,
-        ),
-        _ => Box::new(r),
     })
 }
 
@@ -1099,6 +1089,7 @@ fn join_rel(a: &str, b: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
 
     #[test]
     fn build_args() {

@@ -9,7 +9,8 @@
 //!   and re-writes untrusted ones (a RUN step's diff from the guest) with path checks.
 //! * [`cache`] maps a step (parent chain + instruction + inputs) to its result, so an
 //!   unchanged rebuild boots no VM.
-//! * [`image`] edits the image config step by step.
+//! * [`image`] edits the image config step by step; [`stagefs`] looks paths up in a
+//!   stage's layers.
 //! * [`build`] runs it all and records the image in the store.
 
 #![warn(missing_docs)]
@@ -21,6 +22,7 @@ mod error;
 mod executor;
 pub mod image;
 pub mod layer;
+pub mod stagefs;
 
 pub use error::{BuildError, Result};
 pub use executor::{build, parse_build_args, BuildOptions, Progress, ProgressFn};

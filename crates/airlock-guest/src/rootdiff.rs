@@ -5,8 +5,9 @@
 //! (`trusted.overlay.opaque=y`) get a `.wh..wh..opq` entry, hardlinks inside the diff stay
 //! hardlinks, overlay's own xattrs are never copied. Paths the agent itself writes (mount
 //! points, resolv.conf, the injected CA) are left out. A directory appears only when
-//! something below it does, or when it is new or opaque: overlay copies a directory up
-//! whenever a file in it changes, and a layer should not reset such directories.
+//! something below it does, or when it is opaque or new and empty: overlay copies a
+//! directory up whenever a file in it changes, and the agent makes some (`/etc/ssl/certs`)
+//! for its own files; a layer should carry neither on its own.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -150,7 +151,7 @@ impl<W: Write> Writer<'_, W> {
                 let depth = self.pending.len();
                 self.pending.push((r.clone(), m));
                 let opaque = is_opaque(&abs);
-                if opaque || !copied_up(&abs) {
+                if opaque {
                     self.flush_dirs()?;
                 }
                 if opaque {
@@ -167,6 +168,12 @@ impl<W: Write> Writer<'_, W> {
                         .map_err(|e| format!("{}: {e}", r.display()))?;
                 }
                 self.walk(upper, &r, exclude)?;
+                // A new, empty directory is a change of its own (`mkdir`); one holding only
+                // what is left out (the agent's files) is not.
+                let empty = std::fs::read_dir(&abs).map_or(false, |mut d| d.next().is_none());
+                if self.written_dirs <= depth && empty && !copied_up(&abs) {
+                    self.flush_dirs()?;
+                }
                 self.pending.truncate(depth);
                 self.written_dirs = self.written_dirs.min(depth);
             } else {
@@ -233,12 +240,14 @@ mod tests {
         std::fs::write(u.join("etc/resolv.conf"), "nameserver 1.1.1.1").unwrap();
         std::fs::write(u.join("etc/app.conf"), "x=1").unwrap();
         std::fs::create_dir_all(u.join("proc")).unwrap();
+        std::fs::create_dir_all(u.join("only-excluded")).unwrap();
+        std::fs::write(u.join("only-excluded/x"), "agent's").unwrap();
         std::fs::create_dir_all(u.join("empty")).unwrap();
         std::fs::write(u.join("a"), "data").unwrap();
         std::fs::hard_link(u.join("a"), u.join("b")).unwrap();
         std::os::unix::fs::symlink("a", u.join("c")).unwrap();
         let mut out = Vec::new();
-        write_diff(u, &["proc", "/etc/resolv.conf"], &mut out).unwrap();
+        write_diff(u, &["proc", "/etc/resolv.conf", "only-excluded/x"], &mut out).unwrap();
         let n = names(&out);
         let paths: Vec<&str> = n.iter().map(|(p, _)| p.as_str()).collect();
         assert_eq!(paths, ["a", "b", "c", "empty/", "etc/", "etc/app.conf"]);

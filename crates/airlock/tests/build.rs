@@ -366,3 +366,120 @@ fn push_to_a_registry_then_pull_back_and_run() {
     let run = other.ok(&["run", "--image", &target]);
     assert_eq!(run, "pushed-build\n");
 }
+
+#[test]
+fn copy_into_an_existing_directory_and_chown_by_name() {
+    let env = Env::new();
+    let ctx = env.dir.path().join("ctx");
+    write(
+        &ctx,
+        &[
+            ("tool.sh", "#!/bin/sh\necho tool ran\n"),
+            (
+                "Dockerfile",
+                "FROM demo/busybox\n\
+                 COPY --chmod=0755 tool.sh /bin\n\
+                 COPY --chown=alice tool.sh /home/alice/mine\n\
+                 CMD [\"/bin/sh\", \"-c\", \"/bin/tool.sh; stat -c '%U %a' /home/alice/mine /bin/tool.sh\"]\n",
+            ),
+        ],
+    );
+    let out = env.ok(&["build", "-t", "built/copy", ctx.to_str().unwrap()]);
+    assert!(
+        !out.contains("Running in"),
+        "COPY-only builds boot nothing: {out}"
+    );
+    let run = env.ok(&["run", "--image", "built/copy"]);
+    assert_eq!(run, "tool ran\nalice 644\nroot 755\n");
+    env.assert_clean();
+}
+
+/// Every file under `dir`, gzip blobs decompressed, as bytes.
+fn all_bytes(dir: &Path, out: &mut Vec<(PathBuf, Vec<u8>)>) {
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            all_bytes(&p, out);
+        } else if let Ok(data) = std::fs::read(&p) {
+            let data = if data.starts_with(&[0x1f, 0x8b]) {
+                let mut d = Vec::new();
+                let _ = std::io::Read::read_to_end(
+                    &mut flate2::read::GzDecoder::new(&data[..]),
+                    &mut d,
+                );
+                d
+            } else {
+                data
+            };
+            out.push((p, data));
+        }
+    }
+}
+
+#[test]
+fn run_steps_see_secret_placeholders_and_the_agents_files_stay_out_of_layers() {
+    let env = Env::new();
+    let ctx = env.dir.path().join("ctx");
+    write(
+        &ctx,
+        &[(
+            "Dockerfile",
+            "FROM demo/busybox\nRUN echo \"tok=$TOK\" > /tok.txt\n",
+        )],
+    );
+    let value = "hunter2-build-secret";
+    env.ok(&[
+        "build",
+        "-t",
+        "built/sec",
+        "--secret",
+        &format!("TOK={value}@example.com"),
+        ctx.to_str().unwrap(),
+    ]);
+    let run = env.ok(&[
+        "run",
+        "--image",
+        "built/sec",
+        "--no-network",
+        "--",
+        "sh",
+        "-c",
+        "cat /tok.txt",
+    ]);
+    assert!(
+        run.starts_with("tok=") && run.lines().next().unwrap().len() > 12,
+        "{run}"
+    );
+    assert!(!run.contains(value), "{run}");
+    // The RUN layer holds the command's file only: not the CA, bundle or resolv.conf the
+    // agent wrote for the build sandbox, nor the directories it made for them.
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(env.data().join("images/index.json")).unwrap())
+            .unwrap();
+    let digest = index["images"]["docker.io/built/sec:latest"]["layers"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()["digest"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:")
+        .to_string();
+    let blob = std::fs::read(env.data().join("images/blobs/sha256").join(digest)).unwrap();
+    let mut ar = tar::Archive::new(flate2::read::GzDecoder::new(&blob[..]));
+    let names: Vec<String> = ar
+        .entries()
+        .unwrap()
+        .map(|e| e.unwrap().path().unwrap().display().to_string())
+        .collect();
+    assert_eq!(names, ["tok.txt"]);
+    let mut files = Vec::new();
+    all_bytes(&env.data(), &mut files);
+    for (p, data) in files {
+        assert!(
+            !data.windows(value.len()).any(|w| w == value.as_bytes()),
+            "secret value on disk in {}",
+            p.display()
+        );
+    }
+}
