@@ -384,11 +384,30 @@ fn copy_into_an_existing_directory_and_chown_by_name() {
             ),
         ],
     );
+    // ADD unpacks a local tar.gz into the destination.
+    {
+        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+            std::fs::File::create(ctx.join("app.tar.gz")).unwrap(),
+            flate2::Compression::fast(),
+        ));
+        let mut h = tar::Header::new_gnu();
+        h.set_size(8);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "x/file", &b"unpacked"[..]).unwrap();
+        b.into_inner().unwrap().finish().unwrap();
+    }
+    let df = std::fs::read_to_string(ctx.join("Dockerfile")).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        df.replace(
+            "COPY --chmod",
+            "ADD app.tar.gz /opt/app/\nRUN cat /opt/app/x/file\nCOPY --chmod",
+        ),
+    )
+    .unwrap();
     let out = env.ok(&["build", "-t", "built/copy", ctx.to_str().unwrap()]);
-    assert!(
-        !out.contains("Running in"),
-        "COPY-only builds boot nothing: {out}"
-    );
+    assert!(out.contains("unpacked"), "{out}");
     let run = env.ok(&["run", "--image", "built/copy"]);
     assert_eq!(run, "tool ran\nalice 644\nroot 755\n");
     env.assert_clean();
