@@ -99,9 +99,15 @@ pub async fn build(a: BuildArgs) -> Result<(), String> {
             Progress::Done(None) => Ok(()),
         };
     }));
-    let rec = airlock_build::build(&store, &opts)
-        .await
-        .map_err(|e| e.to_string())?;
+    // Ctrl-C / SIGTERM drop the build: its sandbox is killed and its state and temp files
+    // removed on the way out, as on any error.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
+    let rec = tokio::select! {
+        r = airlock_build::build(&store, &opts) => r.map_err(|e| e.to_string())?,
+        _ = tokio::signal::ctrl_c() => return Err("build interrupted; nothing was tagged".into()),
+        _ = term.recv() => return Err("build terminated; nothing was tagged".into()),
+    };
     println!("Successfully built {}", short(&rec.manifest_digest));
     println!("Successfully tagged {}", rec.reference);
     Ok(())

@@ -502,3 +502,46 @@ fn run_steps_see_secret_placeholders_and_the_agents_files_stay_out_of_layers() {
         );
     }
 }
+
+#[test]
+fn interrupting_a_build_leaves_no_vm_state_or_temp_files() {
+    use std::io::BufRead;
+    let env = Env::new();
+    let ctx = env.dir.path().join("ctx");
+    write(
+        &ctx,
+        &[(
+            "Dockerfile",
+            "FROM demo/busybox\nRUN echo started; sleep 60\n",
+        )],
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["build", "-t", "built/int", ctx.to_str().unwrap()])
+        .env("AIRLOCK_DATA_DIR", env.data())
+        .env("AIRLOCK_RUNTIME_DIR", env.rt())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let l = lines
+            .next()
+            .expect("build ended before RUN started")
+            .unwrap();
+        if l == "started" {
+            break;
+        }
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("interrupted"),
+        "{}",
+        text(&out.stderr)
+    );
+    env.assert_clean();
+    assert!(!env.ok(&["image", "ls"]).contains("built/int"));
+}
