@@ -420,7 +420,8 @@ impl Builder<'_> {
         let mut copy_plan = None;
         match &step.instruction {
             Instruction::Copy(c) | Instruction::Add(c) => {
-                let plan = self.plan_copy(c, state, &ex, &err).await?;
+                let add = matches!(step.instruction, Instruction::Add(_));
+                let plan = self.plan_copy(c, add, state, &ex, &err).await?;
                 extra = plan.fingerprint.clone();
                 copy_plan = Some(plan);
             }
@@ -692,6 +693,7 @@ impl Builder<'_> {
     async fn plan_copy(
         &mut self,
         c: &CopySpec,
+        add: bool,
         state: &State,
         ex: &dyn Fn(&str) -> Result<String>,
         err: &dyn Fn(String) -> BuildError,
@@ -719,9 +721,7 @@ impl Builder<'_> {
             None => (0, 0),
             Some(o) => match parse_chown(o) {
                 Ok(ids) => ids,
-                Err(_) => {
-                    stagefs::resolve_owner(self.store, &state.layers, o).map_err(|e| err(e))?
-                }
+                Err(_) => stagefs::resolve_owner(self.store, &state.layers, o).map_err(err)?,
             },
         };
         let chmod = c
@@ -740,7 +740,7 @@ impl Builder<'_> {
         fp.update(format!("{dest}\0{into_dir}\0{uid}:{gid}\0{chmod:?}\0").as_bytes());
 
         if let Some(from) = &c.from {
-            let (src_state, src_key) = self.from_source(from).await.map_err(|e| match e {
+            let (src_state, src_key) = self.copy_source(from).await.map_err(|e| match e {
                 BuildError::Step { .. } => e,
                 e => err(format!("COPY --from={from}: {e}")),
             })?;
@@ -754,6 +754,7 @@ impl Builder<'_> {
             return Ok(CopyPlan {
                 fingerprint: hex::encode(fp.finalize()),
                 files: Vec::new(),
+                archives: Vec::new(),
                 from: Some(FromPlan {
                     layers: src_state.layers.clone(),
                     sources: paths,
@@ -767,6 +768,7 @@ impl Builder<'_> {
         }
 
         let mut files: Vec<PlannedFile> = Vec::new();
+        let mut archives: Vec<(PathBuf, String)> = Vec::new();
         for s in &sources {
             if s.starts_with("http://") || s.starts_with("https://") {
                 return Err(err(format!(
@@ -774,6 +776,11 @@ impl Builder<'_> {
                 )));
             }
             for src in self.ctx.resolve(s)? {
+                // ADD unpacks a local tar (plain, gzip or zstd) into the destination.
+                if add && !src.is_dir && is_archive(&src.entries[0].host) {
+                    archives.push((src.entries[0].host.clone(), dest.clone()));
+                    continue;
+                }
                 let base_name = src.rel.rsplit('/').next().unwrap_or("").to_string();
                 for e in &src.entries {
                     let path = if src.is_dir {
@@ -826,15 +833,25 @@ impl Builder<'_> {
                 }
             }
         }
+        for (host, d) in &archives {
+            let mut h = Sha256::new();
+            let mut file = std::fs::File::open(host)
+                .map_err(|e| BuildError::io(host.display().to_string(), e))?;
+            std::io::copy(&mut file, &mut HashW(&mut h))
+                .map_err(|e| BuildError::io(host.display().to_string(), e))?;
+            fp.update(format!("\0archive\0{d}\0").as_bytes());
+            fp.update(h.finalize());
+        }
         Ok(CopyPlan {
             fingerprint: hex::encode(fp.finalize()),
             files,
+            archives,
             from: None,
         })
     }
 
     /// The state a `COPY --from` reads: an earlier stage (name or index), else an image.
-    async fn from_source(&mut self, from: &str) -> Result<(State, String)> {
+    async fn copy_source(&mut self, from: &str) -> Result<(State, String)> {
         if let Some(s) = self.done.iter().find(|s| s.name.as_deref() == Some(from)) {
             return Ok((s.state.clone(), s.key.clone()));
         }
@@ -894,6 +911,8 @@ struct FromPlan {
 struct CopyPlan {
     fingerprint: String,
     files: Vec<PlannedFile>,
+    /// ADD of a local archive: (host file, destination directory).
+    archives: Vec<(PathBuf, String)>,
     from: Option<FromPlan>,
 }
 
@@ -919,6 +938,18 @@ fn write_copy_layer(store: &Store, plan: CopyPlan) -> Result<Layer> {
             }
         }
     }
+    for (host, dest) in &plan.archives {
+        let f = std::fs::File::open(host).map_err(|e| io(host, e))?;
+        let r: Box<dyn std::io::Read> = match archive_magic(host) {
+            Some(Magic::Gzip) => Box::new(flate2::read::GzDecoder::new(f)),
+            Some(Magic::Zstd) => {
+                Box::new(zstd::stream::read::Decoder::new(f).map_err(|e| io(host, e))?)
+            }
+            _ => Box::new(f),
+        };
+        crate::layer::rewrite_untrusted_under(r, &mut w, dest)
+            .map_err(|e| BuildError::Context(format!("ADD {}: {e}", host.display())))?;
+    }
     let (blob, diff_id) = w.finish().map_err(|e| BuildError::io("write layer", e))?;
     let (digest, size) = blob.commit()?;
     Ok(Layer {
@@ -926,6 +957,37 @@ fn write_copy_layer(store: &Store, plan: CopyPlan) -> Result<Layer> {
         diff_id,
         size,
     })
+}
+
+enum Magic {
+    Gzip,
+    Zstd,
+    Tar,
+}
+
+fn archive_magic(p: &Path) -> Option<Magic> {
+    use std::io::Read;
+    let mut head = [0u8; 512];
+    let mut f = std::fs::File::open(p).ok()?;
+    let mut n = 0;
+    while n < head.len() {
+        match f.read(&mut head[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(_) => return None,
+        }
+    }
+    match head {
+        [0x1f, 0x8b, ..] => Some(Magic::Gzip),
+        [0x28, 0xb5, 0x2f, 0xfd, ..] => Some(Magic::Zstd),
+        _ if n >= 262 && &head[257..262] == b"ustar" => Some(Magic::Tar),
+        _ => None,
+    }
+}
+
+/// Whether ADD should unpack `p` (a tar, or a gzip/zstd stream taken for a compressed tar).
+fn is_archive(p: &Path) -> bool {
+    archive_magic(p).is_some()
 }
 
 fn under(path: &str, dir: &str) -> bool {

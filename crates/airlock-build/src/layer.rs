@@ -199,6 +199,23 @@ pub fn rewrite_untrusted<W: Write>(
     input: impl Read,
     out: &mut LayerWriter<W>,
 ) -> Result<u64, String> {
+    rewrite_untrusted_under(input, out, "")
+}
+
+/// [`rewrite_untrusted`] with every path (and hardlink target) placed under `prefix` (a
+/// clean layer path; `ADD archive.tar /dest/`).
+pub fn rewrite_untrusted_under<W: Write>(
+    input: impl Read,
+    out: &mut LayerWriter<W>,
+    prefix: &str,
+) -> Result<u64, String> {
+    let under = |p: String| {
+        if prefix.is_empty() || p.is_empty() {
+            p
+        } else {
+            format!("{prefix}/{p}")
+        }
+    };
     let mut ar = tar::Archive::new(input);
     let bad = |e: io::Error| format!("malformed tar from the guest: {e}");
     let mut n = 0u64;
@@ -210,7 +227,7 @@ pub fn rewrite_untrusted<W: Write>(
         }
         let raw = String::from_utf8(e.path_bytes().into_owned())
             .map_err(|_| "a changed file's name is not UTF-8 (not supported)".to_string())?;
-        let path = clean_path(&raw)?;
+        let path = under(clean_path(&raw)?);
         if path.is_empty() {
             continue;
         }
@@ -249,6 +266,7 @@ pub fn rewrite_untrusted<W: Write>(
                 if target.is_empty() {
                     return Err(format!("hardlink {path} has no target"));
                 }
+                let target = under(target);
                 out.hardlink(&path, &target, m).map_err(io_err)?
             }
             tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {

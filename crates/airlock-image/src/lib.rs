@@ -34,7 +34,7 @@ pub use config::ImageConfig;
 pub use error::{Error, Result};
 pub use import::import;
 pub use pull::{pull, Platform, ProgressEvent, ProgressFn, ProgressState, PullOptions};
-pub use push::{push, PushOptions};
+pub use push::{push, PushOptions, PushProgressFn};
 pub use reference::Reference;
 pub use store::{default_data_dir, ImageRecord, LayerRecord, Store};
 pub use write::{

@@ -18,6 +18,9 @@ const CHUNK: usize = 4 << 20;
 /// Largest manifest pushed (the store's own are a few KiB).
 const MAX_MANIFEST: u64 = 4 << 20;
 
+/// Progress callback of [`push`]: `(digest, uploaded)` per blob.
+pub type PushProgressFn = std::sync::Arc<dyn Fn(&str, bool) + Send + Sync>;
+
 /// Options of [`push`].
 #[derive(Clone, Default)]
 pub struct PushOptions {
@@ -29,7 +32,7 @@ pub struct PushOptions {
     /// Docker config file for credentials (default as for [`crate::pull`]).
     pub docker_config: Option<PathBuf>,
     /// Called with `(digest, uploaded)` per blob: `false` when the registry had it already.
-    pub progress: Option<std::sync::Arc<dyn Fn(&str, bool) + Send + Sync>>,
+    pub progress: Option<PushProgressFn>,
 }
 
 impl std::fmt::Debug for PushOptions {

@@ -6,7 +6,7 @@
 //! whiteouts. Ownership, modes, setuid bits, xattrs, device nodes and hardlinks therefore come
 //! out exactly as the layers say, with no privilege on the host, and a hostile layer (`..`,
 //! links pointing out, bombs) can only damage that VM and the image being built, never the
-//! host. The result is cached per manifest digest and shared read-only by every sandbox.
+//! host. The result is cached per layer chain and shared read-only by every sandbox.
 //!
 //! Chosen over writing ext4 from the tar stream in Rust on the host: no ext4 writer to keep
 //! exact, and the guest kernel does the filesystem work it already knows.

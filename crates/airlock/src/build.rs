@@ -64,8 +64,23 @@ pub async fn build(a: BuildArgs) -> Result<(), String> {
     opts.target = a.target;
     opts.memory_mib = a.memory;
     opts.cpus = a.cpus;
-    opts.progress = Some(Arc::new(|p: Progress<'_>| {
+    // Whether RUN output left the line open (a step line then starts on a new one).
+    let open_line = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    opts.progress = Some(Arc::new(move |p: Progress<'_>| {
+        use std::sync::atomic::Ordering;
         let mut out = std::io::stdout().lock();
+        match &p {
+            Progress::Stdout(b) | Progress::Stderr(b) => {
+                if let Some(last) = b.last() {
+                    open_line.store(*last != b'\n', Ordering::Relaxed);
+                }
+            }
+            _ => {
+                if open_line.swap(false, Ordering::Relaxed) {
+                    let _ = writeln!(out);
+                }
+            }
+        }
         let _ = match p {
             Progress::Step { n, total, text } => writeln!(out, "Step {n}/{total} : {text}"),
             Progress::UsingCache => writeln!(out, " ---> Using cache"),
@@ -84,9 +99,15 @@ pub async fn build(a: BuildArgs) -> Result<(), String> {
             Progress::Done(None) => Ok(()),
         };
     }));
-    let rec = airlock_build::build(&store, &opts)
-        .await
-        .map_err(|e| e.to_string())?;
+    // Ctrl-C / SIGTERM drop the build: its sandbox is killed and its state and temp files
+    // removed on the way out, as on any error.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
+    let rec = tokio::select! {
+        r = airlock_build::build(&store, &opts) => r.map_err(|e| e.to_string())?,
+        _ = tokio::signal::ctrl_c() => return Err("build interrupted; nothing was tagged".into()),
+        _ = term.recv() => return Err("build terminated; nothing was tagged".into()),
+    };
     println!("Successfully built {}", short(&rec.manifest_digest));
     println!("Successfully tagged {}", rec.reference);
     Ok(())

@@ -384,11 +384,30 @@ fn copy_into_an_existing_directory_and_chown_by_name() {
             ),
         ],
     );
+    // ADD unpacks a local tar.gz into the destination.
+    {
+        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+            std::fs::File::create(ctx.join("app.tar.gz")).unwrap(),
+            flate2::Compression::fast(),
+        ));
+        let mut h = tar::Header::new_gnu();
+        h.set_size(8);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, "x/file", &b"unpacked"[..]).unwrap();
+        b.into_inner().unwrap().finish().unwrap();
+    }
+    let df = std::fs::read_to_string(ctx.join("Dockerfile")).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        df.replace(
+            "COPY --chmod",
+            "ADD app.tar.gz /opt/app/\nRUN cat /opt/app/x/file\nCOPY --chmod",
+        ),
+    )
+    .unwrap();
     let out = env.ok(&["build", "-t", "built/copy", ctx.to_str().unwrap()]);
-    assert!(
-        !out.contains("Running in"),
-        "COPY-only builds boot nothing: {out}"
-    );
+    assert!(out.contains("unpacked"), "{out}");
     let run = env.ok(&["run", "--image", "built/copy"]);
     assert_eq!(run, "tool ran\nalice 644\nroot 755\n");
     env.assert_clean();
@@ -482,4 +501,47 @@ fn run_steps_see_secret_placeholders_and_the_agents_files_stay_out_of_layers() {
             p.display()
         );
     }
+}
+
+#[test]
+fn interrupting_a_build_leaves_no_vm_state_or_temp_files() {
+    use std::io::BufRead;
+    let env = Env::new();
+    let ctx = env.dir.path().join("ctx");
+    write(
+        &ctx,
+        &[(
+            "Dockerfile",
+            "FROM demo/busybox\nRUN echo started; sleep 60\n",
+        )],
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_airlock"))
+        .args(["build", "-t", "built/int", ctx.to_str().unwrap()])
+        .env("AIRLOCK_DATA_DIR", env.data())
+        .env("AIRLOCK_RUNTIME_DIR", env.rt())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let l = lines
+            .next()
+            .expect("build ended before RUN started")
+            .unwrap();
+        if l == "started" {
+            break;
+        }
+    }
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        text(&out.stderr).contains("interrupted"),
+        "{}",
+        text(&out.stderr)
+    );
+    env.assert_clean();
+    assert!(!env.ok(&["image", "ls"]).contains("built/int"));
 }
