@@ -247,7 +247,12 @@ mod tests {
         std::fs::hard_link(u.join("a"), u.join("b")).unwrap();
         std::os::unix::fs::symlink("a", u.join("c")).unwrap();
         let mut out = Vec::new();
-        write_diff(u, &["proc", "/etc/resolv.conf", "only-excluded/x"], &mut out).unwrap();
+        write_diff(
+            u,
+            &["proc", "/etc/resolv.conf", "only-excluded/x"],
+            &mut out,
+        )
+        .unwrap();
         let n = names(&out);
         let paths: Vec<&str> = n.iter().map(|(p, _)| p.as_str()).collect();
         assert_eq!(paths, ["a", "b", "c", "empty/", "etc/", "etc/app.conf"]);

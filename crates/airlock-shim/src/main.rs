@@ -92,7 +92,10 @@ fn main() {
     {
         std::env::set_var("AIRLOCK_CACHE_DIR", "/var/cache/airlock");
     }
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("{RUNTIME}: {e}");

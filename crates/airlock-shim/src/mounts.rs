@@ -76,7 +76,17 @@ pub fn vm_root(cache: &Path) -> Result<PathBuf, ShimError> {
     let tmp = cache.join(format!(".shim-vmroot.{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     let r = (|| -> std::io::Result<()> {
-        for d in ["etc", "tmp", "proc", "sys", "dev", "run", "mnt", "containers", "root"] {
+        for d in [
+            "etc",
+            "tmp",
+            "proc",
+            "sys",
+            "dev",
+            "run",
+            "mnt",
+            "containers",
+            "root",
+        ] {
             std::fs::create_dir_all(tmp.join(d))?;
         }
         std::fs::write(tmp.join("etc/passwd"), "root:x:0:0:root:/root:/bin/false\n")?;
@@ -92,7 +102,10 @@ pub fn vm_root(cache: &Path) -> Result<PathBuf, ShimError> {
     if dir.join(".complete").exists() {
         Ok(dir)
     } else {
-        Err(host(format!("{}: could not create the VM root", dir.display())))
+        Err(host(format!(
+            "{}: could not create the VM root",
+            dir.display()
+        )))
     }
 }
 
@@ -128,10 +141,15 @@ pub fn volumes(mounts: &[crate::spec::Mount]) -> Result<Vec<Volume>, ShimError> 
         }
         let d = &m.destination;
         if !d.starts_with('/') || d.split('/').any(|c| c == "..") || d.len() > 4096 {
-            return Err(ShimError::Invalid(format!("mount destination {d:?} is not a plain absolute path")));
+            return Err(ShimError::Invalid(format!(
+                "mount destination {d:?} is not a plain absolute path"
+            )));
         }
         if !m.source.starts_with('/') {
-            return Err(ShimError::Invalid(format!("mount source {:?} is not absolute", m.source)));
+            return Err(ShimError::Invalid(format!(
+                "mount source {:?} is not absolute",
+                m.source
+            )));
         }
         v.push(Volume {
             source: PathBuf::from(&m.source),
@@ -153,7 +171,11 @@ fn open_how(flags: i32) -> libc::open_how {
 }
 
 /// `openat2(root, rel, O_PATH | flags, RESOLVE_IN_ROOT)`.
-fn open_in_root(root: &std::fs::File, rel: &str, flags: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+fn open_in_root(
+    root: &std::fs::File,
+    rel: &str,
+    flags: i32,
+) -> std::io::Result<std::os::fd::OwnedFd> {
     use std::os::fd::{AsRawFd, FromRawFd};
     let c = std::ffi::CString::new(rel).map_err(|_| std::io::ErrorKind::InvalidInput)?;
     let how = open_how(libc::O_PATH | flags);
@@ -178,7 +200,10 @@ fn open_in_root(root: &std::fs::File, rel: &str, flags: i32) -> std::io::Result<
 /// an empty file like `source`), every step resolved inside the root.
 fn make_in_root(root: &std::fs::File, dest: &str, dir: bool) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    let parts: Vec<&str> = dest.split('/').filter(|c| !c.is_empty() && *c != ".").collect();
+    let parts: Vec<&str> = dest
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
     for (i, name) in parts.iter().enumerate() {
         let prefix = parts[..=i].join("/");
         if open_in_root(root, &prefix, 0).is_ok() {
@@ -199,7 +224,11 @@ fn make_in_root(root: &std::fs::File, dest: &str, dir: bool) -> std::io::Result<
                 let fd = libc::openat(
                     pdir.as_raw_fd(),
                     c.as_ptr(),
-                    libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_WRONLY,
+                    libc::O_CREAT
+                        | libc::O_EXCL
+                        | libc::O_NOFOLLOW
+                        | libc::O_CLOEXEC
+                        | libc::O_WRONLY,
                     0o644,
                 );
                 if fd >= 0 {
@@ -225,19 +254,26 @@ fn make_in_root(root: &std::fs::File, dest: &str, dir: bool) -> std::io::Result<
 /// On error the ones already made are undone.
 pub fn mount_volumes(rootfs: &Path, volumes: &[Volume]) -> Result<(), ShimError> {
     use std::os::fd::AsRawFd;
-    let root = std::fs::File::open(rootfs)
-        .map_err(|e| host(format!("open {}: {e}", rootfs.display())))?;
+    let root =
+        std::fs::File::open(rootfs).map_err(|e| host(format!("open {}: {e}", rootfs.display())))?;
     let mut done = Vec::new();
     for v in volumes {
         let r = (|| -> Result<(), String> {
-            let meta = std::fs::metadata(&v.source).map_err(|e| format!("{}: {e}", v.source.display()))?;
+            let meta =
+                std::fs::metadata(&v.source).map_err(|e| format!("{}: {e}", v.source.display()))?;
             make_in_root(&root, &v.destination, meta.is_dir()).map_err(|e| e.to_string())?;
             let rel = v.destination.trim_start_matches('/');
             let target = open_in_root(&root, if rel.is_empty() { "." } else { rel }, 0)
                 .map_err(|e| e.to_string())?;
             let at = format!("/proc/self/fd/{}", target.as_raw_fd());
-            mount(Some(&v.source), at.as_str(), None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-                .map_err(|e| format!("bind: {e}"))?;
+            mount(
+                Some(&v.source),
+                at.as_str(),
+                None::<&str>,
+                MsFlags::MS_BIND | MsFlags::MS_REC,
+                None::<&str>,
+            )
+            .map_err(|e| format!("bind: {e}"))?;
             done.push(v.destination.clone());
             if v.readonly {
                 // The new mount is what the path resolves to now.
@@ -256,7 +292,11 @@ pub fn mount_volumes(rootfs: &Path, volumes: &[Volume]) -> Result<(), ShimError>
         })();
         if let Err(e) = r {
             unmount_volumes(rootfs, &done);
-            return Err(host(format!("mount {} at {}: {e}", v.source.display(), v.destination)));
+            return Err(host(format!(
+                "mount {} at {}: {e}",
+                v.source.display(),
+                v.destination
+            )));
         }
     }
     Ok(())
@@ -272,7 +312,10 @@ pub fn unmount_volumes(rootfs: &Path, destinations: &[String]) {
     for d in destinations.iter().rev() {
         let rel = d.trim_start_matches('/');
         if let Ok(t) = open_in_root(&root, rel, 0) {
-            let _ = umount2(format!("/proc/self/fd/{}", t.as_raw_fd()).as_str(), MntFlags::MNT_DETACH);
+            let _ = umount2(
+                format!("/proc/self/fd/{}", t.as_raw_fd()).as_str(),
+                MntFlags::MNT_DETACH,
+            );
         }
     }
 }
@@ -317,7 +360,9 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            v.iter().map(|v| (v.destination.as_str(), v.readonly)).collect::<Vec<_>>(),
+            v.iter()
+                .map(|v| (v.destination.as_str(), v.readonly))
+                .collect::<Vec<_>>(),
             vec![("/etc/hosts", true), ("/data", false)]
         );
         assert!(volumes(&[m("/a/../b", "bind", &[])]).is_err());

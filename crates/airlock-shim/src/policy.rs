@@ -44,7 +44,11 @@ impl Policy {
     /// Names of the env vars holding secrets (dropped from the container's env: the guest
     /// gets their placeholders instead).
     pub fn secret_names(&self) -> Vec<String> {
-        self.network.secrets.iter().map(|s| s.name.clone()).collect()
+        self.network
+            .secrets
+            .iter()
+            .map(|s| s.name.clone())
+            .collect()
     }
 }
 
@@ -61,7 +65,10 @@ pub fn from_annotations(
     annotations: &HashMap<String, String>,
     env: &[(String, String)],
 ) -> Result<Policy, ShimError> {
-    let mut keys: Vec<&String> = annotations.keys().filter(|k| k.starts_with(PREFIX)).collect();
+    let mut keys: Vec<&String> = annotations
+        .keys()
+        .filter(|k| k.starts_with(PREFIX))
+        .collect();
     keys.sort();
     if let Some(k) = keys.iter().find(|k| !KNOWN.contains(&k.as_str())) {
         return Err(bad(
@@ -100,13 +107,19 @@ pub fn from_annotations(
             let spec = netargs::parse_secret(s, lookup).map_err(|e| {
                 // The CLI's message talks about its own environment and flags.
                 if e.contains("is not set") {
-                    bad(SECRETS, format!("{head} is not set in the container's environment"))
+                    bad(
+                        SECRETS,
+                        format!("{head} is not set in the container's environment"),
+                    )
                 } else {
                     bad(SECRETS, e)
                 }
             })?;
             if spec.value.is_empty() {
-                return Err(bad(SECRETS, format!("{head} is empty in the container's environment")));
+                return Err(bad(
+                    SECRETS,
+                    format!("{head} is empty in the container's environment"),
+                ));
             }
             p.network.secrets.push(spec);
         }
@@ -204,18 +217,26 @@ mod tests {
     fn refuses_bad_input_clearly() {
         let env = vec![("KEY".to_string(), "v".to_string())];
         for (pairs, want) in [
-            (vec![("airlock.io/allow-host", "x")], "unknown Airlock annotation"),
+            (
+                vec![("airlock.io/allow-host", "x")],
+                "unknown Airlock annotation",
+            ),
             (vec![(ADD_HOSTS, "nohost")], "NAME:IP"),
             (vec![(ADD_HOSTS, "a:notanip")], "not an IP"),
             (vec![(SECRETS, "KEY")], "which hosts"),
             (vec![(SECRETS, "KEY=inline@h.test")], "inline"),
-            (vec![(SECRETS, "MISSING@h.test")], "not set in the container"),
+            (
+                vec![(SECRETS, "MISSING@h.test")],
+                "not set in the container",
+            ),
             (vec![(MEMORY, "lots")], "MiB"),
             (vec![(MEMORY, "1")], "64 MiB"),
             (vec![(CPUS, "0")], "1 to 64"),
             (vec![(ALLOW_HOSTS, "a b")], "airlock.io annotations"),
         ] {
-            let e = from_annotations(&ann(&pairs), &env).unwrap_err().to_string();
+            let e = from_annotations(&ann(&pairs), &env)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(want), "{pairs:?}: {e}");
             // No message ever carries a secret value.
             assert!(!e.contains("inline@h.test"), "{e}");

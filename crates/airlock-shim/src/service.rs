@@ -211,8 +211,11 @@ impl Inner {
                 exited_at: MessageField::some(at),
                 ..Default::default()
             };
-            self.publish(containerd_shim_protos::topics::TASK_EXIT_EVENT_TOPIC, Box::new(ev))
-                .await;
+            self.publish(
+                containerd_shim_protos::topics::TASK_EXIT_EVENT_TOPIC,
+                Box::new(ev),
+            )
+            .await;
         }
     }
 
@@ -235,7 +238,9 @@ impl Inner {
     async fn create(&self, req: &api::CreateTaskRequest) -> Result<u32> {
         spec::check_id(&req.id)?;
         if !req.checkpoint.is_empty() {
-            return Err(ShimError::Invalid("checkpoint/restore is not supported".into()));
+            return Err(ShimError::Invalid(
+                "checkpoint/restore is not supported".into(),
+            ));
         }
         let bundle = PathBuf::from(&req.bundle);
         let oci = spec::Spec::load(&bundle)?;
@@ -250,7 +255,10 @@ impl Inner {
 
         let mut st = self.state.lock().await;
         if st.containers.contains_key(&req.id) {
-            return Err(ShimError::State(format!("container {} already exists", req.id)));
+            return Err(ShimError::State(format!(
+                "container {} already exists",
+                req.id
+            )));
         }
         if starts_pod && (st.pod.is_some() || st.pending.is_some()) {
             return Err(ShimError::State(format!(
@@ -291,7 +299,10 @@ impl Inner {
                 },
             );
             drop(st);
-            info!("created pod sandbox {} (its VM boots with the first container)", req.id);
+            info!(
+                "created pod sandbox {} (its VM boots with the first container)",
+                req.id
+            );
             self.publish_create(req, std::process::id()).await;
             return Ok(std::process::id());
         }
@@ -450,7 +461,8 @@ impl Inner {
             .ok_or_else(|| ShimError::State("the pod VM is not running".into()))?;
         if exec_id.is_empty() && id != pod.owner {
             // Any container but the pod's first needs the pod alive.
-            if let Some(Phase::Stopped { .. }) = self.proc(&pod.owner, "").await.ok().map(|o| o.phase())
+            if let Some(Phase::Stopped { .. }) =
+                self.proc(&pod.owner, "").await.ok().map(|o| o.phase())
             {
                 return Err(ShimError::State("the pod sandbox has exited".into()));
             }
@@ -480,11 +492,14 @@ impl Inner {
                 p.stop(code);
                 return Err(ShimError::Invalid(e.message));
             }
-            Ok(_) => return Err(ShimError::Host("the guest did not start the process".into())),
+            Ok(_) => {
+                return Err(ShimError::Host(
+                    "the guest did not start the process".into(),
+                ))
+            }
             Err(e) => return Err(ShimError::Sandbox(e)),
         };
-        p.guest_pid
-            .store(pid, std::sync::atomic::Ordering::Relaxed);
+        p.guest_pid.store(pid, std::sync::atomic::Ordering::Relaxed);
         // A container's own pid is the host process that holds it, the VM (containerd and
         // its tools take task pids for host pids); an exec's is its pid in the guest.
         let pid = if exec_id.is_empty() {
@@ -564,7 +579,10 @@ impl Inner {
         // The pod's first process is the pod: when it ends, so does the VM, and every other
         // process in it (their pumps then report them as killed).
         if p.exec_id.is_empty() && p.container == pod.owner {
-            info!("pod process of {} exited ({code}): stopping the VM", p.container);
+            info!(
+                "pod process of {} exited ({code}): stopping the VM",
+                p.container
+            );
             pod.sandbox.kill();
         }
     }
@@ -739,22 +757,33 @@ impl Inner {
             .as_ref()
             .map(|a| a.value.as_slice())
             .unwrap_or_default();
-        let process: spec::Process = serde_json::from_slice(value)
-            .map_err(|e| ShimError::Invalid(format!("exec {}: bad process spec: {e}", req.exec_id)))?;
+        let process: spec::Process = serde_json::from_slice(value).map_err(|e| {
+            ShimError::Invalid(format!("exec {}: bad process spec: {e}", req.exec_id))
+        })?;
         if process.args.is_empty() || process.args[0].is_empty() {
             return Err(ShimError::Invalid(format!("exec {}: no args", req.exec_id)));
         }
         let mut st = self.state.lock().await;
-        let secrets = st.pod.as_ref().map(|p| p.secrets.clone()).unwrap_or_default();
+        let secrets = st
+            .pod
+            .as_ref()
+            .map(|p| p.secrets.clone())
+            .unwrap_or_default();
         let c = st
             .containers
             .get_mut(&req.id)
             .ok_or_else(|| ShimError::NotFound(format!("container {} not found", req.id)))?;
         if !matches!(c.init.phase(), Phase::Running { .. }) {
-            return Err(ShimError::State(format!("container {} is not running", req.id)));
+            return Err(ShimError::State(format!(
+                "container {} is not running",
+                req.id
+            )));
         }
         if c.execs.contains_key(&req.exec_id) {
-            return Err(ShimError::State(format!("exec {} already exists", req.exec_id)));
+            return Err(ShimError::State(format!(
+                "exec {} already exists",
+                req.exec_id
+            )));
         }
         let root = format!("{GUEST_PODS}/{}", req.id);
         let spec = spec::exec_spec(&process, &root, !req.stdin.is_empty(), &secrets);
@@ -764,8 +793,10 @@ impl Inner {
             stderr: req.stderr.clone(),
             terminal: req.terminal,
         };
-        c.execs
-            .insert(req.exec_id.clone(), Proc::new(&req.id, &req.exec_id, paths, spec));
+        c.execs.insert(
+            req.exec_id.clone(),
+            Proc::new(&req.id, &req.exec_id, paths, spec),
+        );
         drop(st);
         self.publish(
             containerd_shim_protos::topics::TASK_EXEC_ADDED_EVENT_TOPIC,
@@ -1024,10 +1055,12 @@ impl Task for Service {
         req: api::PidsRequest,
     ) -> ttrpc::Result<api::PidsResponse> {
         let st = self.inner.state.lock().await;
-        let c = st
-            .containers
-            .get(&req.id)
-            .ok_or_else(|| ttrpc_err(ShimError::NotFound(format!("container {} not found", req.id))))?;
+        let c = st.containers.get(&req.id).ok_or_else(|| {
+            ttrpc_err(ShimError::NotFound(format!(
+                "container {} not found",
+                req.id
+            )))
+        })?;
         let processes = std::iter::once(&c.init)
             .chain(c.execs.values())
             .filter(|p| matches!(p.phase(), Phase::Running { .. }))
@@ -1047,7 +1080,9 @@ impl Task for Service {
         _ctx: &TtrpcContext,
         req: api::StatsRequest,
     ) -> ttrpc::Result<api::StatsResponse> {
-        use containerd_shim_protos::cgroups::metrics::{CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics};
+        use containerd_shim_protos::cgroups::metrics::{
+            CPUStat, CPUUsage, MemoryEntry, MemoryStat, Metrics,
+        };
         use containerd_shim_protos::protobuf::Message;
         let pod = {
             let st = self.inner.state.lock().await;

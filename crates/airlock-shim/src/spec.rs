@@ -125,7 +125,9 @@ impl Spec {
             .as_ref()
             .ok_or_else(|| ShimError::Invalid("the OCI spec has no process".into()))?;
         if p.args.is_empty() || p.args[0].is_empty() {
-            return Err(ShimError::Invalid("the OCI spec's process has no args".into()));
+            return Err(ShimError::Invalid(
+                "the OCI spec's process has no args".into(),
+            ));
         }
         if self.linux.as_ref().is_some_and(|l| !l.devices.is_empty()) {
             return Err(ShimError::Invalid(
@@ -185,14 +187,26 @@ pub fn exec_spec(p: &Process, root: &str, stdin: bool, drop_env: &[String]) -> E
     let tty = p.terminal.then(|| {
         let s = p.console_size.unwrap_or_default();
         WinSize {
-            rows: if s.height == 0 { 24 } else { s.height.min(u16::MAX as u32) as u16 },
-            cols: if s.width == 0 { 80 } else { s.width.min(u16::MAX as u32) as u16 },
+            rows: if s.height == 0 {
+                24
+            } else {
+                s.height.min(u16::MAX as u32) as u16
+            },
+            cols: if s.width == 0 {
+                80
+            } else {
+                s.width.min(u16::MAX as u32) as u16
+            },
         }
     });
     ExecSpec {
         argv: p.args.clone(),
         env,
-        cwd: Some(if p.cwd.is_empty() { "/".into() } else { p.cwd.clone() }),
+        cwd: Some(if p.cwd.is_empty() {
+            "/".into()
+        } else {
+            p.cwd.clone()
+        }),
         user: Some(format!("{}:{}", p.user.uid, p.user.gid)),
         tty,
         stdin,
@@ -228,7 +242,11 @@ mod tests {
             r#"{"process":{"args":["sh"]},"linux":{"devices":[{"path":"/dev/kvm","type":"c"}]}}"#,
         )
         .unwrap();
-        assert!(dev.check().unwrap_err().to_string().contains("host devices"));
+        assert!(dev
+            .check()
+            .unwrap_err()
+            .to_string()
+            .contains("host devices"));
         let none: Spec = serde_json::from_str(r#"{"process":{"args":[]}}"#).unwrap();
         assert!(none.check().is_err());
     }
@@ -252,7 +270,10 @@ mod tests {
             ..Default::default()
         };
         let e = exec_spec(&p, "/c/x", false, &["KEY".into()]);
-        assert_eq!(e.env, vec![("A".into(), "1".into()), ("B".into(), String::new())]);
+        assert_eq!(
+            e.env,
+            vec![("A".into(), "1".into()), ("B".into(), String::new())]
+        );
         assert_eq!(e.user.as_deref(), Some("5:6"));
         assert_eq!(e.cwd.as_deref(), Some("/"));
         assert_eq!(e.root.as_deref(), Some("/c/x"));

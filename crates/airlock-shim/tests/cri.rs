@@ -26,7 +26,9 @@ async fn client(socket: &Path) -> RuntimeServiceClient<Channel> {
         .unwrap()
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let s = socket.clone();
-            async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(s).await?)) }
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(s).await?))
+            }
         }))
         .await
         .expect("connect to containerd's CRI");
@@ -69,7 +71,11 @@ fn cri_pod_lifecycle() {
     let ns = std::mem::replace(&mut c.ns, K8S_NS.into());
     c.import(&util::image_archive(c.dir.path(), IMAGE, &[]));
     // A second container of the pod runs another image, on its own root in the same VM.
-    c.import(&util::image_archive(c.dir.path(), CURL_IMAGE, &["/usr/bin/curl"]));
+    c.import(&util::image_archive(
+        c.dir.path(),
+        CURL_IMAGE,
+        &["/usr/bin/curl"],
+    ));
     let rt = tokio::runtime::Runtime::new().unwrap();
     let socket = c.socket.clone();
     let logs = work.path().join("logs");
@@ -89,7 +95,10 @@ fn cri_pod_lifecycle() {
             hostname: "agent-pod".into(),
             log_directory: logs.display().to_string(),
             annotations: [
-                ("airlock.io/secrets".to_string(), "API_KEY@api.example.com".to_string()),
+                (
+                    "airlock.io/secrets".to_string(),
+                    "API_KEY@api.example.com".to_string(),
+                ),
                 ("airlock.io/memory".to_string(), "384".to_string()),
             ]
             .into_iter()
@@ -213,7 +222,10 @@ fn cri_pod_lifecycle() {
     let stdout = text(&out.stdout);
     eprintln!("CRI pod start (RunPodSandbox to StartContainer done): {started:?}");
     assert_eq!(out.exit_code, 4, "{stdout} {}", text(&out.stderr));
-    assert!(stdout.contains("mode=cri key=AIRLOCK_PLACEHOLDER_"), "{stdout}");
+    assert!(
+        stdout.contains("mode=cri key=AIRLOCK_PLACEHOLDER_"),
+        "{stdout}"
+    );
     assert!(stdout.contains("cwd=/home host=agent-pod"), "{stdout}");
     assert!(stdout.contains("airlock demo (busybox)"), "{stdout}");
     assert!(!stdout.contains(SECRET));
@@ -232,26 +244,39 @@ fn cri_pod_lifecycle() {
 
     rt.block_on(async {
         let mut cri = client(&socket).await;
-        cri.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.clone() })
-            .await
-            .expect("StopPodSandbox");
+        cri.stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .expect("StopPodSandbox");
         let st = cri
-            .container_status(ContainerStatusRequest { container_id: container.clone(), verbose: false })
+            .container_status(ContainerStatusRequest {
+                container_id: container.clone(),
+                verbose: false,
+            })
             .await
             .expect("ContainerStatus")
             .into_inner()
             .status
             .unwrap();
         assert_eq!(st.state, ContainerState::ContainerExited as i32);
-        cri.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod.clone() })
-            .await
-            .expect("RemovePodSandbox");
+        cri.remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: pod.clone(),
+        })
+        .await
+        .expect("RemovePodSandbox");
     });
-    c.wait_until(Duration::from_secs(10), "the VM to exit", || !util::alive(vm));
-    c.wait_until(Duration::from_secs(20), "the shim to exit", || !util::alive(shim));
+    c.wait_until(Duration::from_secs(10), "the VM to exit", || {
+        !util::alive(vm)
+    });
+    c.wait_until(Duration::from_secs(20), "the shim to exit", || {
+        !util::alive(shim)
+    });
     let pod_dir = Path::new("/run/airlock-shim").join(K8S_NS).join(&pod);
     assert!(!pod_dir.exists(), "{} left behind", pod_dir.display());
-    assert!(util::mounts_under(&c.dir.path().join("state")).iter().all(|m| !m.ends_with("rootfs")));
+    assert!(util::mounts_under(&c.dir.path().join("state"))
+        .iter()
+        .all(|m| !m.ends_with("rootfs")));
     c.ns = ns;
 }
 
@@ -279,7 +304,11 @@ fn bench_cri_pod_start_vs_airlock_run() {
         .env("AIRLOCK_BIN", &airlock)
         .output()
         .unwrap();
-    assert!(out.status.success(), "mkimage-busybox: {}", text(&out.stderr));
+    assert!(
+        out.status.success(),
+        "mkimage-busybox: {}",
+        text(&out.stderr)
+    );
     let work = tempfile::tempdir().unwrap();
     let conf = cni_config(work.path());
     let mut c = Containerd::start_with(Options {
@@ -335,8 +364,14 @@ fn bench_cri_pod_start_vs_airlock_run() {
                 .create_container(CreateContainerRequest {
                     pod_sandbox_id: pod.clone(),
                     config: Some(ContainerConfig {
-                        metadata: Some(ContainerMetadata { name: "main".into(), attempt: 0 }),
-                        image: Some(ImageSpec { image: IMAGE.into(), ..Default::default() }),
+                        metadata: Some(ContainerMetadata {
+                            name: "main".into(),
+                            attempt: 0,
+                        }),
+                        image: Some(ImageSpec {
+                            image: IMAGE.into(),
+                            ..Default::default()
+                        }),
                         command: vec!["true".into()],
                         log_path: format!("main{i}.log"),
                         ..Default::default()
@@ -347,12 +382,17 @@ fn bench_cri_pod_start_vs_airlock_run() {
                 .expect("CreateContainer")
                 .into_inner()
                 .container_id;
-            cri.start_container(StartContainerRequest { container_id: id.clone() })
-                .await
-                .expect("StartContainer");
+            cri.start_container(StartContainerRequest {
+                container_id: id.clone(),
+            })
+            .await
+            .expect("StartContainer");
             loop {
                 let st = cri
-                    .container_status(ContainerStatusRequest { container_id: id.clone(), verbose: false })
+                    .container_status(ContainerStatusRequest {
+                        container_id: id.clone(),
+                        verbose: false,
+                    })
                     .await
                     .expect("ContainerStatus")
                     .into_inner()
@@ -364,12 +404,16 @@ fn bench_cri_pod_start_vs_airlock_run() {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             let took = t.elapsed();
-            cri.stop_pod_sandbox(StopPodSandboxRequest { pod_sandbox_id: pod.clone() })
-                .await
-                .expect("StopPodSandbox");
-            cri.remove_pod_sandbox(RemovePodSandboxRequest { pod_sandbox_id: pod })
-                .await
-                .expect("RemovePodSandbox");
+            cri.stop_pod_sandbox(StopPodSandboxRequest {
+                pod_sandbox_id: pod.clone(),
+            })
+            .await
+            .expect("StopPodSandbox");
+            cri.remove_pod_sandbox(RemovePodSandboxRequest {
+                pod_sandbox_id: pod,
+            })
+            .await
+            .expect("RemovePodSandbox");
             took
         }));
         colds.push(cli(true));

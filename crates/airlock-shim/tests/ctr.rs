@@ -19,7 +19,11 @@ fn assert_clean(c: &Containerd, id: &str) {
         c.shim_pids().is_empty()
     });
     let pod = Path::new("/run/airlock-shim").join(&c.ns).join(id);
-    assert!(mounts_under(&pod).is_empty(), "mounts left under {}", pod.display());
+    assert!(
+        mounts_under(&pod).is_empty(),
+        "mounts left under {}",
+        pod.display()
+    );
     assert!(!pod.exists(), "{} left behind", pod.display());
     let bundle = c
         .dir
@@ -34,9 +38,10 @@ fn assert_clean(c: &Containerd, id: &str) {
 fn shim_and_vm(c: &Containerd) -> (u32, u32) {
     let mut found = None;
     c.wait_until(Duration::from_secs(20), "a shim with its VM", || {
-        found = c.shim_pids().into_iter().find_map(|s| {
-            children_named(s, "qemu-system").first().map(|q| (s, *q))
-        });
+        found = c
+            .shim_pids()
+            .into_iter()
+            .find_map(|s| children_named(s, "qemu-system").first().map(|q| (s, *q)));
         found.is_some()
     });
     found.unwrap()
@@ -75,7 +80,17 @@ fn run_prints_output_and_returns_the_exit_code() {
 
     // Stdin reaches the process and its end is EOF there (containerd's CloseIO).
     let mut child = c
-        .ctr_cmd(&["run", "--rm", "--runtime", RUNTIME, IMAGE, "r2", "sh", "-c", "cat; echo done"])
+        .ctr_cmd(&[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            "r2",
+            "sh",
+            "-c",
+            "cat; echo done",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -88,7 +103,12 @@ fn run_prints_output_and_returns_the_exit_code() {
         .write_all(b"line one\nline two\n")
         .unwrap();
     let out = child.wait_with_output().unwrap();
-    assert_eq!(text(&out.stdout), "line one\nline two\ndone\n", "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "line one\nline two\ndone\n",
+        "{}",
+        text(&out.stderr)
+    );
     assert_eq!(out.status.code(), Some(0));
     assert_clean(&c, "r2");
 }
@@ -100,7 +120,14 @@ fn exec_signals_and_delete() {
     }
     let c = Containerd::start();
     let out = c.ctr(&[
-        "run", "-d", "--runtime", RUNTIME, IMAGE, "e1", "sh", "-c",
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "e1",
+        "sh",
+        "-c",
         "trap 'echo got TERM; exit 42' TERM; while :; do sleep 0.1; done",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -109,13 +136,35 @@ fn exec_signals_and_delete() {
 
     // A second process in the same container: its own output, code and user.
     let out = c.ctr(&[
-        "task", "exec", "--exec-id", "x1", "--cwd", "/home", "e1", "sh", "-c",
+        "task",
+        "exec",
+        "--exec-id",
+        "x1",
+        "--cwd",
+        "/home",
+        "e1",
+        "sh",
+        "-c",
         "echo exec in $(pwd); echo to-err >&2; exit 5",
     ]);
-    assert_eq!(text(&out.stdout), "exec in /home\n", "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "exec in /home\n",
+        "{}",
+        text(&out.stderr)
+    );
     assert!(text(&out.stderr).contains("to-err"));
     assert_eq!(out.status.code(), Some(5));
-    let out = c.ctr(&["task", "exec", "--exec-id", "x2", "--user", "1000", "e1", "id"]);
+    let out = c.ctr(&[
+        "task",
+        "exec",
+        "--exec-id",
+        "x2",
+        "--user",
+        "1000",
+        "e1",
+        "id",
+    ]);
     assert!(
         text(&out.stdout).starts_with("uid=1000(alice) gid=1000(alice)"),
         "{} {}",
@@ -125,10 +174,15 @@ fn exec_signals_and_delete() {
 
     // ps lists the running process; metrics are the VM's.
     let out = c.ctr(&["task", "ps", "e1"]);
-    assert!(out.status.success() && text(&out.stdout).lines().count() >= 2, "{}", text(&out.stderr));
+    assert!(
+        out.status.success() && text(&out.stdout).lines().count() >= 2,
+        "{}",
+        text(&out.stderr)
+    );
     let out = c.ctr(&["task", "metrics", "e1"]);
     assert!(
-        text(&out.stdout).contains("memory.usage_in_bytes") && text(&out.stdout).contains("cpuacct.usage"),
+        text(&out.stdout).contains("memory.usage_in_bytes")
+            && text(&out.stdout).contains("cpuacct.usage"),
         "{} {}",
         text(&out.stdout),
         text(&out.stderr)
@@ -137,11 +191,17 @@ fn exec_signals_and_delete() {
     // SIGTERM reaches the process in the guest: its trap runs, exit 42; the VM goes with it.
     let out = c.ctr(&["task", "kill", "e1"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    c.wait_until(Duration::from_secs(20), "e1 to stop", || task_status(&c, "e1") == "STOPPED");
+    c.wait_until(Duration::from_secs(20), "e1 to stop", || {
+        task_status(&c, "e1") == "STOPPED"
+    });
     c.wait_until(Duration::from_secs(10), "the VM to exit", || !alive(vm));
     let out = c.ctr(&["task", "delete", "e1"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    assert!(text(&out.stderr).contains("exit code 42"), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stderr).contains("exit code 42"),
+        "{}",
+        text(&out.stderr)
+    );
     let out = c.ctr(&["container", "delete", "e1"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_clean(&c, "e1");
@@ -154,7 +214,16 @@ fn kill_9_of_the_task_or_the_shim_leaves_no_vm() {
     }
     let c = Containerd::start();
     let run = |id: &str| {
-        let out = c.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, id, "sleep", "1000"]);
+        let out = c.ctr(&[
+            "run",
+            "-d",
+            "--runtime",
+            RUNTIME,
+            IMAGE,
+            id,
+            "sleep",
+            "1000",
+        ]);
         assert!(out.status.success(), "{}", text(&out.stderr));
     };
 
@@ -162,8 +231,14 @@ fn kill_9_of_the_task_or_the_shim_leaves_no_vm() {
     let (_, vm) = shim_and_vm(&c);
     let out = c.ctr(&["task", "kill", "-s", "9", "k1"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
-    c.wait_until(Duration::from_secs(10), "QEMU to exit after kill -9", || !alive(vm));
-    c.wait_until(Duration::from_secs(10), "k1 to stop", || task_status(&c, "k1") == "STOPPED");
+    c.wait_until(
+        Duration::from_secs(10),
+        "QEMU to exit after kill -9",
+        || !alive(vm),
+    );
+    c.wait_until(Duration::from_secs(10), "k1 to stop", || {
+        task_status(&c, "k1") == "STOPPED"
+    });
     assert!(c.ctr(&["task", "delete", "k1"]).status.success());
     assert!(c.ctr(&["container", "delete", "k1"]).status.success());
     assert_clean(&c, "k1");
@@ -174,9 +249,11 @@ fn kill_9_of_the_task_or_the_shim_leaves_no_vm() {
     let (shim, vm) = shim_and_vm(&c);
     // SAFETY: kill(2) on the shim this test's containerd started.
     unsafe { libc::kill(shim as i32, libc::SIGKILL) };
-    c.wait_until(Duration::from_secs(10), "QEMU to exit after the shim's SIGKILL", || {
-        !alive(vm)
-    });
+    c.wait_until(
+        Duration::from_secs(10),
+        "QEMU to exit after the shim's SIGKILL",
+        || !alive(vm),
+    );
     c.wait_until(Duration::from_secs(20), "containerd to notice", || {
         task_status(&c, "k2") != "RUNNING"
     });
@@ -209,7 +286,16 @@ fn terminal() {
     assert_clean(&c, "t1");
 
     // An exec with a terminal, resized: ResizePty reaches the guest pty.
-    let out = c.ctr(&["run", "-d", "--runtime", RUNTIME, IMAGE, "t2", "sleep", "1000"]);
+    let out = c.ctr(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        IMAGE,
+        "t2",
+        "sleep",
+        "1000",
+    ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let ctr = format!(
         "stty cols 91 rows 33; ctr --address {} --namespace {} task exec -t --exec-id x t2 stty size",
@@ -221,7 +307,9 @@ fn terminal() {
     let out = util::output_within(&mut cmd, Duration::from_secs(120));
     assert!(text(&out.stdout).contains("33 91"), "{}", text(&out.stdout));
     assert!(c.ctr(&["task", "kill", "-s", "9", "t2"]).status.success());
-    c.wait_until(Duration::from_secs(20), "t2 to stop", || task_status(&c, "t2") == "STOPPED");
+    c.wait_until(Duration::from_secs(20), "t2 to stop", || {
+        task_status(&c, "t2") == "STOPPED"
+    });
     assert!(c.ctr(&["task", "delete", "t2"]).status.success());
     assert!(c.ctr(&["container", "delete", "t2"]).status.success());
     assert_clean(&c, "t2");
@@ -234,10 +322,22 @@ fn bad_input_is_refused_through_containerd() {
     }
     let c = Containerd::start();
     for (i, (args, want)) in [
-        (vec!["--annotation", "airlock.io/allow-host=x.test"], "unknown Airlock annotation"),
-        (vec!["--annotation", "airlock.io/add-hosts=nothing"], "NAME:IP"),
-        (vec!["--annotation", "airlock.io/allow-hosts=a b"], "airlock.io annotations"),
-        (vec!["--annotation", "airlock.io/secrets=KEY@x.test"], "not set in the container"),
+        (
+            vec!["--annotation", "airlock.io/allow-host=x.test"],
+            "unknown Airlock annotation",
+        ),
+        (
+            vec!["--annotation", "airlock.io/add-hosts=nothing"],
+            "NAME:IP",
+        ),
+        (
+            vec!["--annotation", "airlock.io/allow-hosts=a b"],
+            "airlock.io annotations",
+        ),
+        (
+            vec!["--annotation", "airlock.io/secrets=KEY@x.test"],
+            "not set in the container",
+        ),
         (vec!["--annotation", "airlock.io/memory=lots"], "MiB"),
         (vec!["--privileged"], "host devices"),
         (vec!["--device", "/dev/null"], "host devices"),
@@ -276,11 +376,29 @@ fn bind_mounts_become_volumes() {
     let hosts = c.dir.path().join("hosts");
     std::fs::write(&hosts, "10.9.8.7 pinned.test\n").unwrap();
     let m_rw = format!("type=bind,src={},dst=/data,options=rbind:rw", rw.display());
-    let m_ro = format!("type=bind,src={},dst=/srv/ro,options=rbind:ro", ro.display());
-    let m_file = format!("type=bind,src={},dst=/etc/hosts,options=rbind:ro", hosts.display());
+    let m_ro = format!(
+        "type=bind,src={},dst=/srv/ro,options=rbind:ro",
+        ro.display()
+    );
+    let m_file = format!(
+        "type=bind,src={},dst=/etc/hosts,options=rbind:ro",
+        hosts.display()
+    );
     let out = c.ctr(&[
-        "run", "--rm", "--runtime", RUNTIME, "--mount", &m_rw, "--mount", &m_ro, "--mount", &m_file,
-        IMAGE, "v1", "sh", "-c",
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--mount",
+        &m_rw,
+        "--mount",
+        &m_ro,
+        "--mount",
+        &m_file,
+        IMAGE,
+        "v1",
+        "sh",
+        "-c",
         "cat /srv/ro/in; echo written > /data/out; grep pinned /etc/hosts; \
          (echo x > /srv/ro/nope) 2>/dev/null && echo RO-WRITABLE || echo ro-refused",
     ]);
@@ -291,7 +409,10 @@ fn bind_mounts_become_volumes() {
         text(&out.stderr),
         c.tail_log()
     );
-    assert_eq!(std::fs::read_to_string(rw.join("out")).unwrap(), "written\n");
+    assert_eq!(
+        std::fs::read_to_string(rw.join("out")).unwrap(),
+        "written\n"
+    );
     assert!(!ro.join("nope").exists());
     assert_clean(&c, "v1");
     assert!(mounts_under(&rw).is_empty() && mounts_under(&ro).is_empty());

@@ -34,7 +34,12 @@ impl Drop for Upstream {
 /// A test CA, a certificate for allowed.test and denied.test, and the servers.
 fn upstream(dir: &Path) -> Upstream {
     let sh = |cmd: &str| {
-        let out = Command::new("sh").arg("-ec").arg(cmd).current_dir(dir).output().unwrap();
+        let out = Command::new("sh")
+            .arg("-ec")
+            .arg(cmd)
+            .current_dir(dir)
+            .output()
+            .unwrap();
         assert!(out.status.success(), "{cmd}: {}", text(&out.stderr));
     };
     std::fs::write(
@@ -42,12 +47,14 @@ fn upstream(dir: &Path) -> Upstream {
         "subjectAltName=DNS:allowed.test,DNS:denied.test\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
     )
     .unwrap();
-    sh("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+    sh(
+        "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
           -keyout ca.key -out ca.crt -days 2 -subj /CN=airlock-shim-test-ca 2>/dev/null
         openssl req -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
           -keyout server.key -out server.csr -subj /CN=allowed.test 2>/dev/null
         openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
-          -out server.crt -days 2 -extfile ext.cnf 2>/dev/null");
+          -out server.crt -days 2 -extfile ext.cnf 2>/dev/null",
+    );
     let log = dir.join("requests.log");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/net/server.py");
     let mut child = Command::new("python3")
@@ -60,7 +67,10 @@ fn upstream(dir: &Path) -> Upstream {
     std::io::BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
         .unwrap();
-    let ports: Vec<u16> = line.split_whitespace().map(|p| p.parse().unwrap()).collect();
+    let ports: Vec<u16> = line
+        .split_whitespace()
+        .map(|p| p.parse().unwrap())
+        .collect();
     Upstream {
         child,
         http: ports[0],
@@ -83,7 +93,11 @@ fn annotations_allow_hosts_and_bind_secrets() {
         )],
         ..Default::default()
     });
-    c.import(&util::image_archive(c.dir.path(), IMAGE, &["/usr/bin/curl"]));
+    c.import(&util::image_archive(
+        c.dir.path(),
+        IMAGE,
+        &["/usr/bin/curl"],
+    ));
     let script = format!(
         r#"echo "key=$KEY"
 c="curl -sS --max-time 10"
@@ -97,21 +111,38 @@ true"#,
     );
     let env = format!("KEY={SECRET}");
     let out = c.ctr(&[
-        "run", "--rm", "--runtime", RUNTIME,
-        "--annotation", "airlock.io/add-hosts=allowed.test:127.0.0.1,denied.test:127.0.0.1",
-        "--annotation", "airlock.io/allow-hosts=allowed.test",
-        "--annotation", "airlock.io/secrets=KEY@allowed.test",
-        "--env", &env,
-        IMAGE, "n1", "sh", "-c", &script,
+        "run",
+        "--rm",
+        "--runtime",
+        RUNTIME,
+        "--annotation",
+        "airlock.io/add-hosts=allowed.test:127.0.0.1,denied.test:127.0.0.1",
+        "--annotation",
+        "airlock.io/allow-hosts=allowed.test",
+        "--annotation",
+        "airlock.io/secrets=KEY@allowed.test",
+        "--env",
+        &env,
+        IMAGE,
+        "n1",
+        "sh",
+        "-c",
+        &script,
     ]);
     let stdout = text(&out.stdout);
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}\n{}", c.tail_log());
     // The guest holds a placeholder, never the value.
-    let key = stdout.lines().find_map(|l| l.strip_prefix("key=")).unwrap_or_default();
+    let key = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("key="))
+        .unwrap_or_default();
     assert!(!key.is_empty() && key != SECRET, "{stdout}");
     assert!(!stdout.contains(SECRET) && !stderr.contains(SECRET));
-    assert!(stdout.contains("hello from the host\nallowed-ok"), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("hello from the host\nallowed-ok"),
+        "{stdout}\n{stderr}"
+    );
     assert!(stdout.contains("denied-refused"), "{stdout}");
     assert!(stdout.contains("tls-ok"), "{stdout}\n{stderr}");
     // Plain HTTP would carry the secret in clear: refused unless allowed per secret.
@@ -127,5 +158,8 @@ true"#,
     assert!(!log.contains(key), "{log}");
     // The shim never wrote the value anywhere under its state or logs.
     let shim_log = c.log();
-    assert!(!shim_log.contains(SECRET), "the secret is in containerd's log");
+    assert!(
+        !shim_log.contains(SECRET),
+        "the secret is in containerd's log"
+    );
 }

@@ -35,7 +35,10 @@ pub fn text(b: &[u8]) -> String {
 pub fn available() -> bool {
     let why = if unsafe { libc::geteuid() } != 0 {
         Some("not root (containerd and the shim mount filesystems)")
-    } else if Command::new("containerd").arg("--version").output().is_err()
+    } else if Command::new("containerd")
+        .arg("--version")
+        .output()
+        .is_err()
         || Command::new("ctr").arg("--version").output().is_err()
     {
         Some("containerd/ctr not installed (apt-get install containerd)")
@@ -129,7 +132,11 @@ state = "{state}"
         );
         std::fs::write(d.join("config.toml"), config).unwrap();
         let log = std::fs::File::create(d.join("containerd.log")).unwrap();
-        let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap_or_default());
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
         let child = Command::new("containerd")
             .arg("--config")
             .arg(d.join("config.toml"))
@@ -203,7 +210,8 @@ state = "{state}"
         processes()
             .into_iter()
             .filter(|(_, cmd)| {
-                cmd.first().is_some_and(|a| a.ends_with("containerd-shim-airlock-v2"))
+                cmd.first()
+                    .is_some_and(|a| a.ends_with("containerd-shim-airlock-v2"))
                     && cmd.iter().any(|a| *a == sock)
             })
             .map(|(pid, _)| pid)
@@ -214,7 +222,11 @@ state = "{state}"
     pub fn wait_until(&self, limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
         let t = Instant::now();
         while !f() {
-            assert!(t.elapsed() < limit, "timed out waiting for {what}\n{}", self.tail_log());
+            assert!(
+                t.elapsed() < limit,
+                "timed out waiting for {what}\n{}",
+                self.tail_log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -255,7 +267,11 @@ pub fn children_named(pid: u32, comm: &str) -> Vec<u32> {
 pub fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| s.rfind(')').map(|i| s[i + 2..].starts_with('Z')).map(|z| !z))
+        .and_then(|s| {
+            s.rfind(')')
+                .map(|i| s[i + 2..].starts_with('Z'))
+                .map(|z| !z)
+        })
         .unwrap_or(false)
 }
 
@@ -342,7 +358,11 @@ pub fn image_archive(dir: &Path, name: &str, host_bins: &[&str]) -> PathBuf {
         let out = Command::new(repo.join("scripts/mkrootfs-busybox"))
             .output()
             .expect("scripts/mkrootfs-busybox");
-        assert!(out.status.success(), "mkrootfs-busybox: {}", text(&out.stderr));
+        assert!(
+            out.status.success(),
+            "mkrootfs-busybox: {}",
+            text(&out.stderr)
+        );
         text(&out.stdout).trim().to_string()
     });
     let tar = dir.join(format!("image-{}.tar", host_bins.len()));
