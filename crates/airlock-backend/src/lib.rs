@@ -154,6 +154,11 @@ pub trait Vm: Send + Sync {
     fn incoming_fd(&self) -> Option<i32> {
         None
     }
+    /// A pidfd of the VMM process, for handing the VM to another process (a pool claim);
+    /// `None` if the backend has none.
+    fn pidfd(&self) -> Option<i32> {
+        None
+    }
 }
 
 /// Errors starting a VM.

@@ -234,6 +234,10 @@ impl Vm for QemuVm {
         self.pid
     }
 
+    fn pidfd(&self) -> Option<i32> {
+        Some(self.pidfd.as_raw_fd())
+    }
+
     fn kill(&self) {
         if self.exit.borrow().is_none() {
             // SAFETY: pidfd_send_signal on our own pidfd; immune to pid reuse.

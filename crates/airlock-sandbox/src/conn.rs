@@ -111,6 +111,8 @@ pub struct Conn {
     pub(crate) write_gate: Arc<tokio::sync::Mutex<()>>,
     /// The socket, for asking how much of what was written the VMM has not read yet.
     raw_fd: std::os::fd::RawFd,
+    /// The reader and writer tasks, for [`Conn::abort`].
+    tasks: Mutex<Vec<tokio::task::AbortHandle>>,
 }
 
 impl Conn {
@@ -140,9 +142,11 @@ impl Conn {
             closed: watch::channel(None).0,
             write_gate: Arc::new(tokio::sync::Mutex::new(())),
             raw_fd,
+            tasks: Mutex::new(Vec::new()),
         });
-        tokio::spawn(write_loop(wr, out_rx, conn.clone()));
-        tokio::spawn(read_loop(rd, conn.clone(), ctl_tx, marker));
+        let w = tokio::spawn(write_loop(wr, out_rx, conn.clone()));
+        let r = tokio::spawn(read_loop(rd, conn.clone(), ctl_tx, marker));
+        *conn.tasks.lock().unwrap() = vec![w.abort_handle(), r.abort_handle()];
         (conn, ctl_rx)
     }
 
@@ -155,6 +159,15 @@ impl Conn {
             0
         } else {
             n as usize
+        }
+    }
+
+    /// Stops reading and writing and lets go of the socket, without failing the streams'
+    /// owners: for a pooled VM handed to another process, which then reads the socket
+    /// (bytes this reader had buffered are lost; the new reader skips to a `Resumed` marker).
+    pub(crate) fn abort(&self) {
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
         }
     }
 

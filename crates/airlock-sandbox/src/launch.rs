@@ -48,6 +48,11 @@ pub(crate) enum Control {
         conn: std::sync::Arc<crate::conn::Conn>,
         ctl: tokio::sync::mpsc::UnboundedReceiver<crate::conn::ControlEvent>,
         next_stream: u32,
+        /// A second descriptor of the socket `conn` reads, for handing the VM to another
+        /// process (see [`crate::handoff`]).
+        raw: UnixStream,
+        /// The guest kernel's release, from the warm-up's `Ready`.
+        kernel: String,
     },
 }
 

@@ -21,6 +21,7 @@ mod conn;
 mod error;
 mod exec;
 mod files;
+mod handoff;
 pub mod imagefs;
 mod launch;
 pub mod network;
@@ -50,8 +51,9 @@ pub use conn::ExecEvent;
 pub use error::Error;
 pub use exec::{Exec, ExecInput};
 pub use files::{FileInfo, READ_FILE_MAX};
+pub use handoff::claim as claim_from_pool;
 pub use network::{NetworkSpec, SecretSpec};
-pub use pool::{Pool, PoolStatus, MAX_POOL};
+pub use pool::{Pool, PoolStatus, Shape, MAX_POOL};
 pub use ports::{GuestStream, PortForward, MAX_FORWARD_CONNECTIONS};
 pub use rootfs::RootfsSource;
 pub use shares::{
@@ -190,6 +192,7 @@ impl Sandbox {
                 conn,
                 ctl,
                 next_stream,
+                ..
             } => (conn, ctl, next_stream),
         };
         let mut launch = l.launch;
@@ -666,6 +669,67 @@ async fn handshake(
             secs: timeout.as_secs(),
             console: String::new(),
         }),
+    }
+}
+
+/// A fresh `Resume` nonce and the exact bytes of its `Resumed` answer: the marker a new
+/// [`conn::Conn`] starts reading at, so bytes an earlier host left in the channel are skipped.
+fn resume_marker() -> (String, Vec<u8>) {
+    let nonce = hex::encode(random_bytes::<16>());
+    let marker = Frame::json(
+        Kind::Resumed,
+        CONTROL_STREAM,
+        &airlock_proto::Resumed {
+            nonce: nonce.clone(),
+        },
+    )
+    .encode();
+    (nonce, marker)
+}
+
+/// Greets an agent that was running before this host took its VM (restored from a user
+/// snapshot, or claimed from a pool another process holds): `Resume` carries `spec`'s
+/// `Init`, and streams below `first_stream` were the earlier host's. Waits for `Resumed`.
+async fn resume(
+    sb: &Sandbox,
+    ctl: &mut tokio::sync::mpsc::UnboundedReceiver<conn::ControlEvent>,
+    spec: &SandboxSpec,
+    nonce: String,
+    first_stream: u32,
+    timeout: Duration,
+) -> Result<(), Error> {
+    let init = init_message(
+        sb,
+        spec.hostname.clone(),
+        Vec::new(),
+        Vec::new(),
+        spec.privileged,
+    );
+    let resume = airlock_proto::Resume {
+        nonce,
+        first_stream,
+        init,
+    };
+    sb.conn
+        .send(Frame::json(Kind::Resume, CONTROL_STREAM, &resume))
+        .await
+        .map_err(Error::Protocol)?;
+    let mut closed = sb.conn.closed_watch();
+    let r = tokio::select! {
+        e = ctl.recv() => match e {
+            Some(conn::ControlEvent::Resumed) => Ok(()),
+            other => Err(Some(Error::Protocol(format!("restored guest answered {other:?} to Resume")))),
+        },
+        _ = closed.wait_for(|c| c.is_some()) => Err(None),
+        _ = tokio::time::sleep(timeout) => Err(Some(Error::NotReady {
+            secs: timeout.as_secs(),
+            console: sb.state.console_tail(30),
+        })),
+    };
+    match r {
+        Ok(()) => Ok(()),
+        Err(Some(e)) => Err(e),
+        Err(None) => Err(sb.death_error().await),
     }
 }
 

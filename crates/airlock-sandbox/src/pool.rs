@@ -25,6 +25,7 @@ pub struct Pool {
 
 struct Inner {
     shape: SandboxSpec,
+    key: Shape,
     size: usize,
     backend: Arc<dyn Backend>,
     state: Mutex<State>,
@@ -86,11 +87,12 @@ impl Pool {
         size: usize,
         backend: Arc<dyn Backend>,
     ) -> Result<Pool, Error> {
-        if let Some(why) = unpoolable(&shape) {
+        let Some(key) = Shape::of(&shape) else {
             return Err(Error::Setup(format!(
-                "a pool cannot hold sandboxes that {why}"
+                "a pool cannot hold sandboxes that {}",
+                unpoolable(&shape).unwrap_or("differ")
             )));
-        }
+        };
         if size == 0 || size > MAX_POOL {
             return Err(Error::Setup(format!(
                 "pool size {size}: give 1 to {MAX_POOL}"
@@ -98,6 +100,7 @@ impl Pool {
         }
         let inner = Arc::new(Inner {
             shape,
+            key,
             size,
             backend,
             state: Mutex::new(State::default()),
@@ -184,22 +187,29 @@ impl Pool {
 
     /// Whether `spec` would restore the same template the pool holds.
     fn fits(&self, spec: &SandboxSpec) -> bool {
-        let s = &self.inner.shape;
-        unpoolable(spec).is_none()
-            && spec.rootfs == s.rootfs
-            && spec.cpus == s.cpus
-            && spec.memory_mib == s.memory_mib
-            && spec.disk_mib == s.disk_mib
-            && spec.kernel == s.kernel
-            && spec.kernel_args == s.kernel_args
-            && spec.accel == s.accel
-            && spec.network.disabled == s.network.disabled
-            // The warm-up's Init fixed the agent's privilege (a restriction is for good).
-            && spec.privileged == s.privileged
+        Shape::of(spec).is_some_and(|s| s == self.inner.key)
+    }
+
+    /// The shape of the sandboxes it holds.
+    pub fn shape(&self) -> &Shape {
+        &self.inner.key
+    }
+
+    pub(crate) fn count_miss(&self) {
+        self.lock().missed += 1;
+    }
+
+    pub(crate) fn count_claim(&self) {
+        self.lock().claimed += 1;
+    }
+
+    /// Wakes the refill task (a VM was taken).
+    pub(crate) fn refill_now(&self) {
+        self.inner.wake.notify_one();
     }
 
     /// A ready VM that is still alive; dead ones are dropped.
-    fn take_ready(&self) -> Option<Launched> {
+    pub(crate) fn take_ready(&self) -> Option<Launched> {
         let mut st = self.lock();
         while let Some(l) = st.ready.pop_front() {
             if l.vm.exit_watch().borrow().is_none() {
@@ -209,6 +219,60 @@ impl Pool {
         }
         None
     }
+}
+
+/// What must be equal for a claim to fit a pool: everything the template's restore depends
+/// on. Compared within one process and across processes (a claim from `airlock run`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Shape {
+    /// The root (image manifest and store, or the path), as this build of Airlock names it.
+    rootfs: String,
+    cpus: u32,
+    memory_mib: u32,
+    disk_mib: u64,
+    kernel: Option<std::path::PathBuf>,
+    kernel_args: Vec<String>,
+    accel: Option<String>,
+    no_network: bool,
+    /// The warm-up's Init fixed the agent's privilege (a restriction is for good).
+    privileged: bool,
+    /// Which Airlock (protocol, version and binary) holds the pool: another build may boot
+    /// another agent or kernel.
+    airlock: String,
+}
+
+impl Shape {
+    /// `spec`'s shape; `None` if it cannot come from a pool.
+    pub fn of(spec: &SandboxSpec) -> Option<Shape> {
+        if unpoolable(spec).is_some() {
+            return None;
+        }
+        Some(Shape {
+            rootfs: format!("{:?}", spec.rootfs),
+            cpus: spec.cpus,
+            memory_mib: spec.memory_mib,
+            disk_mib: spec.disk_mib,
+            kernel: spec.kernel.clone(),
+            kernel_args: spec.kernel_args.clone(),
+            accel: spec.accel.map(|a| a.to_string()),
+            no_network: spec.network.disabled,
+            privileged: spec.privileged,
+            airlock: build_identity(),
+        })
+    }
+}
+
+/// This binary: protocol, version, and its file's size and mtime.
+fn build_identity() -> String {
+    use std::os::unix::fs::MetadataExt;
+    let exe = std::fs::metadata("/proc/self/exe")
+        .map(|m| format!("{}.{}.{}", m.size(), m.mtime(), m.mtime_nsec()))
+        .unwrap_or_default();
+    format!(
+        "{}/{}/{exe}",
+        airlock_proto::VERSION,
+        env!("CARGO_PKG_VERSION")
+    )
 }
 
 /// Most sandboxes one pool keeps.
@@ -308,6 +372,7 @@ async fn warm_up(mut l: Launched, privileged: bool) -> Result<Launched, Error> {
     let launch::Control::Raw(s) = l.control else {
         return Err(Error::Setup("the pooled VM was greeted already".into()));
     };
+    let raw = s.try_clone()?;
     s.set_nonblocking(true)?;
     let (conn, mut ctl) = crate::conn::Conn::start(tokio::net::UnixStream::from_std(s)?);
     let init = airlock_proto::Init {
@@ -316,7 +381,7 @@ async fn warm_up(mut l: Launched, privileged: bool) -> Result<Launched, Error> {
         privileged,
         ..Default::default()
     };
-    crate::handshake(&conn, &mut ctl, &init, true, crate::RESTORE_TIMEOUT).await?;
+    let kernel = crate::handshake(&conn, &mut ctl, &init, true, crate::RESTORE_TIMEOUT).await?;
     for id in 1..=WARMUP_EXECS {
         let (mut events, _window) = conn.open_stream(id);
         let req = airlock_proto::ExecRequest {
@@ -351,6 +416,8 @@ async fn warm_up(mut l: Launched, privileged: bool) -> Result<Launched, Error> {
         conn,
         ctl,
         next_stream: WARMUP_EXECS + 1,
+        raw,
+        kernel,
     };
     Ok(l)
 }

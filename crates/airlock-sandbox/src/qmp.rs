@@ -97,6 +97,20 @@ impl Qmp {
         Ok(q)
     }
 
+    /// A session on `stream`, already in command mode (handed over by another process).
+    pub(crate) fn in_command_mode(stream: UnixStream) -> Result<Qmp, QmpError> {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(io("set timeout"))?;
+        let reader = BufReader::new(stream.try_clone().map_err(io("clone"))?);
+        Ok(Qmp { stream, reader })
+    }
+
+    /// The monitor socket.
+    pub(crate) fn stream(&self) -> &UnixStream {
+        &self.stream
+    }
+
     fn read_msg(&mut self) -> Result<Value, QmpError> {
         let mut line = Vec::new();
         let n = (&mut self.reader)

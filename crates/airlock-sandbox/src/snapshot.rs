@@ -14,7 +14,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use airlock_backend::{Accel, Backend, NicConfig, VmConfig};
-use airlock_proto::{Frame, Kind, Resume, Resumed, CONTROL_STREAM};
 use serde::{Deserialize, Serialize};
 
 use crate::{conn, network, qmp, state, template, Error, Sandbox, SandboxSpec};
@@ -379,15 +378,7 @@ pub(crate) async fn start(
     .map_err(|e| Error::Setup(e.to_string()))?
     .map_err(|e| Error::Setup(format!("restore snapshot {name}: {e}")))?;
 
-    let nonce = hex::encode(crate::random_bytes::<16>());
-    let marker = Frame::json(
-        Kind::Resumed,
-        CONTROL_STREAM,
-        &Resumed {
-            nonce: nonce.clone(),
-        },
-    )
-    .encode();
+    let (nonce, marker) = crate::resume_marker();
     let state_scratch = state.path().join("scratch.ext4");
     let (conn, mut ctl) = conn::Conn::start_after(host_end, Some(marker));
     let mut launch = l.clone();
@@ -414,36 +405,14 @@ pub(crate) async fn start(
         pooled: false,
     };
     sb.watch_vm();
-    let init = crate::init_message(
+    crate::resume(
         &sb,
-        spec.hostname.clone(),
-        Vec::new(),
-        Vec::new(),
-        spec.privileged,
-    );
-    let resume = Resume {
+        &mut ctl,
+        &spec,
         nonce,
-        first_stream: info.first_stream,
-        init,
-    };
-    conn.send(Frame::json(Kind::Resume, CONTROL_STREAM, &resume))
-        .await
-        .map_err(Error::Protocol)?;
-    let mut closed = conn.closed_watch();
-    let r = tokio::select! {
-        e = ctl.recv() => match e {
-            Some(conn::ControlEvent::Resumed) => Ok(()),
-            other => Err(Some(Error::Protocol(format!("restored guest answered {other:?} to Resume")))),
-        },
-        _ = closed.wait_for(|c| c.is_some()) => Err(None),
-        _ = tokio::time::sleep(spec.ready_timeout) => Err(Some(Error::NotReady {
-            secs: spec.ready_timeout.as_secs(),
-            console: sb.state.console_tail(30),
-        })),
-    };
-    match r {
-        Ok(()) => Ok(sb),
-        Err(Some(e)) => Err(e),
-        Err(None) => Err(sb.death_error().await),
-    }
+        info.first_stream,
+        spec.ready_timeout,
+    )
+    .await?;
+    Ok(sb)
 }

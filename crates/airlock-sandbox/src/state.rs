@@ -118,7 +118,8 @@ fn try_lock(f: &File) -> bool {
 /// A sandbox's state directory, removed on drop.
 pub struct StateDir {
     path: PathBuf,
-    _lock: File,
+    /// `None` for a directory adopted from a pool holder, which keeps it locked.
+    _lock: Option<File>,
 }
 
 impl StateDir {
@@ -144,7 +145,29 @@ impl StateDir {
             )));
         }
         std::fs::rename(path.join("lock.new"), path.join("lock"))?;
-        Ok(StateDir { path, _lock: lock })
+        Ok(StateDir {
+            path,
+            _lock: Some(lock),
+        })
+    }
+
+    /// Takes over `<runtime dir>/<id>` of a sandbox claimed from a pool held by another
+    /// process: that process keeps the lock (and removes the directory when the claim ends);
+    /// this one removes it when dropped, too.
+    pub(crate) fn adopt(id: &str) -> Result<StateDir, Error> {
+        if !crate::is_id(id) {
+            return Err(Error::Protocol(format!(
+                "pool holder sent a bad sandbox id {id:?}"
+            )));
+        }
+        let path = private_runtime_dir()?.join(id);
+        if !path.join("lock").is_file() {
+            return Err(Error::Setup(format!(
+                "{} is not a sandbox state directory",
+                path.display()
+            )));
+        }
+        Ok(StateDir { path, _lock: None })
     }
 
     /// The directory.
