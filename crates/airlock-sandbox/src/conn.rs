@@ -113,6 +113,8 @@ pub struct Conn {
     raw_fd: std::os::fd::RawFd,
     /// The reader and writer tasks, for [`Conn::abort`].
     tasks: Mutex<Vec<tokio::task::AbortHandle>>,
+    /// Set by [`Conn::abort`]: the writer must not shut the socket down as it goes.
+    handed_over: std::sync::atomic::AtomicBool,
 }
 
 impl Conn {
@@ -143,6 +145,7 @@ impl Conn {
             write_gate: Arc::new(tokio::sync::Mutex::new(())),
             raw_fd,
             tasks: Mutex::new(Vec::new()),
+            handed_over: Default::default(),
         });
         let w = tokio::spawn(write_loop(wr, out_rx, conn.clone()));
         let r = tokio::spawn(read_loop(rd, conn.clone(), ctl_tx, marker));
@@ -166,6 +169,8 @@ impl Conn {
     /// owners: for a pooled VM handed to another process, which then reads the socket
     /// (bytes this reader had buffered are lost; the new reader skips to a `Resumed` marker).
     pub(crate) fn abort(&self) {
+        self.handed_over
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         for t in self.tasks.lock().unwrap().drain(..) {
             t.abort();
         }
@@ -464,11 +469,33 @@ async fn read_loop(
     conn.fail(why);
 }
 
-async fn write_loop(
-    mut wr: OwnedWriteHalf,
-    mut rx: mpsc::UnboundedReceiver<Frame>,
+/// The writer's half of the socket. Dropping a tokio write half shuts the socket's write
+/// side down for every descriptor of it, so after [`Conn::abort`] it is forgotten instead:
+/// the other process that now has the socket keeps writing.
+struct Writer {
+    wr: Option<OwnedWriteHalf>,
     conn: Arc<Conn>,
-) {
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        if let Some(wr) = self.wr.take() {
+            if self
+                .conn
+                .handed_over
+                .load(std::sync::atomic::Ordering::SeqCst)
+            {
+                wr.forget();
+            }
+        }
+    }
+}
+
+async fn write_loop(wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Frame>, conn: Arc<Conn>) {
+    let mut wr = Writer {
+        wr: Some(wr),
+        conn: conn.clone(),
+    };
     let mut buf = Vec::with_capacity(64 * 1024);
     let mut closed = conn.closed_watch();
     loop {
@@ -485,7 +512,8 @@ async fn write_loop(
                 Err(_) => break,
             }
         }
-        if let Err(e) = wr.write_all(&buf).await {
+        let Some(w) = wr.wr.as_mut() else { return };
+        if let Err(e) = w.write_all(&buf).await {
             conn.fail(format!("control channel write: {e}"));
             return;
         }

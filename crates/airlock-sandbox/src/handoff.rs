@@ -162,15 +162,17 @@ impl Pool {
         // The lifeline: the claimer's end of this connection.
         let mut exit = vm.exit_watch();
         let mut buf = [0u8; 256];
-        let claimer_gone = tokio::select! {
-            _ = async { while !matches!(stream.read(&mut buf).await, Ok(0) | Err(_)) {} } => true,
+        let ended = tokio::select! {
+            _ = async { while !matches!(stream.read(&mut buf).await, Ok(0) | Err(_)) {} } => None,
             e = exit.wait_for(|e| e.is_some()) => {
                 let e = e.ok().and_then(|e| *e);
-                let ended = Ended { code: e.and_then(|e| e.code), signal: e.and_then(|e| e.signal) };
-                let _ = stream.write_all(&json_line(&ended)?).await;
-                false
+                Some(Ended { code: e.and_then(|e| e.code), signal: e.and_then(|e| e.signal) })
             }
         };
+        let claimer_gone = ended.is_none();
+        if let Some(ended) = ended {
+            let _ = stream.write_all(&json_line(&ended)?).await;
+        }
         if !claimer_gone {
             // Held until the claimer lets go: the state directory is its sandbox's too.
             while !matches!(stream.read(&mut buf).await, Ok(0) | Err(_)) {}

@@ -44,6 +44,8 @@ struct State {
     /// Claims that found the pool empty (or the spec unlike the pool's) and started anew.
     missed: u64,
     last_error: Option<String>,
+    /// [`Pool::close`] was called: no refill.
+    closed: bool,
 }
 
 /// What a pool holds now.
@@ -142,6 +144,16 @@ impl Pool {
         // A claim that fell back to a cold boot (the restored VM did not come up) is not pooled.
         sb.pooled = sb.template.is_some();
         Ok(sb)
+    }
+
+    /// Kills the ready VMs and stops refilling; claimed sandboxes are not touched.
+    pub fn close(&self) {
+        let ready: Vec<_> = {
+            let mut st = self.lock();
+            st.closed = true;
+            st.ready.drain(..).collect()
+        };
+        drop(ready);
     }
 
     /// Sizes, counters and idle memory.
@@ -248,7 +260,7 @@ impl Shape {
             return None;
         }
         Some(Shape {
-            rootfs: format!("{:?}", spec.rootfs),
+            rootfs: spec.rootfs.identity(),
             cpus: spec.cpus,
             memory_mib: spec.memory_mib,
             disk_mib: spec.disk_mib,
@@ -306,7 +318,9 @@ async fn refill(pool: Weak<Inner>) {
         let pool = Pool { inner };
         let want = {
             let mut st = pool.lock();
-            let want = st.ready.len() + st.filling < pool.inner.size && st.last_error.is_none();
+            let want = st.ready.len() + st.filling < pool.inner.size
+                && st.last_error.is_none()
+                && !st.closed;
             if want {
                 st.filling += 1;
             }
@@ -323,6 +337,7 @@ async fn refill(pool: Weak<Inner>) {
         let mut st = pool.lock();
         st.filling -= 1;
         match made {
+            Ok(_) if st.closed => {}
             Ok(l) => {
                 if st.inputs.is_none() {
                     st.inputs = l.inputs.clone();

@@ -62,6 +62,33 @@ impl RootfsSource {
     }
 }
 
+impl RootfsSource {
+    /// What identifies this root's content now (a tree's fingerprint, an image file's size
+    /// and mtime, an OCI image's manifest), for telling whether a pooled VM has it.
+    pub(crate) fn identity(&self) -> String {
+        use std::os::unix::fs::MetadataExt;
+        match self {
+            RootfsSource::Dir(d) => {
+                let d = std::fs::canonicalize(d).unwrap_or_else(|_| d.clone());
+                match tree_fingerprint(&d) {
+                    Ok((h, _, _)) => format!("dir:{}:{h}", d.display()),
+                    Err(e) => format!("dir:{}:unreadable:{e}", d.display()),
+                }
+            }
+            RootfsSource::Image(p) => {
+                let p = std::fs::canonicalize(p).unwrap_or_else(|_| p.clone());
+                let m = std::fs::metadata(&p)
+                    .map(|m| format!("{}.{}.{}", m.size(), m.mtime(), m.mtime_nsec()))
+                    .unwrap_or_default();
+                format!("image:{}:{m}", p.display())
+            }
+            RootfsSource::Oci { store, image } => {
+                format!("oci:{}:{}", store.display(), image.manifest_digest)
+            }
+        }
+    }
+}
+
 /// Accepts ext2/3/4 (magic at 1080) and erofs (magic at 1024), with a clear error otherwise.
 fn check_fs_image(p: &Path) -> Result<(), Error> {
     use std::io::Read;

@@ -94,8 +94,8 @@ enum Cmd {
     /// Manage named volumes (persistent ext4 disks for `run -v NAME:/path`).
     #[command(subcommand)]
     Volume(VolumeCmd),
-    /// Warm pools: sandboxes kept restored and paused by a long-lived holder
-    /// (`airlock mcp --pool N`), so a create is a claim.
+    /// Warm pools: sandboxes kept restored and paused by a long-lived holder (`pool start`,
+    /// or `airlock mcp --pool N`), so a `run` of that shape is a claim, not a boot.
     #[command(subcommand)]
     Pool(PoolCmd),
     /// Run a command in a running sandbox (started with `run -d`).
@@ -340,6 +340,66 @@ enum PoolCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Start a pool holder in the background; prints its pid once its first sandbox is
+    /// ready. `airlock run` of the same image, --cpus, --memory, --disk-size, --privileged and
+    /// network on/off then takes a ready sandbox (its own network policy, secrets and a fresh
+    /// identity are applied at the claim) and the holder refills.
+    Start(PoolArgs),
+    /// Hold a pool in the foreground (what `pool start` runs); SIGTERM or Ctrl-C ends it.
+    Serve(PoolArgs),
+    /// Stop pool holders (by pid, as `pool ls` shows): their ready sandboxes go at once,
+    /// claimed ones run to their end.
+    Rm {
+        /// Every holder started by `pool start`.
+        #[arg(long, conflicts_with = "pids")]
+        all: bool,
+        #[arg(value_name = "PID", required_unless_present = "all")]
+        pids: Vec<u32>,
+    },
+}
+
+#[derive(Args, Clone)]
+struct PoolArgs {
+    /// Sandboxes to keep ready.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=airlock_sandbox::MAX_POOL as i64))]
+    size: u16,
+    /// OCI image the pool's sandboxes run (pulled first if missing).
+    #[arg(
+        long,
+        value_name = "IMAGE",
+        conflicts_with = "rootfs",
+        required_unless_present = "rootfs"
+    )]
+    image: Option<String>,
+    /// Root filesystem instead of an image: a directory or an ext4 image file.
+    #[arg(long, value_name = "PATH")]
+    rootfs: Option<std::path::PathBuf>,
+    /// Platform to pull (with --image).
+    #[arg(long, default_value = "linux/amd64")]
+    platform: String,
+    /// Registry that may be reached over plain HTTP when pulling; loopback always may.
+    #[arg(long = "insecure-registry", value_name = "HOST")]
+    insecure_registry: Vec<String>,
+    /// Virtual CPUs (as `run --cpus`).
+    #[arg(long, default_value_t = airlock_sandbox::DEFAULT_CPUS, value_parser = clap::value_parser!(u32).range(1..=64))]
+    cpus: u32,
+    /// Guest memory in MiB (as `run --memory`).
+    #[arg(long, value_name = "MB", default_value_t = airlock_sandbox::DEFAULT_MEMORY_MIB, value_parser = clap::value_parser!(u32).range(64..=1048576))]
+    memory: u32,
+    /// Writable layer size in MiB (as `run --disk-size`).
+    #[arg(long = "disk-size", value_name = "MB", default_value_t = airlock_sandbox::DEFAULT_DISK_MIB, value_parser = clap::value_parser!(u64).range(64..=16 * 1024 * 1024))]
+    disk_size: u64,
+    /// Force an accelerator: kvm or tcg.
+    #[arg(long)]
+    accel: Option<airlock_backend::Accel>,
+    /// For `run --privileged` sandboxes.
+    #[arg(long)]
+    privileged: bool,
+    /// For `run --no-network` sandboxes.
+    #[arg(long = "no-network")]
+    no_network: bool,
+    #[arg(long = "kernel-arg", value_name = "ARG", hide = true)]
+    kernel_args: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -535,6 +595,16 @@ fn main() {
         Cmd::Volume(v) => done(volume(v)),
         Cmd::Template(t) => done(template_cmd(t)),
         Cmd::Pool(PoolCmd::Ls { json }) => done(pool::ls(json)),
+        Cmd::Pool(PoolCmd::Serve(a)) => done(runtime().block_on(async move {
+            let size = a.size.into();
+            pool::serve(pool_shape(&a).await?, size).await
+        })),
+        Cmd::Pool(PoolCmd::Start(a)) => done(runtime().block_on(async move {
+            // Resolved (and pulled) here, with progress on this terminal.
+            pool_shape(&a).await?;
+            pool::start_detached().await
+        })),
+        Cmd::Pool(PoolCmd::Rm { all, pids }) => done(runtime().block_on(pool::rm(all, &pids))),
         Cmd::Snapshot(s) => done(runtime().block_on(snapshot_cmd(s))),
         Cmd::Fork { id } => done(runtime().block_on(fork(&id))),
         Cmd::Exec(a) => match parse_env(&a.env) {
@@ -795,7 +865,7 @@ async fn run(a: RunArgs) -> i32 {
         }
     };
     let sb = tokio::select! {
-        r = Sandbox::start(spec) => match r {
+        r = pool::start(spec) => match r {
             Ok(sb) => sb,
             Err(e) => {
                 eprintln!("airlock: {e}");
@@ -845,6 +915,37 @@ async fn run(a: RunArgs) -> i32 {
     }
     tracing::debug!(code, "sandbox removed");
     code
+}
+
+/// The sandbox shape a pool holds (`pool start`/`serve` flags).
+async fn pool_shape(a: &PoolArgs) -> Result<SandboxSpec, String> {
+    let rootfs = match (&a.rootfs, &a.image) {
+        (Some(p), _) => RootfsSource::from_path(p).map_err(|e| e.to_string())?,
+        (None, Some(name)) => {
+            let (store, rec) = match image::resolve(name)? {
+                Some(found) => found,
+                None => {
+                    image::pull(name, Some(&a.platform), &a.insecure_registry).await?;
+                    image::resolve(name)?
+                        .ok_or_else(|| format!("{name}: not in the store after pulling"))?
+                }
+            };
+            RootfsSource::Oci {
+                store: store.root().to_path_buf(),
+                image: Box::new(rec),
+            }
+        }
+        (None, None) => return Err("give --image IMAGE or --rootfs PATH".into()),
+    };
+    let mut spec = SandboxSpec::new(rootfs);
+    spec.cpus = a.cpus;
+    spec.memory_mib = a.memory;
+    spec.disk_mib = a.disk_size;
+    spec.accel = a.accel;
+    spec.privileged = a.privileged;
+    spec.kernel_args = a.kernel_args.clone();
+    spec.network.disabled = a.no_network;
+    Ok(spec)
 }
 
 fn volume(cmd: VolumeCmd) -> Result<(), String> {
