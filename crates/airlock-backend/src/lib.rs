@@ -161,6 +161,21 @@ pub trait Vm: Send + Sync {
     }
 }
 
+/// SIGKILL to the process `pidfd` refers to (immune to pid reuse); errors (it is gone
+/// already) are of no interest.
+pub fn pidfd_kill(pidfd: i32) {
+    // SAFETY: pidfd_send_signal with a null siginfo; a stale or bad fd only fails.
+    unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd,
+            libc::SIGKILL,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+}
+
 /// Errors starting a VM.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {

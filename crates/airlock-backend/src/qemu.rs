@@ -240,16 +240,7 @@ impl Vm for QemuVm {
 
     fn kill(&self) {
         if self.exit.borrow().is_none() {
-            // SAFETY: pidfd_send_signal on our own pidfd; immune to pid reuse.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    self.pidfd.as_raw_fd(),
-                    libc::SIGKILL,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                )
-            };
+            crate::pidfd_kill(self.pidfd.as_raw_fd());
         }
     }
 

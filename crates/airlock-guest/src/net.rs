@@ -110,7 +110,11 @@ pub fn configure(cfg: &NetInit) -> Result<(), String> {
             rt.rt_genmask = sockaddr(Ipv4Addr::UNSPECIFIED);
             rt.rt_gateway = sockaddr(cfg.gateway);
             rt.rt_flags = (libc::RTF_UP | libc::RTF_GATEWAY) as libc::c_ushort;
-            check(libc::ioctl(fd, libc::SIOCADDRT, &rt), "add default route")?;
+            // A pooled VM's warm-up configured the same route already.
+            let r = libc::ioctl(fd, libc::SIOCADDRT, &rt);
+            if r < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EEXIST) {
+                check(r, "add default route")?;
+            }
             Ok(())
         })();
         libc::close(fd);

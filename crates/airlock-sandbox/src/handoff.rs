@@ -189,6 +189,7 @@ impl Pool {
 /// caller starts one anew. The network policy, secrets, hostname and identity are `spec`'s,
 /// as for any warm start.
 pub async fn claim(socket: &Path, spec: &SandboxSpec) -> Result<Option<Sandbox>, Error> {
+    tracing::debug!("claiming from {}", socket.display());
     let Some(shape) = Shape::of(spec) else {
         return Ok(None);
     };
@@ -222,6 +223,7 @@ pub async fn claim(socket: &Path, spec: &SandboxSpec) -> Result<Option<Sandbox>,
             )))
         }
     };
+    tracing::debug!(id = %ticket.id, "pool handed over a VM");
     let want = if ticket.nic { 4 } else { 3 };
     if fds.len() != want || ticket.nic == spec.network.disabled {
         return Err(Error::Protocol(format!(
@@ -286,6 +288,7 @@ pub async fn claim(socket: &Path, spec: &SandboxSpec) -> Result<Option<Sandbox>,
         Ok::<_, qmp::QmpError>(q)
     });
     let (resumed, cont) = tokio::join!(resumed, cont);
+    tracing::debug!("pooled VM resumed");
     let q = cont
         .map_err(|e| Error::Setup(e.to_string()))?
         .map_err(|e| Error::Setup(format!("resume the pooled VM: {e}")))?;
@@ -355,16 +358,7 @@ impl Vm for Adopted {
 
     fn kill(&self) {
         if self.exit.borrow().is_none() {
-            // SAFETY: pidfd_send_signal on a pidfd we own; immune to pid reuse.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    self.pidfd.as_raw_fd(),
-                    libc::SIGKILL,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                )
-            };
+            airlock_backend::pidfd_kill(self.pidfd.as_raw_fd());
         }
     }
 

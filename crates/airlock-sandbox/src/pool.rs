@@ -384,15 +384,22 @@ const WARMUP_EXECS: u32 = 2;
 /// then [`WARMUP_EXECS`] spawns of the agent's own binary (which exits at once when it is not
 /// PID 1). Nothing of the image runs before a claim.
 async fn warm_up(mut l: Launched, privileged: bool) -> Result<Launched, Error> {
+    let nic = l.nic_host.is_some();
     let launch::Control::Raw(s) = l.control else {
         return Err(Error::Setup("the pooled VM was greeted already".into()));
     };
     let raw = s.try_clone()?;
     s.set_nonblocking(true)?;
     let (conn, mut ctl) = crate::conn::Conn::start(tokio::net::UnixStream::from_std(s)?);
+    // The claim's Init repeats what this one does, then finds it translated and the copy-up
+    // of /etc/machine-id done: a throw-away machine-id, and the NIC configured as every
+    // sandbox's is (the address and route are the same for all; no netstack is attached yet,
+    // so nothing can leave). No CA: it would stay in the system bundles.
     let init = airlock_proto::Init {
         hostname: "airlock-pool".into(),
         rng_seed: crate::random_bytes::<32>().to_vec(),
+        machine_id: Some(hex::encode(crate::random_bytes::<16>())),
+        net: nic.then(network::guest_config),
         privileged,
         ..Default::default()
     };

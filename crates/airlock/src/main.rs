@@ -380,21 +380,8 @@ struct PoolArgs {
     /// Registry that may be reached over plain HTTP when pulling; loopback always may.
     #[arg(long = "insecure-registry", value_name = "HOST")]
     insecure_registry: Vec<String>,
-    /// Virtual CPUs (as `run --cpus`).
-    #[arg(long, default_value_t = airlock_sandbox::DEFAULT_CPUS, value_parser = clap::value_parser!(u32).range(1..=64))]
-    cpus: u32,
-    /// Guest memory in MiB (as `run --memory`).
-    #[arg(long, value_name = "MB", default_value_t = airlock_sandbox::DEFAULT_MEMORY_MIB, value_parser = clap::value_parser!(u32).range(64..=1048576))]
-    memory: u32,
-    /// Writable layer size in MiB (as `run --disk-size`).
-    #[arg(long = "disk-size", value_name = "MB", default_value_t = airlock_sandbox::DEFAULT_DISK_MIB, value_parser = clap::value_parser!(u64).range(64..=16 * 1024 * 1024))]
-    disk_size: u64,
-    /// Force an accelerator: kvm or tcg.
-    #[arg(long)]
-    accel: Option<airlock_backend::Accel>,
-    /// For `run --privileged` sandboxes.
-    #[arg(long)]
-    privileged: bool,
+    #[command(flatten)]
+    vm: VmArgs,
     /// For `run --no-network` sandboxes.
     #[arg(long = "no-network")]
     no_network: bool,
@@ -417,6 +404,31 @@ enum TemplateCmd {
     },
     /// Remove templates whose kernel, agent, image or QEMU changed or is gone.
     Gc,
+}
+
+/// The VM's shape, shared by `run` and `pool start`: a pool serves the runs whose shape
+/// (and root) is its own.
+#[derive(Args, Clone)]
+struct VmArgs {
+    /// Virtual CPUs.
+    #[arg(long, default_value_t = airlock_sandbox::DEFAULT_CPUS, value_parser = clap::value_parser!(u32).range(1..=64))]
+    cpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, value_name = "MB", default_value_t = airlock_sandbox::DEFAULT_MEMORY_MIB, value_parser = clap::value_parser!(u32).range(64..=1048576))]
+    memory: u32,
+    /// Size of the sandbox's writable layer in MiB (sparse: only what is written uses disk).
+    #[arg(long = "disk-size", value_name = "MB", default_value_t = airlock_sandbox::DEFAULT_DISK_MIB, value_parser = clap::value_parser!(u64).range(64..=16 * 1024 * 1024))]
+    disk_size: u64,
+    /// Force an accelerator: kvm or tcg (default: detect; also AIRLOCK_ACCEL).
+    #[arg(long)]
+    accel: Option<airlock_backend::Accel>,
+    /// Give commands every capability and let setuid binaries raise privileges. By default
+    /// they run with no_new_privs and without CAP_SYS_MODULE, CAP_SYS_RAWIO and CAP_SYS_BOOT.
+    #[arg(long)]
+    privileged: bool,
+    /// Extra guest kernel command-line word (diagnostics, e.g. `printk.time=1 loglevel=7`).
+    #[arg(long = "kernel-arg", value_name = "ARG", hide = true)]
+    kernel_args: Vec<String>,
 }
 
 #[derive(Args)]
@@ -464,15 +476,6 @@ struct RunArgs {
     /// Allocate a terminal for the command.
     #[arg(short = 't', long = "tty")]
     tty: bool,
-    /// Virtual CPUs.
-    #[arg(long, default_value_t = airlock_sandbox::DEFAULT_CPUS, value_parser = clap::value_parser!(u32).range(1..=64))]
-    cpus: u32,
-    /// Guest memory in MiB.
-    #[arg(long, value_name = "MB", default_value_t = airlock_sandbox::DEFAULT_MEMORY_MIB, value_parser = clap::value_parser!(u32).range(64..=1048576))]
-    memory: u32,
-    /// Size of the sandbox's writable layer in MiB (sparse: only what is written uses disk).
-    #[arg(long = "disk-size", value_name = "MB", default_value_t = airlock_sandbox::DEFAULT_DISK_MIB, value_parser = clap::value_parser!(u64).range(64..=16 * 1024 * 1024))]
-    disk_size: u64,
     /// Most MB the guest may add to each `:rw` share (it gets ENOSPC beyond; its `df` shows
     /// this as the share's size).
     #[arg(long = "share-quota", value_name = "MB", default_value_t = airlock_sandbox::DEFAULT_SHARE_QUOTA_MIB, value_parser = clap::value_parser!(u64).range(1..=1 << 40))]
@@ -480,9 +483,6 @@ struct RunArgs {
     /// Kill the command after this many seconds (exit code 124).
     #[arg(long, value_name = "SECS")]
     timeout: Option<f64>,
-    /// Force an accelerator: kvm or tcg (default: detect; also AIRLOCK_ACCEL).
-    #[arg(long)]
-    accel: Option<airlock_backend::Accel>,
     /// Hostname inside the sandbox (default: the sandbox id).
     #[arg(long)]
     hostname: Option<String>,
@@ -501,13 +501,6 @@ struct RunArgs {
     /// are reported on stderr.
     #[arg(long = "fs-rule", value_name = "RULE", value_parser = checked_rule)]
     fs_rules: Vec<String>,
-    /// Give commands every capability and let setuid binaries raise privileges. By default
-    /// they run with no_new_privs and without CAP_SYS_MODULE, CAP_SYS_RAWIO and CAP_SYS_BOOT.
-    #[arg(long)]
-    privileged: bool,
-    /// Extra guest kernel command-line word (diagnostics, e.g. `printk.time=1 loglevel=7`).
-    #[arg(long = "kernel-arg", value_name = "ARG", hide = true)]
-    kernel_args: Vec<String>,
     /// Boot the guest instead of restoring it from a warm-start template. By default the first
     /// sandbox of a given kernel, agent, image, --cpus, --memory, --disk-size and network
     /// leaves a template and later ones restore it (tens of ms instead of a boot). Sandboxes
@@ -528,6 +521,8 @@ struct RunArgs {
     /// when its command ends; there the flag is accepted for docker's sake.
     #[arg(long = "rm")]
     rm: bool,
+    #[command(flatten)]
+    vm: VmArgs,
     #[command(flatten)]
     net: netargs::NetArgs,
     /// Command and arguments (default with --image: the image's Entrypoint and Cmd; with -d:
@@ -818,13 +813,8 @@ async fn run(a: RunArgs) -> i32 {
     };
     let env: Vec<(String, String)> = image_env.into_iter().chain(env).collect();
     let mut spec = SandboxSpec::new(rootfs);
-    spec.cpus = a.cpus;
-    spec.memory_mib = a.memory;
-    spec.disk_mib = a.disk_size;
-    spec.accel = a.accel;
+    a.vm.apply(&mut spec);
     spec.hostname = a.hostname.clone();
-    spec.privileged = a.privileged;
-    spec.kernel_args = a.kernel_args.clone();
     spec.cold = a.cold;
     spec.from_snapshot = a.from.clone();
     spec.network = network;
@@ -917,6 +907,17 @@ async fn run(a: RunArgs) -> i32 {
     code
 }
 
+impl VmArgs {
+    fn apply(&self, spec: &mut SandboxSpec) {
+        spec.cpus = self.cpus;
+        spec.memory_mib = self.memory;
+        spec.disk_mib = self.disk_size;
+        spec.accel = self.accel;
+        spec.privileged = self.privileged;
+        spec.kernel_args = self.kernel_args.clone();
+    }
+}
+
 /// The sandbox shape a pool holds (`pool start`/`serve` flags).
 async fn pool_shape(a: &PoolArgs) -> Result<SandboxSpec, String> {
     let rootfs = match (&a.rootfs, &a.image) {
@@ -938,12 +939,7 @@ async fn pool_shape(a: &PoolArgs) -> Result<SandboxSpec, String> {
         (None, None) => return Err("give --image IMAGE or --rootfs PATH".into()),
     };
     let mut spec = SandboxSpec::new(rootfs);
-    spec.cpus = a.cpus;
-    spec.memory_mib = a.memory;
-    spec.disk_mib = a.disk_size;
-    spec.accel = a.accel;
-    spec.privileged = a.privileged;
-    spec.kernel_args = a.kernel_args.clone();
+    a.vm.apply(&mut spec);
     spec.network.disabled = a.no_network;
     Ok(spec)
 }
@@ -1001,19 +997,19 @@ fn detach_request(a: RunArgs) -> Result<detach::SuperviseRequest, String> {
         rootfs: a.rootfs.clone(),
         platform: Some(a.platform.clone()),
         insecure_registry: a.insecure_registry.clone(),
-        cpus: a.cpus,
-        memory_mib: a.memory,
-        disk_mib: a.disk_size,
-        accel: a.accel.map(|x| x.to_string()),
+        cpus: a.vm.cpus,
+        memory_mib: a.vm.memory,
+        disk_mib: a.vm.disk_size,
+        accel: a.vm.accel.map(|x| x.to_string()),
         hostname: a.hostname.clone(),
-        kernel_args: a.kernel_args.clone(),
+        kernel_args: a.vm.kernel_args.clone(),
         cold: a.cold,
         from: a.from.clone(),
         net,
         mounts: a.volumes.clone(),
         fs_rules: a.fs_rules.clone(),
         share_quota_mib: Some(a.share_quota),
-        privileged: a.privileged,
+        privileged: a.vm.privileged,
     };
     let (mut image_env, mut cwd, mut user) = (Vec::new(), None, None);
     if let Some(name) = &a.image {
@@ -1066,15 +1062,14 @@ impl RunArgs {
             user: None,
             interactive: false,
             tty: false,
-            cpus: self.cpus,
-            memory: self.memory,
-            disk_size: self.disk_size,
+            vm: VmArgs {
+                privileged: false,
+                kernel_args: Vec::new(),
+                ..self.vm.clone()
+            },
             share_quota: self.share_quota,
             timeout: None,
-            accel: self.accel,
             hostname: None,
-            privileged: false,
-            kernel_args: Vec::new(),
             cold: self.cold,
             detach: true,
             name: None,

@@ -80,30 +80,21 @@ where
 
 /// `airlock pool ls [--json]`.
 pub fn ls(json: bool) -> Result<(), String> {
-    let mut all = Vec::new();
-    let entries = match std::fs::read_dir(dir()) {
-        Ok(e) => e.flatten().collect::<Vec<_>>(),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-        Err(e) => return Err(format!("{}: {e}", dir().display())),
-    };
-    for e in entries {
-        let path = e.path();
-        if path.extension().is_none_or(|x| x != "json") {
-            continue;
+    match std::fs::read_dir(dir()) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(format!("{}: {e}", dir().display()))
         }
-        let Some(p) = std::fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Published>(&b).ok())
-        else {
-            continue;
-        };
-        if !alive(p.pid) {
-            let _ = std::fs::remove_file(&path);
+        _ => {}
+    }
+    let mut all = Vec::new();
+    for p in records() {
+        if alive(p.pid) {
+            all.push(p);
+        } else {
+            let _ = std::fs::remove_file(dir().join(format!("{}.json", p.pid)));
             let _ = std::fs::remove_file(socket_of(p.pid));
             let _ = std::fs::remove_file(dir().join(format!("{}.log", p.pid)));
-            continue;
         }
-        all.push(p);
     }
     all.sort_by_key(|p| p.pid);
     if json {
@@ -148,26 +139,11 @@ fn socket_of(pid: u32) -> PathBuf {
 
 /// Holders that serve claims from other processes, live, with the shapes they hold.
 fn claimable() -> Vec<(PathBuf, Vec<Shape>)> {
-    let Ok(entries) = std::fs::read_dir(dir()) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    for e in entries.flatten() {
-        let path = e.path();
-        if path.extension().is_none_or(|x| x != "json") {
-            continue;
-        }
-        let Some(p) = std::fs::read(&path)
-            .ok()
-            .and_then(|b| serde_json::from_slice::<Published>(&b).ok())
-        else {
-            continue;
-        };
-        if p.holder == "pool" && alive(p.pid) {
-            out.push((socket_of(p.pid), p.shapes));
-        }
-    }
-    out
+    holders()
+        .into_iter()
+        .filter(|p| p.holder == "pool")
+        .map(|p| (socket_of(p.pid), p.shapes))
+        .collect()
 }
 
 /// Starts `spec`: claimed from a running `airlock pool` holder of its shape when there is
@@ -254,8 +230,8 @@ pub async fn serve(shape: SandboxSpec, size: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// Live holders' published records.
-fn holders() -> Vec<Published> {
+/// Every published record, of live holders and dead ones.
+fn records() -> Vec<Published> {
     let Ok(entries) = std::fs::read_dir(dir()) else {
         return Vec::new();
     };
@@ -264,8 +240,12 @@ fn holders() -> Vec<Published> {
         .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
         .filter_map(|e| std::fs::read(e.path()).ok())
         .filter_map(|b| serde_json::from_slice::<Published>(&b).ok())
-        .filter(|p| alive(p.pid))
         .collect()
+}
+
+/// Live holders' published records.
+fn holders() -> Vec<Published> {
+    records().into_iter().filter(|p| alive(p.pid)).collect()
 }
 
 /// `airlock pool start`: runs this same command line as `pool serve` in its own session,

@@ -6,7 +6,7 @@
 //! Real guests (TCG here); each test has its own runtime dir.
 
 mod util;
-use util::{rootfs, text};
+use util::{rootfs, text, Env};
 
 #[path = "../../airlock-image/tests/common/mod.rs"]
 mod common;
@@ -14,47 +14,12 @@ mod debian;
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// A private runtime dir (and temp dir for airlock's own temp files), checked for leaks when
 /// the test is done with it.
-struct Env {
-    rt: tempfile::TempDir,
-    tmp: tempfile::TempDir,
-}
-
 impl Env {
-    fn new() -> Env {
-        Env {
-            rt: tempfile::tempdir().unwrap(),
-            tmp: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_airlock"));
-        c.args(args)
-            .env("AIRLOCK_RUNTIME_DIR", self.rt.path())
-            .env("TMPDIR", self.tmp.path())
-            .stdin(Stdio::null());
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "airlock {args:?} failed: {}",
-            text(&o.stderr)
-        );
-        text(&o.stdout)
-    }
-
     /// `run -d` on the demo rootfs (or `extra` naming an image), returning the id.
     fn start(&self, extra: &[&str]) -> String {
         let r = rootfs();
@@ -111,19 +76,6 @@ impl Env {
         assert!(left.is_empty(), "runtime state left: {left:?}");
         let tmp = walk(self.tmp.path());
         assert!(tmp.is_empty(), "temp files left: {tmp:?}");
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        // Never leave a supervisor behind, even when an assertion failed.
-        if let Ok(o) = self.cmd(&["ls", "-a", "--json"]).output() {
-            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&o.stdout) {
-                for s in v.as_array().into_iter().flatten() {
-                    let _ = self.run(&["rm", "-f", s["id"].as_str().unwrap_or("")]);
-                }
-            }
-        }
     }
 }
 

@@ -3,35 +3,13 @@
 //! malformed input. Real guests (TCG here); each test has its own runtime dir.
 
 mod util;
-use util::rootfs;
+use util::{rootfs, Env};
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-struct Env {
-    rt: tempfile::TempDir,
-}
-
 impl Env {
-    fn new() -> Env {
-        Env {
-            rt: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_airlock"));
-        c.args(args)
-            .env("AIRLOCK_RUNTIME_DIR", self.rt.path())
-            .stdin(Stdio::null());
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().unwrap()
-    }
-
     /// `airlock ARGS` under `umask` (through a shell, as a user's would be).
     fn run_umask(&self, umask: &str, args: &[&str]) -> Output {
         Command::new("sh")
@@ -42,16 +20,6 @@ impl Env {
             .stdin(Stdio::null())
             .output()
             .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "airlock {args:?} failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8(o.stdout).unwrap()
     }
 
     fn start(&self, extra: &[&str]) -> String {
@@ -74,19 +42,6 @@ impl Env {
             .iter()
             .find(|v| v["id"] == id)
             .map(|v| v["status"].as_str().unwrap().to_string())
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        // Never leave a supervisor behind, even when an assertion failed.
-        if let Ok(o) = self.cmd(&["ls", "--json"]).output() {
-            if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&o.stdout) {
-                for s in v.as_array().into_iter().flatten() {
-                    let _ = self.run(&["kill", s["id"].as_str().unwrap_or("")]);
-                }
-            }
-        }
     }
 }
 

@@ -4,45 +4,13 @@
 //! the holder leaves no QEMU and no state directory. Each test has its own runtime dir.
 
 mod util;
-use util::{rootfs, text};
+use util::{rootfs, text, Env};
 
 use std::io::Write;
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-struct Env {
-    rt: tempfile::TempDir,
-}
-
 impl Env {
-    fn new() -> Env {
-        Env {
-            rt: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(env!("CARGO_BIN_EXE_airlock"));
-        c.args(args)
-            .env("AIRLOCK_RUNTIME_DIR", self.rt.path())
-            .stdin(Stdio::null());
-        c
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "airlock {args:?} failed: {}",
-            text(&o.stderr)
-        );
-        text(&o.stdout)
-    }
-
     /// `pool start --size 1` of the test rootfs; the holder's pid.
     fn start_pool(&self) -> u32 {
         let r = rootfs();
@@ -126,8 +94,21 @@ fn run_claims_from_a_pool_and_claims_are_distinct_machines() {
     let r = rootfs();
     let holder = env.start_pool();
     env.wait_status(holder, "one ready", |s| s["ready"] == 1);
-    let probe = "cat /etc/machine-id; hostname; cat /etc/resolv.conf";
-    let first = env.ok(&["run", "--rootfs", &r, "--", "sh", "-c", probe]);
+    // The claimer's network policy: one host allowed, others unknown to the DNS.
+    let probe =
+        "cat /etc/machine-id; hostname; nslookup example.com; nslookup other.org 2>&1; echo end";
+    let claim = [
+        "run",
+        "--allow-host",
+        "example.com",
+        "--rootfs",
+        &r,
+        "--",
+        "sh",
+        "-c",
+        probe,
+    ];
+    let first = env.ok(&claim);
     env.wait_status(holder, "first claim, refilled", |s| {
         s["claimed"] == 1 && s["ready"] == 1
     });
@@ -140,22 +121,20 @@ fn run_claims_from_a_pool_and_claims_are_distinct_machines() {
     let _ = std::io::Read::read_to_end(&mut c, &mut rest);
     assert!(alive(holder), "the holder died of a bad claim");
 
-    let second = env.ok(&["run", "--rootfs", &r, "--", "sh", "-c", probe]);
+    let second = env.ok(&claim);
     env.wait_status(holder, "second claim", |s| s["claimed"] == 2);
     let (a, b): (Vec<&str>, Vec<&str>) = (first.lines().collect(), second.lines().collect());
     assert_ne!(a[0], b[0], "machine-id shared by two claims");
     assert_ne!(a[1], b[1], "hostname shared by two claims");
-    // The claimer's network was set up as a cold boot's is.
-    let cold = env.ok(&[
-        "run",
-        "--cold",
-        "--rootfs",
-        &r,
-        "--",
-        "cat",
-        "/etc/resolv.conf",
-    ]);
-    assert_eq!(a[2..].join("\n"), cold.trim_end(), "{first}");
+    // The claimer's network and policy work as a cold boot's do.
+    let mut cold = claim.to_vec();
+    cold.insert(1, "--cold");
+    let cold = env.ok(&cold);
+    assert_eq!(a[2..], cold.lines().collect::<Vec<_>>()[2..], "{first}");
+    assert!(
+        first.contains("198.18.") && first.contains("NXDOMAIN"),
+        "{first}"
+    );
 
     // Another shape starts on its own and is not a claim.
     env.ok(&["run", "--memory", "320", "--rootfs", &r, "--", "true"]);

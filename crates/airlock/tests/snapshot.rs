@@ -4,54 +4,7 @@
 //! own memory size (so its own template).
 
 mod util;
-use util::rootfs;
-
-use std::process::{Command, Output, Stdio};
-
-struct Env {
-    rt: tempfile::TempDir,
-}
-
-impl Env {
-    fn new() -> Env {
-        Env {
-            rt: tempfile::tempdir().unwrap(),
-        }
-    }
-
-    fn run(&self, args: &[&str]) -> Output {
-        Command::new(env!("CARGO_BIN_EXE_airlock"))
-            .args(args)
-            .env("AIRLOCK_RUNTIME_DIR", self.rt.path())
-            .stdin(Stdio::null())
-            .output()
-            .unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let o = self.run(args);
-        assert!(
-            o.status.success(),
-            "airlock {args:?} failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        String::from_utf8(o.stdout).unwrap()
-    }
-}
-
-impl Drop for Env {
-    fn drop(&mut self) {
-        // Stop whatever this test left running.
-        let ls = self.run(&["ls", "-a", "--json"]);
-        if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&ls.stdout) {
-            for s in v.as_array().into_iter().flatten() {
-                if let Some(id) = s["id"].as_str() {
-                    let _ = self.run(&["rm", "-f", id]);
-                }
-            }
-        }
-    }
-}
+use util::{rootfs, Env};
 
 fn template_keys(e: &Env) -> Vec<(String, serde_json::Value)> {
     let v: serde_json::Value = serde_json::from_str(&e.ok(&["template", "ls", "--json"])).unwrap();
