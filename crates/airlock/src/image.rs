@@ -78,6 +78,19 @@ pub async fn pull(
         .map_err(|e| e.to_string())
 }
 
+/// The stored image `name` refers to, pulled first (for `platform`) if it is not in the store.
+pub async fn resolve_or_pull(
+    name: &str,
+    platform: &str,
+    insecure_registries: &[String],
+) -> Result<(Store, ImageRecord), String> {
+    if let Some(found) = resolve(name)? {
+        return Ok(found);
+    }
+    pull(name, Some(platform), insecure_registries).await?;
+    resolve(name)?.ok_or_else(|| format!("{name}: not in the store after pulling"))
+}
+
 /// The stored image `name` refers to, if it is in the store.
 pub fn resolve(name: &str) -> Result<Option<(Store, ImageRecord)>, String> {
     let reference = Reference::parse(name).map_err(|e| e.to_string())?;

@@ -923,14 +923,8 @@ async fn pool_shape(a: &PoolArgs) -> Result<SandboxSpec, String> {
     let rootfs = match (&a.rootfs, &a.image) {
         (Some(p), _) => RootfsSource::from_path(p).map_err(|e| e.to_string())?,
         (None, Some(name)) => {
-            let (store, rec) = match image::resolve(name)? {
-                Some(found) => found,
-                None => {
-                    image::pull(name, Some(&a.platform), &a.insecure_registry).await?;
-                    image::resolve(name)?
-                        .ok_or_else(|| format!("{name}: not in the store after pulling"))?
-                }
-            };
+            let (store, rec) =
+                image::resolve_or_pull(name, &a.platform, &a.insecure_registry).await?;
             RootfsSource::Oci {
                 store: store.root().to_path_buf(),
                 image: Box::new(rec),
@@ -1118,14 +1112,7 @@ async fn resolve_root(a: &RunArgs) -> Result<Root, String> {
         return Ok((r, a.cmd.clone(), Vec::new(), None, None));
     }
     let name = a.image.as_deref().unwrap_or_default();
-    let (store, rec) = match image::resolve(name)? {
-        Some(found) => found,
-        None => {
-            image::pull(name, Some(&a.platform), &a.insecure_registry).await?;
-            image::resolve(name)?
-                .ok_or_else(|| format!("{name}: not in the store after pulling"))?
-        }
-    };
+    let (store, rec) = image::resolve_or_pull(name, &a.platform, &a.insecure_registry).await?;
     let config = store.image_config(&rec).map_err(|e| e.to_string())?;
     let argv = airlock_sandbox::imagefs::command(&config, a.entrypoint.as_deref(), &a.cmd);
     if argv.is_empty() {
