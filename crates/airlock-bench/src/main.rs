@@ -531,7 +531,9 @@ async fn upload_spawnloop(sb: &Sandbox) -> Result<String> {
     input.close().await?;
     loop {
         match e.next().await? {
-            Some(airlock_sandbox::ExecEvent::Exit(s)) if s.code == Some(0) => return Ok(path.into()),
+            Some(airlock_sandbox::ExecEvent::Exit(s)) if s.code == Some(0) => {
+                return Ok(path.into())
+            }
             Some(airlock_sandbox::ExecEvent::Exit(s)) => bail!("upload spawnloop: {s:?}"),
             Some(airlock_sandbox::ExecEvent::Failed(f)) => bail!("upload spawnloop: {f:?}"),
             Some(_) => {}
@@ -561,7 +563,11 @@ async fn spawnloop(sb: &Sandbox, prog: &str, mode: &str) -> Result<Vec<Duration>
         .collect::<Result<_, _>>()
         .context("spawnloop output")?;
     if v.len() != SPAWNLOOP_N + 1 {
-        bail!("spawnloop printed {} times, not {}", v.len(), SPAWNLOOP_N + 1);
+        bail!(
+            "spawnloop printed {} times, not {}",
+            v.len(),
+            SPAWNLOOP_N + 1
+        );
     }
     Ok(v[1..].to_vec())
 }
@@ -835,9 +841,13 @@ fn docs(
          then the two alternate, so host drift hits both alike.\n\
          - Exec: one sandbox started through the Rust API, 5 uncounted runs, then `true` run \
          sequentially, each timed from request to exit status. Host baseline: `/bin/true` spawned \
-         and waited for with `std::process::Command`. Guest baseline: in the same sandbox, a busybox \
-         shell loop running `/bin/true` 100 times against the same loop running `:` (both one exec \
-         round trip, so the channel cancels out), divided by 100; five loops.\n\
+         and waited for with `std::process::Command`. Guest baseline (the goal's): in the same sandbox, a small \
+         static C program (`crates/airlock-bench/src/spawnloop.c`, built with the host's `cc -static` \
+         and copied in) doing fork + execve + waitpid of `/bin/true` 100 times, each timed by the \
+         guest's monotonic clock, five runs (first spawn of each uncounted); shown too: the same \
+         with posix_spawn, and a busybox shell loop running `/bin/true` 100 times against the same \
+         loop running `:` (the earlier baseline: it adds the shell's own per-command work, so it \
+         flattered the ratio).\n\
          - Port forward: one sandbox (Rust API) runs busybox `httpd -f -p 80`; \
          `Sandbox::forward_port(127.0.0.1:0, 80)` publishes it; the baseline is busybox httpd on \
          the host serving files of the same sizes. One in-process client (tokio, HTTP/1.0, a new \
@@ -858,8 +868,8 @@ fn docs(
          is the rest. With KVM the process spawn is ~100x cheaper.\n\
          - Per warm exec inside the guest (agent trace, TSC clock): parse + user lookup ~1 ms, \
          fork until the child's exec succeeded 5-10 ms, the child (`true`, busybox) 5-8 ms, \
-         exit to Exit frame <1 ms. std spawns with fork here (pre_exec is needed for setsid, \
-         user and terminal; its posix_spawn path needs a chdir symbol a static binary lacks).\n\
+         exit to Exit frame <1 ms (2026-11; since then root commands start by posix_spawn, and \
+         `Started` travels with `Exit`: see architecture.md, Per-exec costs in the agent).\n\
          - Cold boot stalls (2026-12-06): the guest lost ~2 s to two 1 s timeouts on the CMOS \
          RTC: the `rtc_cmos` driver's probe, and the wall-clock read at boot spinning on the \
          update-in-progress bit of an absent chip (microvm ran with `rtc=off` once a sandbox had \
