@@ -435,7 +435,12 @@ struct Execs {
     host: Vec<Duration>,
     /// Per-spawn cost of `/bin/true` forked, exec'd and waited for by a shell inside the same
     /// guest: one figure per loop run (see [`guest_spawn_cost`]).
+    guest_shell: Vec<Duration>,
+    /// Each fork + execve + waitpid of `/bin/true` by a small static C program in the same
+    /// guest ([`SPAWNLOOP_C`]): the baseline of the guest ratio.
     guest: Vec<Duration>,
+    /// The same program with posix_spawn (glibc: clone(CLONE_VM | CLONE_VFORK)) for fork.
+    guest_vfork: Vec<Duration>,
     guest_kernel: String,
 }
 
@@ -455,16 +460,23 @@ async fn bench_exec(o: &Opts, rootfs: &Path) -> Result<Execs> {
                 bail!("`true` in the sandbox exited with {:?}", out.status);
             }
         }
-        let mut guest = Vec::new();
+        let mut guest_shell = Vec::new();
         for _ in 0..5 {
-            guest.push(guest_spawn_cost(&sb).await?);
+            guest_shell.push(guest_spawn_cost(&sb).await?);
         }
-        Ok((sandbox, guest))
+        let prog = upload_spawnloop(&sb).await?;
+        let (mut guest, mut guest_vfork) = (Vec::new(), Vec::new());
+        // Alternated, so drift hits both alike; each run's first spawn is uncounted.
+        for _ in 0..5 {
+            guest.extend(spawnloop(&sb, &prog, "fork").await?);
+            guest_vfork.extend(spawnloop(&sb, &prog, "spawn").await?);
+        }
+        Ok((sandbox, guest_shell, guest, guest_vfork))
     }
     .await;
     let guest_kernel = sb.kernel_release().to_string();
     sb.stop().await?;
-    let (sandbox, guest) = r?;
+    let (sandbox, guest_shell, guest, guest_vfork) = r?;
 
     // Host baseline: the plain fork+exec+wait a process spawn costs here.
     let mut host = Vec::with_capacity(o.execs);
@@ -481,9 +493,83 @@ async fn bench_exec(o: &Opts, rootfs: &Path) -> Result<Execs> {
     Ok(Execs {
         sandbox,
         host,
+        guest_shell,
         guest,
+        guest_vfork,
         guest_kernel,
     })
+}
+
+/// The in-guest baseline program's source: compiled here, static, and copied into the guest.
+const SPAWNLOOP_C: &str = include_str!("spawnloop.c");
+/// Spawns per [`spawnloop`] run.
+const SPAWNLOOP_N: usize = 100;
+
+/// Compiles [`SPAWNLOOP_C`] with the host's `cc -static` (the guest is the same architecture)
+/// and writes it into the sandbox; returns its guest path.
+async fn upload_spawnloop(sb: &Sandbox) -> Result<String> {
+    let dir = tempfile::tempdir()?;
+    let src = dir.path().join("spawnloop.c");
+    let bin = dir.path().join("spawnloop");
+    std::fs::write(&src, SPAWNLOOP_C)?;
+    let st = std::process::Command::new("cc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&bin)
+        .arg(&src)
+        .status()
+        .context("run cc (the in-guest spawn baseline is a small static C program)")?;
+    if !st.success() {
+        bail!("cc -static spawnloop.c failed: {st}");
+    }
+    let bytes = std::fs::read(&bin)?;
+    let path = "/tmp/airlock-spawnloop";
+    let mut spec = ExecSpec::new(["sh", "-c", &format!("cat > {path} && chmod 755 {path}")]);
+    spec.stdin = true;
+    let mut e = sb.exec(spec).await?;
+    let input = e.input();
+    input.write(&bytes).await?;
+    input.close().await?;
+    loop {
+        match e.next().await? {
+            Some(airlock_sandbox::ExecEvent::Exit(s)) if s.code == Some(0) => {
+                return Ok(path.into())
+            }
+            Some(airlock_sandbox::ExecEvent::Exit(s)) => bail!("upload spawnloop: {s:?}"),
+            Some(airlock_sandbox::ExecEvent::Failed(f)) => bail!("upload spawnloop: {f:?}"),
+            Some(_) => {}
+            None => bail!("upload spawnloop: no exit status"),
+        }
+    }
+}
+
+/// One run of the baseline program in the guest: [`SPAWNLOOP_N`] spawns of `/bin/true` with
+/// `mode` (`fork` or `spawn`), each timed by the guest's monotonic clock; the first (paging
+/// the program in) is dropped.
+async fn spawnloop(sb: &Sandbox, prog: &str, mode: &str) -> Result<Vec<Duration>> {
+    let n = (SPAWNLOOP_N + 1).to_string();
+    let out = sb
+        .output(ExecSpec::new([prog, n.as_str(), mode, "/bin/true"]))
+        .await?;
+    if out.status.code != Some(0) {
+        bail!(
+            "spawnloop {mode} exited with {:?}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let v: Vec<Duration> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim().parse::<u64>().map(Duration::from_nanos))
+        .collect::<Result<_, _>>()
+        .context("spawnloop output")?;
+    if v.len() != SPAWNLOOP_N + 1 {
+        bail!(
+            "spawnloop printed {} times, not {}",
+            v.len(),
+            SPAWNLOOP_N + 1
+        );
+    }
+    Ok(v[1..].to_vec())
 }
 
 /// The guest's own cost of one fork+exec+wait of `/bin/true`: a busybox shell loop spawning it
@@ -544,8 +630,16 @@ fn tables(o: &Opts, b: &Boot, e: &Execs) -> String {
     for (name, v) in [
         ("`true` in one running sandbox", &e.sandbox),
         (
-            "guest: a shell's fork+exec+wait of `/bin/true` (per spawn, 5 loops of 100)",
+            "guest: a static C program's fork+execve+waitpid of `/bin/true` (5 runs of 100)",
             &e.guest,
+        ),
+        (
+            "guest: the same with posix_spawn (vfork-style) for fork",
+            &e.guest_vfork,
+        ),
+        (
+            "guest: a busybox shell loop's spawn of `/bin/true` (per spawn, 5 loops of 100)",
+            &e.guest_shell,
         ),
         ("host: spawn `/bin/true`", &e.host),
     ] {
@@ -565,7 +659,7 @@ fn tables(o: &Opts, b: &Boot, e: &Execs) -> String {
     let guest_ratio = p50 / ms(pct(&e.guest, 0.5));
     let _ = writeln!(
         s,
-        "\nRatio sandbox exec / the guest's own spawn (p50): **{guest_ratio:.2}** (goal ≤ {EXEC_GUEST_RATIO_GOAL:.2}: {})",
+        "\nRatio sandbox exec / the guest's own fork+exec+wait by a program (p50): **{guest_ratio:.2}** (goal ≤ {EXEC_GUEST_RATIO_GOAL:.2}: {})",
         verdict(guest_ratio <= EXEC_GUEST_RATIO_GOAL)
     );
     s
@@ -747,9 +841,13 @@ fn docs(
          then the two alternate, so host drift hits both alike.\n\
          - Exec: one sandbox started through the Rust API, 5 uncounted runs, then `true` run \
          sequentially, each timed from request to exit status. Host baseline: `/bin/true` spawned \
-         and waited for with `std::process::Command`. Guest baseline: in the same sandbox, a busybox \
-         shell loop running `/bin/true` 100 times against the same loop running `:` (both one exec \
-         round trip, so the channel cancels out), divided by 100; five loops.\n\
+         and waited for with `std::process::Command`. Guest baseline (the goal's): in the same sandbox, a small \
+         static C program (`crates/airlock-bench/src/spawnloop.c`, built with the host's `cc -static` \
+         and copied in) doing fork + execve + waitpid of `/bin/true` 100 times, each timed by the \
+         guest's monotonic clock, five runs (first spawn of each uncounted); shown too: the same \
+         with posix_spawn, and a busybox shell loop running `/bin/true` 100 times against the same \
+         loop running `:` (the earlier baseline: it adds the shell's own per-command work, so it \
+         flattered the ratio).\n\
          - Port forward: one sandbox (Rust API) runs busybox `httpd -f -p 80`; \
          `Sandbox::forward_port(127.0.0.1:0, 80)` publishes it; the baseline is busybox httpd on \
          the host serving files of the same sizes. One in-process client (tokio, HTTP/1.0, a new \
@@ -770,8 +868,8 @@ fn docs(
          is the rest. With KVM the process spawn is ~100x cheaper.\n\
          - Per warm exec inside the guest (agent trace, TSC clock): parse + user lookup ~1 ms, \
          fork until the child's exec succeeded 5-10 ms, the child (`true`, busybox) 5-8 ms, \
-         exit to Exit frame <1 ms. std spawns with fork here (pre_exec is needed for setsid, \
-         user and terminal; its posix_spawn path needs a chdir symbol a static binary lacks).\n\
+         exit to Exit frame <1 ms (2026-11; since then root commands start by posix_spawn, and \
+         `Started` travels with `Exit`: see architecture.md, Per-exec costs in the agent).\n\
          - Cold boot stalls (2026-12-06): the guest lost ~2 s to two 1 s timeouts on the CMOS \
          RTC: the `rtc_cmos` driver's probe, and the wall-clock read at boot spinning on the \
          update-in-progress bit of an absent chip (microvm ran with `rtc=off` once a sandbox had \

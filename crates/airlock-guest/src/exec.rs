@@ -17,6 +17,9 @@ use airlock_proto::{
 
 use crate::{log, user, Tx};
 
+/// Longest a process's Started frame waits for its output or exit to travel with.
+const STARTED_DELAY_MS: i32 = 10;
+
 const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 pub(crate) enum StdinMsg {
@@ -44,6 +47,8 @@ pub(crate) struct Entry {
     pub(crate) progress: Mutex<Progress>,
     /// A process-less entry was signalled: stop its work.
     pub(crate) cancelled: std::sync::atomic::AtomicBool,
+    /// The pid of a process whose Started frame is not sent yet (see [`Registry::announce`]).
+    unannounced: Mutex<Option<u32>>,
 }
 
 /// Whether the guest kernel's OOM killer chose `pid`: its log says "Killed process PID (".
@@ -93,6 +98,7 @@ impl Entry {
                 done: false,
             }),
             cancelled: Default::default(),
+            unannounced: Mutex::new(None),
         });
         (e, stdin_rx)
     }
@@ -426,26 +432,23 @@ impl Registry {
                 done: false,
             }),
             cancelled: Default::default(),
+            // Sent by the first of: output, exit, or a pump's short wait running out.
+            unannounced: Mutex::new(Some(pid as u32)),
         });
         by_pid.insert(pid, entry.clone());
         self.spawned
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         self.by_stream.lock().unwrap().insert(stream, entry.clone());
-        self.tx.send(Frame::json(
-            Kind::Started,
-            stream,
-            &Started { pid: pid as u32 },
-        ));
         drop(by_pid);
         self.have_children.notify_all();
 
         for (kind, file) in pipes {
             let (reg, e) = (self.clone(), entry.clone());
-            std::thread::spawn(move || reg.pump_output(&e, kind, file));
+            crate::workers::run(move || reg.pump_output(&e, kind, file));
         }
         if let Some(sink) = stdin_sink {
             let (reg, e) = (self.clone(), entry.clone());
-            std::thread::spawn(move || reg.pump_stdin(&e, sink, stdin_rx));
+            crate::workers::run(move || reg.pump_stdin(&e, sink, stdin_rx));
         }
         Ok(())
     }
@@ -475,13 +478,14 @@ impl Registry {
                 readers_left: 2,
                 done: false,
             }),
+            unannounced: Mutex::new(None),
         });
         self.by_stream.lock().unwrap().insert(stream, entry.clone());
         self.tx
             .send(Frame::json(Kind::Started, stream, &Started { pid: 0 }));
         for (kind, fd) in [(Kind::Stdout, out_r), (Kind::Stderr, err_r)] {
             let (reg, e) = (self.clone(), entry.clone());
-            std::thread::spawn(move || reg.pump_output(&e, kind, File::from(fd)));
+            crate::workers::run(move || reg.pump_output(&e, kind, File::from(fd)));
         }
         let reg = self.clone();
         std::thread::spawn(move || {
@@ -546,6 +550,18 @@ impl Registry {
         });
     }
 
+    /// Sends the process's Started frame unless it went already. Every other frame of the
+    /// stream is sent after calling this, and the lock is held while sending, so Started always
+    /// comes first. Deferring it lets a short command's Started go out with its Exit in one
+    /// write to the channel instead of a write (and a host wake-up) of its own.
+    fn announce(&self, e: &Entry) {
+        let mut u = e.unannounced.lock().unwrap();
+        if let Some(pid) = u.take() {
+            self.tx
+                .send(Frame::json(Kind::Started, e.stream, &Started { pid }));
+        }
+    }
+
     /// Copies one output pipe to the host within the stream's window. After the process has
     /// exited it drains what is buffered and stops, so a background child holding the pipe
     /// cannot keep the exec open.
@@ -556,7 +572,16 @@ impl Registry {
             // Wait for data before reserving window, so an idle pipe (often stderr) never
             // holds credit its busy sibling could use.
             let mut eof = false;
-            while !readable(fd, 100) {
+            loop {
+                // Until Started is sent, wait only briefly: a silent process is announced
+                // within a few ms.
+                let pending = e.unannounced.lock().unwrap().is_some();
+                if readable(fd, if pending { STARTED_DELAY_MS } else { 100 }) {
+                    break;
+                }
+                if pending {
+                    self.announce(e);
+                }
                 if e.progress.lock().unwrap().exit.is_some() && !readable(fd, 0) {
                     eof = true;
                     break;
@@ -587,6 +612,7 @@ impl Registry {
             if n == 0 {
                 break;
             }
+            self.announce(e);
             if !self.tx.send(Frame::new(kind, e.stream, buf[..n].to_vec())) {
                 break;
             }
@@ -628,6 +654,7 @@ impl Registry {
         let status = e.progress.lock().unwrap().exit.unwrap_or_default();
         self.by_stream.lock().unwrap().remove(&e.stream);
         *e.stdin.lock().unwrap() = None;
+        self.announce(e);
         self.tx.send(Frame::json(Kind::Exit, e.stream, &status));
     }
 

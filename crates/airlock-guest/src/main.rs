@@ -16,6 +16,7 @@ mod setup;
 mod shares;
 mod spawn;
 mod user;
+mod workers;
 
 use std::fs::File;
 use std::io::{Read, Write};

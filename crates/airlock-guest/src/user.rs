@@ -118,7 +118,44 @@ pub fn resolve_in(root: &str, spec: &str) -> Result<Identity, String> {
         }
         s
     };
-    resolve_with(spec, &read("/etc/passwd"), &read("/etc/group"))
+    if !root.is_empty() || !spec.is_empty() {
+        return resolve_with(spec, &read("/etc/passwd"), &read("/etc/group"));
+    }
+    // The common case, the VM's root user: remembered while both files stay as they were
+    // (same inode, size, modification and change times), so most execs stat them instead of
+    // reading and parsing them.
+    let key = || {
+        use std::os::unix::fs::MetadataExt;
+        let stamp = |p: &str| {
+            fs::metadata(p).ok().map(|m| {
+                (
+                    m.dev(),
+                    m.ino(),
+                    m.size(),
+                    m.mtime(),
+                    m.mtime_nsec(),
+                    m.ctime(),
+                    m.ctime_nsec(),
+                )
+            })
+        };
+        (stamp("/etc/passwd"), stamp("/etc/group"))
+    };
+    type Key = (Option<Stamp>, Option<Stamp>);
+    type Stamp = (u64, u64, u64, i64, i64, i64, i64);
+    static ROOT: std::sync::Mutex<Option<(Key, Identity)>> = std::sync::Mutex::new(None);
+    let before = key();
+    if let Some((k, id)) = ROOT.lock().unwrap().as_ref() {
+        if *k == before {
+            return Ok(id.clone());
+        }
+    }
+    let id = resolve_with(spec, &read("/etc/passwd"), &read("/etc/group"))?;
+    // Cached only if neither file changed while it was read.
+    if key() == before {
+        *ROOT.lock().unwrap() = Some((before, id.clone()));
+    }
+    Ok(id)
 }
 
 #[cfg(test)]
