@@ -880,8 +880,14 @@ fn docs(
          `dmesg`): the slowest initcalls are pty_init (~80 ms: 256 legacy BSD ptys), \
          virtio_console_init, virtio_blk_init, kswapd_init, chr_dev_init, loop_init (10-30 ms \
          each); 200-300 ms pass between the last initcall and freeing init memory, shared with \
-         the bare baseline. Since then legacy ptys are off and loop devices are made on demand (bare boot 1.13 s to 0.94 s); next candidates: \
-         the console on virtio-console instead of the 8250 UART.\n",
+         the bare baseline. Since then legacy ptys are off and loop devices are made on demand (bare boot 1.13 s to 0.94 s).\n\
+         - Cold boot against bare, phase by phase (2026-12-07; see the section of that date): \
+         the two kernels reach /init alike; the ~300 ms gap is the agent's own work, all guest \
+         CPU time under TCG (`/proc/uptime` shows no idle): its start (~50 ms), the ext4 + \
+         overlay root and API mounts (~110 ms), `Init` (~45 ms) and the first exec (~70 ms), \
+         against the ~75 ms the bare /init spends; the host adds ~30 ms. Next candidates: fewer \
+         or cheaper guest steps (the overlay mount, the UUID renewal a host could do on the \
+         scratch copy, a smaller agent), not overlap: one vCPU is never idle.\n",
         machine(),
         accel.accel,
         accel.reason,

@@ -76,6 +76,7 @@ pub(crate) async fn launch(
         None => assets::kernel()?,
     };
     let initrd = assets::initramfs(&assets::agent()?)?;
+    tracing::debug!("kernel and initramfs found");
     let forced = match spec.accel {
         Some(a) => Some(a),
         None => accel_from_env()?,
@@ -101,6 +102,7 @@ pub(crate) async fn launch(
             }
         }),
     };
+    tracing::debug!("root image ready");
     let has_nic = !spec.network.disabled;
     let (nic_host, nic) = match has_nic {
         true => {
@@ -183,6 +185,7 @@ pub(crate) async fn launch(
         (None, None) => Vec::new(),
     };
     vm_disks.extend(disks);
+    tracing::debug!("writable disk ready");
     let disks = vm_disks;
 
     // Shared RAM on tmpfs (never written back to a disk), named for this sandbox.

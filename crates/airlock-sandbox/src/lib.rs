@@ -623,21 +623,24 @@ async fn restore(
     .map_err(|e| Error::Setup(e.to_string()))
 }
 
-/// Waits for the agent: `Hello` (its protocol version checked) answered with `init`, then
-/// `Ready` (the guest kernel's release). A restored agent said Hello before its capture, so it
-/// gets `init` at once. Bounded by `timeout` and by the channel closing.
+/// Sends `init` at once, then waits for the agent: `Hello` (its protocol version checked; a
+/// restored agent said it before its capture), then `Ready` (the guest kernel's release).
+/// A booting guest finds `init` waiting when it reads after its Hello instead of waiting one
+/// host round trip (~10 ms under TCG): QEMU holds the bytes in the socket until the guest has
+/// opened its port (multiport virtio-serial delivers nothing to a closed port), and `init`
+/// carries nothing the host must keep from a mismatched agent. Bounded by `timeout` and by
+/// the channel closing.
 async fn handshake(
     conn: &conn::Conn,
     ctl: &mut tokio::sync::mpsc::UnboundedReceiver<conn::ControlEvent>,
     init: &Init,
-    restored: bool,
+    // Both kinds get `init` first now; kept for the callers' clarity.
+    _restored: bool,
     timeout: Duration,
 ) -> Result<String, Error> {
     let send_init = || conn.send(Frame::json(Kind::Init, CONTROL_STREAM, init));
     let handshake = async {
-        if restored {
-            send_init().await.map_err(Error::Protocol)?;
-        }
+        send_init().await.map_err(Error::Protocol)?;
         loop {
             match ctl.recv().await {
                 Some(conn::ControlEvent::Hello(h)) => {
@@ -648,7 +651,6 @@ async fn handshake(
                             h.agent, h.version
                         )));
                     }
-                    send_init().await.map_err(Error::Protocol)?;
                 }
                 Some(conn::ControlEvent::Ready(r)) => {
                     tracing::debug!("guest ready");
