@@ -234,7 +234,7 @@ impl Sandbox {
         } else {
             spec.ready_timeout
         };
-        let res = handshake(&conn, &mut ctl, &init, restored, timeout).await;
+        let res = handshake(&conn, &mut ctl, &init, timeout).await;
         if let (Err(e), Some(key), true) = (&res, &template, warm_allowed) {
             sb.vm.kill();
             tracing::warn!(
@@ -634,8 +634,6 @@ async fn handshake(
     conn: &conn::Conn,
     ctl: &mut tokio::sync::mpsc::UnboundedReceiver<conn::ControlEvent>,
     init: &Init,
-    // Both kinds get `init` first now; kept for the callers' clarity.
-    _restored: bool,
     timeout: Duration,
 ) -> Result<String, Error> {
     let send_init = || conn.send(Frame::json(Kind::Init, CONTROL_STREAM, init));

@@ -403,7 +403,7 @@ async fn warm_up(mut l: Launched, privileged: bool) -> Result<Launched, Error> {
         privileged,
         ..Default::default()
     };
-    let kernel = crate::handshake(&conn, &mut ctl, &init, true, crate::RESTORE_TIMEOUT).await?;
+    let kernel = crate::handshake(&conn, &mut ctl, &init, crate::RESTORE_TIMEOUT).await?;
     for id in 1..=WARMUP_EXECS {
         let (mut events, _window) = conn.open_stream(id);
         let req = airlock_proto::ExecRequest {
