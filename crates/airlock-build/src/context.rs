@@ -32,17 +32,7 @@ fn glob(pattern: &str) -> std::result::Result<GlobMatcher, globset::Error> {
 /// Lexically cleans a relative path: `.` and empty parts dropped, `..` resolved; `None` if
 /// it climbs out.
 pub fn clean_rel(p: &str) -> Option<String> {
-    let mut parts: Vec<&str> = Vec::new();
-    for c in p.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => {
-                parts.pop()?;
-            }
-            c => parts.push(c),
-        }
-    }
-    Some(parts.join("/"))
+    airlock_image::clean_relative(p)
 }
 
 impl Ignore {

@@ -604,13 +604,7 @@ impl Builder<'_> {
             let mut w = LayerWriter::new(store.blob_writer()?);
             crate::layer::rewrite_untrusted(std::io::BufReader::new(diff), &mut w)
                 .map_err(BuildError::Layer)?;
-            let (blob, diff_id) = w.finish().map_err(|e| BuildError::io("write layer", e))?;
-            let (digest, size) = blob.commit()?;
-            Ok(Layer {
-                digest,
-                diff_id,
-                size,
-            })
+            finish_layer(w)
         })
         .await
         .map_err(|e| BuildError::Layer(format!("layer task failed: {e}")))?
@@ -950,6 +944,11 @@ fn write_copy_layer(store: &Store, plan: CopyPlan) -> Result<Layer> {
         crate::layer::rewrite_untrusted_under(r, &mut w, dest)
             .map_err(|e| BuildError::Context(format!("ADD {}: {e}", host.display())))?;
     }
+    finish_layer(w)
+}
+
+/// Ends `w` and commits its blob to the store.
+fn finish_layer(w: LayerWriter<airlock_image::BlobWriter>) -> Result<Layer> {
     let (blob, diff_id) = w.finish().map_err(|e| BuildError::io("write layer", e))?;
     let (digest, size) = blob.commit()?;
     Ok(Layer {
@@ -1193,15 +1192,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let store = Store::open(d.path()).unwrap();
         let mk = |f: &dyn Fn(&mut LayerWriter<airlock_image::BlobWriter>)| {
-            let mut w = LayerWriter::new(store.blob_writer().unwrap());
-            f(&mut w);
-            let (b, diff_id) = w.finish().unwrap();
-            let (digest, size) = b.commit().unwrap();
-            Layer {
-                digest,
-                diff_id,
-                size,
-            }
+            crate::stagefs::layer_in(&store, f)
         };
         let m = Meta {
             mode: 0o644,

@@ -165,6 +165,23 @@ pub fn resolve_owner(
     Ok((uid, gid))
 }
 
+/// A layer of `store` written by `f` (for tests here and in the executor).
+#[cfg(test)]
+pub(crate) fn layer_in(
+    store: &Store,
+    f: &dyn Fn(&mut crate::layer::LayerWriter<airlock_image::BlobWriter>),
+) -> Layer {
+    let mut w = crate::layer::LayerWriter::new(store.blob_writer().unwrap());
+    f(&mut w);
+    let (b, diff_id) = w.finish().unwrap();
+    let (digest, size) = b.commit().unwrap();
+    Layer {
+        digest,
+        diff_id,
+        size,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,17 +191,7 @@ mod tests {
     fn lookups_follow_whiteouts() {
         let d = tempfile::tempdir().unwrap();
         let store = Store::open(d.path()).unwrap();
-        let mk = |f: &dyn Fn(&mut LayerWriter<airlock_image::BlobWriter>)| {
-            let mut w = LayerWriter::new(store.blob_writer().unwrap());
-            f(&mut w);
-            let (b, diff_id) = w.finish().unwrap();
-            let (digest, size) = b.commit().unwrap();
-            Layer {
-                digest,
-                diff_id,
-                size,
-            }
-        };
+        let mk = |f: &dyn Fn(&mut LayerWriter<airlock_image::BlobWriter>)| layer_in(&store, f);
         let m = Meta {
             mode: 0o644,
             ..Default::default()

@@ -78,6 +78,15 @@ impl<W: Write> Writer<'_, W> {
 
     fn whiteout(&mut self, rel: &Path, name: &OsStr) -> Result<(), String> {
         self.flush_dirs()?;
+        let mut wh = std::ffi::OsString::from(".wh.");
+        wh.push(name);
+        let p = rel.parent().unwrap_or(Path::new("")).join(wh);
+        self.marker(&p, rel)
+    }
+
+    /// An empty root-owned entry at `path`: a whiteout or an opaque-directory marker
+    /// (errors name `rel`, the upper-dir entry it stands for).
+    fn marker(&mut self, path: &Path, rel: &Path) -> Result<(), String> {
         self.tick()?;
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Regular);
@@ -86,11 +95,8 @@ impl<W: Write> Writer<'_, W> {
         h.set_gid(0);
         h.set_size(0);
         h.set_mtime(0);
-        let mut wh = std::ffi::OsString::from(".wh.");
-        wh.push(name);
-        let p = rel.parent().unwrap_or(Path::new("")).join(wh);
         self.tar
-            .append_data(&mut h, p, std::io::empty())
+            .append_data(&mut h, path, std::io::empty())
             .map_err(|e| format!("{}: {e}", rel.display()))
     }
 
@@ -150,22 +156,9 @@ impl<W: Write> Writer<'_, W> {
             } else if ft.is_dir() {
                 let depth = self.pending.len();
                 self.pending.push((r.clone(), m));
-                let opaque = is_opaque(&abs);
-                if opaque {
+                if is_opaque(&abs) {
                     self.flush_dirs()?;
-                }
-                if opaque {
-                    self.tick()?;
-                    let mut h = tar::Header::new_gnu();
-                    h.set_entry_type(tar::EntryType::Regular);
-                    h.set_mode(0o600);
-                    h.set_uid(0);
-                    h.set_gid(0);
-                    h.set_size(0);
-                    h.set_mtime(0);
-                    self.tar
-                        .append_data(&mut h, r.join(".wh..wh..opq"), std::io::empty())
-                        .map_err(|e| format!("{}: {e}", r.display()))?;
+                    self.marker(&r.join(".wh..wh..opq"), &r)?;
                 }
                 self.walk(upper, &r, exclude)?;
                 // A new, empty directory is a change of its own (`mkdir`); one holding only

@@ -153,6 +153,12 @@ fn normalize_lenient(raw: &str) -> Option<String> {
     if raw.starts_with('/') {
         return None;
     }
+    clean_relative(raw)
+}
+
+/// Lexically cleans a relative path: `.` and empty parts dropped, `..` resolved; `None` if
+/// it climbs out (a leading `/` counts as an empty part).
+pub fn clean_relative(raw: &str) -> Option<String> {
     let mut parts: Vec<&str> = Vec::new();
     for c in raw.split('/') {
         match c {

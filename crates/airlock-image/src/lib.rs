@@ -32,7 +32,7 @@ mod write;
 
 pub use config::ImageConfig;
 pub use error::{Error, Result};
-pub use import::import;
+pub use import::{clean_relative, import};
 pub use pull::{pull, Platform, ProgressEvent, ProgressFn, ProgressState, PullOptions};
 pub use push::{push, PushOptions, PushProgressFn};
 pub use reference::Reference;

@@ -117,14 +117,17 @@ fn build_runs_rebuilds_from_cache_and_invalidates_on_change() {
         ],
     );
     let ctx_s = ctx.to_str().unwrap();
-    let out = env.ok(&[
-        "build",
-        "-t",
-        "built/app:1",
-        "--build-arg",
-        "GREETING=hey",
-        ctx_s,
-    ]);
+    let rebuild = || {
+        env.ok(&[
+            "build",
+            "-t",
+            "built/app:1",
+            "--build-arg",
+            "GREETING=hey",
+            ctx_s,
+        ])
+    };
+    let out = rebuild();
     assert!(out.contains("Step 1/8 : FROM ${BASE}"), "{out}");
     assert!(out.contains("Step 6/8 : RUN echo"), "{out}");
     assert!(out.contains(" ---> Running in "), "{out}");
@@ -147,14 +150,7 @@ fn build_runs_rebuilds_from_cache_and_invalidates_on_change() {
     );
 
     // Unchanged: every step from the cache, no sandbox booted.
-    let out = env.ok(&[
-        "build",
-        "-t",
-        "built/app:1",
-        "--build-arg",
-        "GREETING=hey",
-        ctx_s,
-    ]);
+    let out = rebuild();
     assert_eq!(
         out.matches(" ---> Using cache").count(),
         CACHED_STEPS,
@@ -173,14 +169,7 @@ fn build_runs_rebuilds_from_cache_and_invalidates_on_change() {
     std::fs::write(ctx.join("hello.txt"), "hello v2\n").unwrap();
     // An ignored file's change does not matter: it is not in the context.
     std::fs::write(ctx.join("sub/skip.log"), "changed\n").unwrap();
-    let out = env.ok(&[
-        "build",
-        "-t",
-        "built/app:1",
-        "--build-arg",
-        "GREETING=hey",
-        ctx_s,
-    ]);
+    let out = rebuild();
     assert_eq!(
         out.matches(" ---> Using cache").count(),
         3,
@@ -200,14 +189,7 @@ fn build_runs_rebuilds_from_cache_and_invalidates_on_change() {
     ]);
     assert_eq!(run, "hello v2\n");
     std::fs::write(ctx.join("sub/skip.log"), "changed again\n").unwrap();
-    let out = env.ok(&[
-        "build",
-        "-t",
-        "built/app:1",
-        "--build-arg",
-        "GREETING=hey",
-        ctx_s,
-    ]);
+    let out = rebuild();
     assert_eq!(
         out.matches(" ---> Using cache").count(),
         CACHED_STEPS,
