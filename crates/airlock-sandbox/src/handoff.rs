@@ -185,20 +185,18 @@ impl Pool {
 }
 
 /// Claims a sandbox for `spec` from the pool holder listening on `socket`: `Ok(None)` when
-/// the holder has none of `spec`'s shape ready (or `spec` cannot come from a pool), so the
-/// caller starts one anew. The network policy, secrets, hostname and identity are `spec`'s,
+/// the holder has none of `spec`'s shape ready, so the caller starts one anew. The network policy, secrets, hostname and identity are `spec`'s,
 /// as for any warm start.
-pub async fn claim(socket: &Path, spec: &SandboxSpec) -> Result<Option<Sandbox>, Error> {
+///
+/// `shape` is `Shape::of(spec)`, computed once by the caller (which compares it with the
+/// shapes holders publish; for a directory root it walks the tree).
+pub async fn claim(
+    socket: &Path,
+    spec: &SandboxSpec,
+    shape: &Shape,
+) -> Result<Option<Sandbox>, Error> {
     tracing::debug!("claiming from {}", socket.display());
-    let Some(shape) = Shape::of(spec) else {
-        return Ok(None);
-    };
     crate::boot::check(spec)?;
-    // Before the VM is taken: a bad rule fails here.
-    let network = match spec.network.disabled {
-        true => None,
-        false => Some(network::build(&spec.network)?),
-    };
     let mut stream = tokio::time::timeout(Duration::from_secs(2), UnixStream::connect(socket))
         .await
         .map_err(|_| {
@@ -207,7 +205,11 @@ pub async fn claim(socket: &Path, spec: &SandboxSpec) -> Result<Option<Sandbox>,
                 socket.display()
             ))
         })??;
-    stream.write_all(&json_line(&Request { shape })?).await?;
+    stream
+        .write_all(&json_line(&Request {
+            shape: shape.clone(),
+        })?)
+        .await?;
     let (line, fds) = tokio::time::timeout(LINE_TIMEOUT, recv_with_fds(&stream))
         .await
         .map_err(|_| Error::Setup("the pool holder did not answer the claim".into()))??;
@@ -224,6 +226,12 @@ pub async fn claim(socket: &Path, spec: &SandboxSpec) -> Result<Option<Sandbox>,
         }
     };
     tracing::debug!(id = %ticket.id, "pool handed over a VM");
+    // Built on a hit only (a miss starts anew, which builds its own); a bad rule drops the
+    // VM taken, and the holder refills.
+    let network = match spec.network.disabled {
+        true => None,
+        false => Some(network::build(&spec.network)?),
+    };
     let want = if ticket.nic { 4 } else { 3 };
     if fds.len() != want || ticket.nic == spec.network.disabled {
         return Err(Error::Protocol(format!(

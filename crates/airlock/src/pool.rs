@@ -155,7 +155,7 @@ pub async fn start(spec: SandboxSpec) -> Result<Sandbox, airlock_sandbox::Error>
             if !shapes.contains(&shape) {
                 continue;
             }
-            match airlock_sandbox::claim_from_pool(&sock, &spec).await {
+            match airlock_sandbox::claim_from_pool(&sock, &spec, &shape).await {
                 Ok(Some(sb)) => {
                     tracing::debug!(id = sb.id(), "claimed from a pool");
                     return Ok(sb);
