@@ -170,6 +170,10 @@ impl Registry {
                 self.builtin_output(stream, crate::setup::root_diff);
                 Ok(())
             }
+            Some("reap") => {
+                self.builtin_output(stream, |_| crate::setup::kill_all_processes());
+                Ok(())
+            }
             Some("copy-out") if req.argv.len() == 1 => {
                 let path = req.argv[0].clone();
                 self.builtin_output(stream, move |out| crate::shares::copy_out(&path, out));

@@ -1,7 +1,6 @@
 //! The guest's network: a static address on eth0, a default route to Airlock's gateway, the
 //! gateway as the only DNS server, and trust in Airlock's interception CA.
 
-use std::io::Write;
 use std::net::Ipv4Addr;
 use std::sync::Mutex;
 
@@ -75,8 +74,22 @@ fn check(r: libc::c_int, what: &str) -> Result<(), String> {
     }
 }
 
-/// Brings up eth0 with `cfg` and points DNS at the gateway.
+/// The configuration [`configure`] last applied in full.
+static CONFIGURED: std::sync::Mutex<Option<NetInit>> = std::sync::Mutex::new(None);
+
+/// Brings up eth0 with `cfg` and points DNS at the gateway. A configuration applied already
+/// (a pooled VM's warm-up did; a restored snapshot's kernel and disk keep it) is not redone.
 pub fn configure(cfg: &NetInit) -> Result<(), String> {
+    let mut done = CONFIGURED.lock().unwrap_or_else(|e| e.into_inner());
+    if done.as_ref() == Some(cfg) {
+        return Ok(());
+    }
+    apply(cfg)?;
+    *done = Some(cfg.clone());
+    Ok(())
+}
+
+fn apply(cfg: &NetInit) -> Result<(), String> {
     let dev = "eth0";
     // No IPv6 on the NIC: nothing would route it, and clients then fall back to IPv4 at once.
     let _ = std::fs::write("/proc/sys/net/ipv6/conf/eth0/disable_ipv6", "1");
@@ -160,42 +173,89 @@ pub fn agent_written() -> Vec<String> {
     v
 }
 
-/// Makes every TLS client trust `pem`: appended to the image's system bundles (in the
-/// writable layer; the image is untouched), a combined bundle, and the variables that
-/// OpenSSL, Python requests, curl, git and Node read.
+/// What [`trust_ca`] last wrote: each file it added the CA to and how long that file was
+/// before (the tail after it is the CA), and the CA.
+struct Installed {
+    pem: String,
+    files: Vec<(std::path::PathBuf, u64)>,
+}
+
+static INSTALLED: std::sync::Mutex<Option<Installed>> = std::sync::Mutex::new(None);
+
+/// Makes every TLS client trust `pem`: added to the image's system bundles (in the writable
+/// layer; the image is untouched), a combined bundle, and the variables that OpenSSL, Python
+/// requests, curl, git and Node read. A CA this agent added before (a pooled VM's throw-away
+/// one; a snapshot's, in its copies) is replaced in place, not kept beside the new one.
 pub fn trust_ca(pem: &str) -> Result<(), String> {
     let pem = if pem.ends_with('\n') {
         pem.to_string()
     } else {
         format!("{pem}\n")
     };
+    let mut installed = INSTALLED.lock().unwrap_or_else(|e| e.into_inner());
+    let prev = installed.take();
     std::fs::create_dir_all("/etc/ssl/airlock").map_err(|e| format!("/etc/ssl/airlock: {e}"))?;
-    std::fs::write(CA_FILE, &pem).map_err(|e| format!("{CA_FILE}: {e}"))?;
-    let mut system = String::new();
-    let mut seen = std::collections::HashSet::new();
+    write_in_place(CA_FILE, 0, pem.as_bytes()).map_err(|e| format!("{CA_FILE}: {e}"))?;
+    // How long `path` was before a previous CA was added, if that CA is still its tail.
+    let kept = |path: &std::path::Path| -> Option<u64> {
+        let prev = prev.as_ref()?;
+        let &(_, keep) = prev.files.iter().find(|(p, _)| p == path)?;
+        let tail = tail_for(keep, &prev.pem);
+        let f = std::fs::File::open(path).ok()?;
+        let mut buf = vec![0; tail.len()];
+        use std::os::unix::fs::FileExt;
+        (f.metadata().ok()?.len() == keep + tail.len() as u64
+            && f.read_exact_at(&mut buf, keep).is_ok()
+            && buf == tail.as_bytes())
+        .then_some(keep)
+    };
+    let mut files = Vec::new();
+    let mut system: Option<(std::path::PathBuf, u64)> = None;
     for b in SYSTEM_BUNDLES {
-        // Several names are often links to one file: append once per real file.
+        // Several names are often links to one file: add to each real file once.
         let Ok(real) = std::fs::canonicalize(b) else {
             continue;
         };
-        if !seen.insert(real.clone()) {
+        if files.iter().any(|(p, _)| *p == real) {
             continue;
         }
-        if let Ok(text) = std::fs::read_to_string(&real) {
-            if system.is_empty() {
-                system = text;
-            }
-            if let Ok(mut f) = std::fs::OpenOptions::new().append(true).open(&real) {
-                let _ = f.write_all(format!("\n{pem}").as_bytes());
-            }
+        let Ok(len) = std::fs::metadata(&real).map(|m| m.len()) else {
+            continue;
+        };
+        let keep = kept(&real).unwrap_or(len);
+        if write_in_place(&real, keep, tail_for(keep, &pem).as_bytes()).is_ok() {
+            system.get_or_insert((real.clone(), keep));
+            files.push((real, keep));
         }
     }
-    if seen.is_empty() {
+    if files.is_empty() {
         let _ = std::fs::create_dir_all("/etc/ssl/certs");
-        let _ = std::fs::write(SYSTEM_BUNDLES[0], &pem);
+        let path = std::path::PathBuf::from(SYSTEM_BUNDLES[0]);
+        if write_in_place(&path, 0, pem.as_bytes()).is_ok() {
+            files.push((path, 0));
+        }
     }
-    std::fs::write(BUNDLE_FILE, format!("{system}\n{pem}"))
+    // The combined bundle: the first system bundle as the image had it, then the CA.
+    let bundle = std::path::Path::new(BUNDLE_FILE);
+    let keep = match kept(bundle) {
+        Some(keep) => keep,
+        None => {
+            let text = match &system {
+                Some((path, len)) => {
+                    let mut t = std::fs::read(path).unwrap_or_default();
+                    t.truncate(*len as usize);
+                    t
+                }
+                None => Vec::new(),
+            };
+            write_in_place(bundle, 0, &text).map_err(|e| format!("{BUNDLE_FILE}: {e}"))?;
+            text.len() as u64
+        }
+    };
+    write_in_place(bundle, keep, tail_for(keep, &pem).as_bytes())
         .map_err(|e| format!("{BUNDLE_FILE}: {e}"))?;
+    files.push((bundle.to_path_buf(), keep));
+    *installed = Some(Installed { pem, files });
     extend_env(
         [
             ("SSL_CERT_FILE", BUNDLE_FILE),
@@ -206,6 +266,36 @@ pub fn trust_ca(pem: &str) -> Result<(), String> {
         ]
         .map(|(k, v)| (k.to_string(), v.to_string())),
     );
+    Ok(())
+}
+
+/// What follows a file's first `keep` bytes once the CA is added: the CA, on a line of its own.
+fn tail_for(keep: u64, pem: &str) -> String {
+    if keep == 0 {
+        pem.to_string()
+    } else {
+        format!("\n{pem}")
+    }
+}
+
+/// Makes `path` its first `keep` bytes followed by `tail`, writing over the old bytes in place
+/// (no truncation to zero: a file the same length again costs ext4 no block).
+pub fn write_in_place(
+    path: impl AsRef<std::path::Path>,
+    keep: u64,
+    tail: &[u8],
+) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    f.write_all_at(tail, keep)?;
+    let len = keep + tail.len() as u64;
+    if f.metadata()?.len() != len {
+        f.set_len(len)?;
+    }
     Ok(())
 }
 

@@ -291,13 +291,15 @@ pub fn apply_init(init: &Init) {
     if !init.rng_seed.is_empty() {
         reseed_rng(&init.rng_seed);
     }
-    // After the reseed, so the UUID comes from this sandbox's randomness.
-    if let Err(e) = renew_scratch_uuid() {
-        eprintln!("airlock-guest: scratch UUID unchanged: {e}");
-    }
     if let Some(id) = &init.machine_id {
         if id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
-            let _ = fs::write("/etc/machine-id", format!("{id}\n"));
+            let _ = crate::net::write_in_place("/etc/machine-id", 0, format!("{id}\n").as_bytes());
+        }
+    }
+    // After the reseed, so the UUID comes from this sandbox's randomness.
+    if !init.disk_uuid_own {
+        if let Err(e) = renew_scratch_uuid() {
+            eprintln!("airlock-guest: scratch UUID unchanged: {e}");
         }
     }
     if !init.hostname.is_empty() {
@@ -360,6 +362,22 @@ pub fn terminate_all_then_power_off(grace: Duration) -> ! {
     // The reaper reports each exit to the host; let those frames go out.
     std::thread::sleep(Duration::from_millis(200));
     power_off()
+}
+
+/// The `reap` builtin: SIGKILL to every process but the agent, then waits (at most 5 s) until
+/// none is left alive. A pooled VM ends its warm-up with it, so nothing the warm-up started
+/// from the image is still running when someone claims the VM.
+pub fn kill_all_processes() -> Result<(), String> {
+    // SAFETY: kill(-1) from PID 1's process signals every process but PID 1; no memory.
+    unsafe { libc::kill(-1, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while user_processes_left() {
+        if Instant::now() > deadline {
+            return Err("processes are still alive 5 s after SIGKILL".into());
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    Ok(())
 }
 
 /// Whether any process other than PID 1 and kernel threads (children of kthreadd, PID 2) is

@@ -111,6 +111,22 @@ pub struct NetCounters {
     pub tx_frames: u64,
 }
 
+/// A netstack whose thread [`Network::spawn`] started.
+#[must_use = "wait() says whether the netstack came up"]
+pub struct Starting {
+    ready: std::sync::mpsc::Receiver<Result<(), String>>,
+}
+
+impl Starting {
+    /// Waits until the netstack is confined and serves the NIC, or says why it could not.
+    pub fn wait(self) -> Result<(), NetError> {
+        self.ready
+            .recv()
+            .map_err(|_| NetError::Start("the netstack thread ended at start".into()))?
+            .map_err(NetError::Start)
+    }
+}
+
 /// One sandbox's network: policy, DNS table, CA and audit log. Dropping it stops the stack.
 pub struct Network {
     shared: Arc<Shared>,
@@ -149,6 +165,13 @@ impl Network {
     /// thread of its own, confined ([`airlock_confine::netstack`]) before it
     /// reads the first frame; the DNS server and every proxy connection run there too.
     pub fn start(&self, sock: std::os::unix::net::UnixStream) -> Result<(), NetError> {
+        self.spawn(sock)?.wait()
+    }
+
+    /// As [`Network::start`], without waiting for the netstack's thread to be confined and
+    /// serving: the guest's frames wait in `sock` meanwhile. [`Starting::wait`] says whether it
+    /// came up; a claimed pooled VM resumes in the meantime.
+    pub fn spawn(&self, sock: std::os::unix::net::UnixStream) -> Result<Starting, NetError> {
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel(1);
         let shared = self.shared.clone();
@@ -189,12 +212,10 @@ impl Network {
                 // Dropping the runtime ends the proxy tasks still running.
             })
             .map_err(|e| NetError::Start(e.to_string()))?;
-        ready_rx
-            .recv()
-            .map_err(|_| NetError::Start("the netstack thread ended at start".into()))?
-            .map_err(NetError::Start)?;
+        // The stop sender is in place at once: dropping the Network ends the thread even if
+        // nobody waits for it.
         self.stop.lock().unwrap().replace(stop_tx);
-        Ok(())
+        Ok(Starting { ready: ready_rx })
     }
 
     /// The guest NIC's traffic so far.

@@ -72,9 +72,77 @@ type ProxyBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 pub struct ProxyContext {
     secrets: Secrets,
     ca: Ca,
-    client_tls: Arc<ClientConfig>,
-    client_tls_h1: Arc<ClientConfig>,
+    upstream: Upstream,
     audit: Audit,
+}
+
+/// The upstream TLS client configurations (the host's roots plus `--upstream-ca`), made on
+/// the first upstream TLS connection: reading and parsing the host's roots takes milliseconds
+/// that a start would otherwise wait for, and many sandboxes never dial TLS. That thread (the
+/// netstack's) may read the system's roots under its confinement; roots named by
+/// `SSL_CERT_FILE` or `SSL_CERT_DIR` may lie elsewhere, so with those set they are read at once.
+struct Upstream {
+    extra: Vec<CertificateDer<'static>>,
+    ready: std::sync::OnceLock<Result<Clients, String>>,
+}
+
+#[derive(Clone)]
+struct Clients {
+    /// ALPN h2 and http/1.1.
+    any: Arc<ClientConfig>,
+    /// ALPN http/1.1 only (an upgrade must stay on HTTP/1.1).
+    h1: Arc<ClientConfig>,
+}
+
+impl Clients {
+    fn make(extra: &[CertificateDer<'static>]) -> Result<Clients, String> {
+        let mut roots = rustls::RootCertStore::empty();
+        for c in rustls_native_certs::load_native_certs().certs {
+            // A host root rustls cannot parse is skipped, as browsers do.
+            let _ = roots.add(c);
+        }
+        for c in extra {
+            let _ = roots.add(c.clone()); // checked in ProxyContext::new
+        }
+        let roots = Arc::new(roots);
+        let client = |alpn: &[&[u8]]| -> Result<Arc<ClientConfig>, String> {
+            let mut c = ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| format!("TLS client configuration: {e}"))?
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+            c.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
+            Ok(Arc::new(c))
+        };
+        Ok(Clients {
+            any: client(&[b"h2", b"http/1.1"])?,
+            h1: client(&[b"http/1.1"])?,
+        })
+    }
+}
+
+impl Upstream {
+    fn load(extra: Vec<CertificateDer<'static>>) -> Upstream {
+        let up = Upstream {
+            extra,
+            ready: std::sync::OnceLock::new(),
+        };
+        if ["SSL_CERT_FILE", "SSL_CERT_DIR"]
+            .iter()
+            .any(|v| std::env::var_os(v).is_some())
+        {
+            let _ = up.ready.set(Clients::make(&up.extra));
+        }
+        up
+    }
+
+    fn get(&self) -> Result<Clients, String> {
+        self.ready
+            .get_or_init(|| Clients::make(&self.extra))
+            .clone()
+    }
 }
 
 impl std::fmt::Debug for ProxyContext {
@@ -95,12 +163,8 @@ impl ProxyContext {
     ) -> Result<ProxyContext, ProxyError> {
         let secrets = Secrets::new(secrets)?;
         let ca = Ca::generate()?;
-        let mut roots = rustls::RootCertStore::empty();
-        let native = rustls_native_certs::load_native_certs();
-        for c in native.certs {
-            // A host root rustls cannot parse is skipped, as browsers do.
-            let _ = roots.add(c);
-        }
+        // The extra roots are read now, so a bad file is refused at start.
+        let mut extra = Vec::new();
         for p in extra_roots {
             use rustls::pki_types::pem::PemObject;
             let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(p)
@@ -117,29 +181,18 @@ impl ProxyContext {
                     p.display()
                 )));
             }
-            for c in certs {
-                roots
-                    .add(c)
+            let mut check = rustls::RootCertStore::empty();
+            for c in &certs {
+                check
+                    .add(c.clone())
                     .map_err(|e| ProxyError(format!("upstream CA file {}: {e}", p.display())))?;
             }
+            extra.extend(certs);
         }
-        let roots = Arc::new(roots);
-        let client = |alpn: &[&[u8]]| -> Result<Arc<ClientConfig>, ProxyError> {
-            let mut c = ClientConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| ProxyError(format!("TLS client configuration: {e}")))?
-            .with_root_certificates(roots.clone())
-            .with_no_client_auth();
-            c.alpn_protocols = alpn.iter().map(|a| a.to_vec()).collect();
-            Ok(Arc::new(c))
-        };
         Ok(ProxyContext {
             secrets,
             ca,
-            client_tls: client(&[b"h2", b"http/1.1"])?,
-            client_tls_h1: client(&[b"http/1.1"])?,
+            upstream: Upstream::load(extra),
             audit,
         })
     }
@@ -590,11 +643,8 @@ impl Conn {
         if !self.tls {
             return self.handshake_h1(TokioIo::new(tcp), upgrade).await;
         }
-        let cfg = if upgrade {
-            self.ctx.client_tls_h1.clone()
-        } else {
-            self.ctx.client_tls.clone()
-        };
+        let clients = self.ctx.upstream.get()?;
+        let cfg = if upgrade { clients.h1 } else { clients.any };
         let name = self.target.name.clone().unwrap_or_default();
         let server_name = ServerName::try_from(name.clone())
             .map_err(|_| format!("'{name}' is not a valid TLS server name"))?;

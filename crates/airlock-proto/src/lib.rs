@@ -421,6 +421,11 @@ pub struct Init {
     /// 32 lowercase hex digits for /etc/machine-id (unique per sandbox).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine_id: Option<String>,
+    /// The writable disk's ext4 UUID is this VM's own already (a pooled VM's warm-up renewed
+    /// it from that VM's own seed; a cold boot's host gave its disk copy a new one): keep it.
+    /// Otherwise the agent renews it, as a VM restored from a shared template must.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disk_uuid_own: bool,
 }
 
 /// Sent to a guest restored from a user snapshot.
@@ -547,7 +552,8 @@ pub struct ExecRequest {
     #[serde(default)]
     pub stdin: bool,
     /// Run one of the agent's own operations instead of a program (`apply-layer`: stdin is an
-    /// uncompressed layer tar applied onto the root of an image-builder VM).
+    /// uncompressed layer tar applied onto the root of an image-builder VM; `reap`: SIGKILL to
+    /// every process but the agent, ending once none is alive).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub builtin: Option<String>,
     /// Run the program chrooted into this guest directory (a share's mount point: a

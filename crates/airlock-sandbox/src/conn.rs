@@ -293,6 +293,11 @@ impl Conn {
                     let _ = ctl.send(ControlEvent::Ready(f.parse().map_err(|e| e.to_string())?));
                     Ok(())
                 }
+                // A `Resume` this connection sent itself (a pooled VM's warm-up rehearses one).
+                Kind::Resumed => {
+                    let _ = ctl.send(ControlEvent::Resumed);
+                    Ok(())
+                }
                 Kind::Error => Err(format!(
                     "guest reported: {}",
                     String::from_utf8_lossy(&f.payload)

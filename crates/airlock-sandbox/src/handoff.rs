@@ -226,12 +226,6 @@ pub async fn claim(
         }
     };
     tracing::debug!(id = %ticket.id, "pool handed over a VM");
-    // Built on a hit only (a miss starts anew, which builds its own); a bad rule drops the
-    // VM taken, and the holder refills.
-    let network = match spec.network.disabled {
-        true => None,
-        false => Some(network::build(&spec.network)?),
-    };
     let want = if ticket.nic { 4 } else { 3 };
     if fds.len() != want || ticket.nic == spec.network.disabled {
         return Err(Error::Protocol(format!(
@@ -243,13 +237,28 @@ pub async fn claim(
     let mut next = || fds.next().expect("counted above");
     let (control, mon, pidfd) = (next(), next(), next());
     let nic_host = ticket.nic.then(next);
+    // The guest wakes while the rest is set up: it only waits for `Resume` (nothing of the
+    // image runs in a pooled VM), and its frames wait in the sockets until read.
+    let mon = std::os::unix::net::UnixStream::from(mon);
+    let cont = tokio::task::spawn_blocking(move || {
+        let mut q = qmp::Qmp::in_command_mode(mon)?;
+        q.execute("cont", json!({}))?;
+        Ok::<_, qmp::QmpError>(q)
+    });
+    // Built on a hit only (a miss starts anew, which builds its own); a bad rule drops the
+    // VM taken, and the holder refills.
+    let network = match spec.network.disabled {
+        true => None,
+        false => Some(network::build(&spec.network)?),
+    };
 
     let (lifeline_rd, lifeline) = stream.into_split();
     let vm = Adopted::new(ticket.pid, pidfd, lifeline_rd, lifeline);
     let state = state::StateDir::adopt(&ticket.id)?;
-    if let (Some(net), Some(host)) = (&network, nic_host) {
-        net.start(std::os::unix::net::UnixStream::from(host))?;
-    }
+    let net_starting = match (&network, nic_host) {
+        (Some(net), Some(host)) => Some(net.spawn(std::os::unix::net::UnixStream::from(host))?),
+        _ => None,
+    };
     let (nonce, marker) = crate::resume_marker();
     let control = std::os::unix::net::UnixStream::from(control);
     control.set_nonblocking(true)?;
@@ -289,14 +298,11 @@ pub async fn claim(
         ticket.next_stream,
         crate::RESTORE_TIMEOUT.min(spec.ready_timeout),
     );
-    let mon = std::os::unix::net::UnixStream::from(mon);
-    let cont = tokio::task::spawn_blocking(move || {
-        let mut q = qmp::Qmp::in_command_mode(mon)?;
-        q.execute("cont", json!({}))?;
-        Ok::<_, qmp::QmpError>(q)
-    });
     let (resumed, cont) = tokio::join!(resumed, cont);
     tracing::debug!("pooled VM resumed");
+    if let Some(n) = net_starting {
+        n.wait()?;
+    }
     let q = cont
         .map_err(|e| Error::Setup(e.to_string()))?
         .map_err(|e| Error::Setup(format!("resume the pooled VM: {e}")))?;

@@ -179,9 +179,12 @@ impl Sandbox {
         backend: &dyn Backend,
         warm_allowed: bool,
     ) -> Result<Sandbox, Error> {
-        if let (Some(net), Some(host)) = (&network, l.nic_host) {
-            net.start(host)?;
-        }
+        // Comes up while the guest boots (its frames wait in the socket); checked below.
+        let net_starting = match (&network, l.nic_host) {
+            (Some(net), Some(host)) => Some(net.spawn(host)?),
+            _ => None,
+        };
+        let warmed_up = matches!(l.control, launch::Control::Started { .. });
         let (conn, mut ctl, first_stream) = match l.control {
             launch::Control::Raw(s) => {
                 s.set_nonblocking(true)?;
@@ -217,7 +220,7 @@ impl Sandbox {
             template: template.clone(),
             launch,
             scratch: l.scratch,
-            pooled: false,
+            pooled: warmed_up,
         };
         sb.watch_vm();
 
@@ -245,6 +248,10 @@ impl Sandbox {
             drop(sb);
             return Box::pin(Sandbox::start_inner(spec, backend, false)).await;
         }
+        let res = match (res, net_starting) {
+            (Ok(k), Some(n)) => n.wait().map(|()| k).map_err(Error::from),
+            (r, _) => r,
+        };
         match res {
             Ok(kernel) => {
                 sb.kernel_release = kernel;
@@ -767,6 +774,7 @@ fn init_message(
         rng_seed: random_bytes::<32>().to_vec(),
         machine_id: Some(hex::encode(random_bytes::<16>())),
         privileged,
+        disk_uuid_own: sb.pooled,
     }
 }
 

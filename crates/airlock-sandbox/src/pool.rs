@@ -46,7 +46,14 @@ struct State {
     last_error: Option<String>,
     /// [`Pool::close`] was called: no refill.
     closed: bool,
+    /// When a VM was last taken.
+    last_take: Option<std::time::Instant>,
 }
+
+/// How long after a VM is taken the refill waits before restoring another: a restore is about
+/// a second of CPU, and on a small machine it would otherwise compete with the claimed
+/// sandbox's first steps, which are what a claim is for.
+const REFILL_AFTER_TAKE: std::time::Duration = std::time::Duration::from_millis(300);
 
 /// What a pool holds now.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -225,6 +232,7 @@ impl Pool {
         let mut st = self.lock();
         while let Some(l) = st.ready.pop_front() {
             if l.vm.exit_watch().borrow().is_none() {
+                st.last_take = Some(std::time::Instant::now());
                 return Some(l);
             }
             tracing::warn!("a pooled sandbox had died; dropped it");
@@ -316,16 +324,25 @@ async fn refill(pool: Weak<Inner>) {
     loop {
         let Some(inner) = pool.upgrade() else { return };
         let pool = Pool { inner };
-        let want = {
+        let (want, quiet) = {
             let mut st = pool.lock();
             let want = st.ready.len() + st.filling < pool.inner.size
                 && st.last_error.is_none()
                 && !st.closed;
-            if want {
+            let quiet = st
+                .last_take
+                .map(|t| REFILL_AFTER_TAKE.saturating_sub(t.elapsed()))
+                .unwrap_or_default();
+            if want && quiet.is_zero() {
                 st.filling += 1;
             }
-            want
+            (want, quiet)
         };
+        if want && !quiet.is_zero() {
+            drop(pool);
+            tokio::time::sleep(quiet).await;
+            continue;
+        }
         if !want {
             let wake = pool.inner.wake.clone();
             drop(pool);
@@ -375,14 +392,33 @@ async fn prepare(shape: &SandboxSpec, backend: &dyn Backend) -> Result<Launched,
     Ok(l)
 }
 
-/// Execs run in a pooled VM before it is paused.
-const WARMUP_EXECS: u32 = 2;
+/// What a pooled VM runs before it is paused, in this order: the agent's own binary twice
+/// (it exits at once when it is not PID 1: the guest's spawn path), then the image's `true`
+/// twice and its shell (the dynamic loader, libc and the shell's start-up, which most commands go
+/// through), then `reap`. An image without one of those programs only warms up less.
+fn warmup_execs() -> Vec<airlock_proto::ExecRequest> {
+    let run = |argv: &[&str]| airlock_proto::ExecRequest {
+        argv: argv.iter().map(|a| a.to_string()).collect(),
+        ..Default::default()
+    };
+    vec![
+        run(&["/proc/self/exe"]),
+        run(&["/proc/self/exe"]),
+        run(&["true"]),
+        run(&["true"]),
+        run(&["sh", "-c", ":"]),
+        airlock_proto::ExecRequest {
+            builtin: Some("reap".into()),
+            ..Default::default()
+        },
+    ]
+}
 
 /// Runs the paths a claim will take once in this QEMU process, so the claim finds them
 /// translated (under TCG every new QEMU process translates the guest's code afresh): a
-/// throw-away `Init` (no network, no CA, no secret: the claim's `Init` replaces every field),
-/// then [`WARMUP_EXECS`] spawns of the agent's own binary (which exits at once when it is not
-/// PID 1). Nothing of the image runs before a claim.
+/// throw-away `Init` (no network policy, secret or share, a CA whose key is dropped: the
+/// claim's `Init` replaces every field), a throw-away `Resume`, then [`warmup_execs`]. The image's own code runs here as it would in the
+/// claim, with nothing of any claimer in the VM, and `reap` ends whatever it left running.
 async fn warm_up(mut l: Launched, privileged: bool) -> Result<Launched, Error> {
     let nic = l.nic_host.is_some();
     let launch::Control::Raw(s) = l.control else {
@@ -391,25 +427,60 @@ async fn warm_up(mut l: Launched, privileged: bool) -> Result<Launched, Error> {
     let raw = s.try_clone()?;
     s.set_nonblocking(true)?;
     let (conn, mut ctl) = crate::conn::Conn::start(tokio::net::UnixStream::from_std(s)?);
-    // The claim's Init repeats what this one does, then finds it translated and the copy-up
-    // of /etc/machine-id done: a throw-away machine-id, and the NIC configured as every
+    // The claim's Init repeats what this one does, then finds it translated and its files
+    // written (copied up) already: a throw-away machine-id; the NIC configured as every
     // sandbox's is (the address and route are the same for all; no netstack is attached yet,
-    // so nothing can leave). No CA: it would stay in the system bundles.
-    let init = airlock_proto::Init {
-        hostname: "airlock-pool".into(),
-        rng_seed: crate::random_bytes::<32>().to_vec(),
-        machine_id: Some(hex::encode(crate::random_bytes::<16>())),
-        net: nic.then(network::guest_config),
-        privileged,
-        ..Default::default()
-    };
-    let kernel = crate::handshake(&conn, &mut ctl, &init, crate::RESTORE_TIMEOUT).await?;
-    for id in 1..=WARMUP_EXECS {
-        let (mut events, _window) = conn.open_stream(id);
-        let req = airlock_proto::ExecRequest {
-            argv: vec!["/proc/self/exe".into()],
-            ..Default::default()
+    // so nothing can leave), which the claim's identical config then leaves as it is; a
+    // throw-away CA whose key is dropped here, which the claim's CA replaces in place (a
+    // networked claim always brings one: its netstack's).
+    let throwaway = || -> Result<airlock_proto::Init, Error> {
+        let ca = match nic {
+            true => Some(
+                airlock_net::ca::Ca::generate()
+                    .map_err(|e| Error::Setup(e.to_string()))?
+                    .pem()
+                    .to_string(),
+            ),
+            false => None,
         };
+        Ok(airlock_proto::Init {
+            hostname: "airlock-pool".into(),
+            rng_seed: crate::random_bytes::<32>().to_vec(),
+            machine_id: Some(hex::encode(crate::random_bytes::<16>())),
+            net: nic.then(network::guest_config),
+            ca_pem: ca,
+            privileged,
+            ..Default::default()
+        })
+    };
+    let kernel = crate::handshake(&conn, &mut ctl, &throwaway()?, crate::RESTORE_TIMEOUT).await?;
+    // A claim from another process greets with `Resume`, whose paths (and the second-time
+    // ones of every `Init` step) then run here once too.
+    let rehearsal = airlock_proto::Resume {
+        nonce: hex::encode(crate::random_bytes::<16>()),
+        first_stream: 1,
+        init: throwaway()?,
+    };
+    conn.send(airlock_proto::Frame::json(
+        airlock_proto::Kind::Resume,
+        airlock_proto::CONTROL_STREAM,
+        &rehearsal,
+    ))
+    .await
+    .map_err(Error::Protocol)?;
+    match tokio::time::timeout(crate::RESTORE_TIMEOUT, ctl.recv()).await {
+        Ok(Some(crate::conn::ControlEvent::Resumed)) => {}
+        other => {
+            return Err(Error::Setup(format!(
+                "the pooled VM answered {other:?} to its warm-up Resume"
+            )))
+        }
+    }
+    let execs = warmup_execs();
+    let last = execs.len() as u32;
+    for (id, req) in (1..).zip(execs) {
+        let reap = req.builtin.is_some();
+        let (mut events, _window) = conn.open_stream(id);
         let sent = conn
             .send(airlock_proto::Frame::json(
                 airlock_proto::Kind::Exec,
@@ -420,24 +491,31 @@ async fn warm_up(mut l: Launched, privileged: bool) -> Result<Launched, Error> {
         sent.map_err(|e| Error::Setup(format!("warm-up exec: {e}")))?;
         let ended = tokio::time::timeout(crate::RESTORE_TIMEOUT, async {
             while let Some(ev) = events.recv().await {
-                if matches!(ev, crate::ExecEvent::Exit(_) | crate::ExecEvent::Failed(_)) {
-                    return true;
+                match ev {
+                    crate::ExecEvent::Exit(s) => return Some(s.code == Some(0)),
+                    crate::ExecEvent::Failed(_) => return Some(false),
+                    _ => {}
                 }
             }
-            false
+            None
         })
         .await;
         conn.close_stream(id);
-        if !matches!(ended, Ok(true)) {
-            return Err(Error::Setup(
-                "the pooled VM's warm-up exec did not end".into(),
-            ));
+        match ended {
+            // The image may lack `true` or `sh`: that only warms up less. `reap` must work.
+            Ok(Some(ok)) if ok || !reap => {}
+            _ => {
+                return Err(Error::Setup(format!(
+                    "the pooled VM's warm-up ({:?}) did not end well",
+                    req.builtin.as_deref().unwrap_or(&req.argv.join(" "))
+                )))
+            }
         }
     }
     l.control = launch::Control::Started {
         conn,
         ctl,
-        next_stream: WARMUP_EXECS + 1,
+        next_stream: last + 1,
         raw,
         kernel,
     };

@@ -65,6 +65,18 @@ async fn pool_claims_are_fresh_machines_and_the_pool_refills() {
     assert_ne!(la[2], lb[2], "urandom shared between pool siblings");
     assert_eq!((la[3], lb[3]), ("ok", "ok"));
     assert!(first_pids.contains(&a.vm_pid()) && first_pids.contains(&b.vm_pid()));
+    // Each claim trusts its own CA alone: the warm-up's throw-away CA (its key dropped) was
+    // replaced in every bundle, not kept beside it.
+    for sb in [&a, &b] {
+        let ca = sb.network().expect("networked").ca_pem();
+        let out = sh(
+            sb,
+            "cat /etc/ssl/certs/ca-certificates.crt; echo @@; cat /etc/ssl/airlock/bundle.pem",
+        )
+        .await;
+        let parts: Vec<&str> = out.split("@@").map(str::trim).collect();
+        assert_eq!(parts, [ca.trim(), ca.trim()], "trusted roots of {}", sb.id());
+    }
     let st = pool.status();
     assert_eq!(st.claimed, 2, "{st:?}");
 
