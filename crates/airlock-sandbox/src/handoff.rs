@@ -237,8 +237,9 @@ pub async fn claim(
     let mut next = || fds.next().expect("counted above");
     let (control, mon, pidfd) = (next(), next(), next());
     let nic_host = ticket.nic.then(next);
-    // The guest wakes while the rest is set up: it only waits for `Resume` (nothing of the
-    // image runs in a pooled VM), and its frames wait in the sockets until read.
+    // The guest wakes while the rest is set up: it only waits for `Resume` (nothing but the
+    // agent runs in a pooled VM: its warm-up ends with `reap`), and its frames wait in the
+    // sockets until read.
     let mon = std::os::unix::net::UnixStream::from(mon);
     let cont = tokio::task::spawn_blocking(move || {
         let mut q = qmp::Qmp::in_command_mode(mon)?;

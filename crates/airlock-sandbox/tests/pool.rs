@@ -75,7 +75,12 @@ async fn pool_claims_are_fresh_machines_and_the_pool_refills() {
         )
         .await;
         let parts: Vec<&str> = out.split("@@").map(str::trim).collect();
-        assert_eq!(parts, [ca.trim(), ca.trim()], "trusted roots of {}", sb.id());
+        assert_eq!(
+            parts,
+            [ca.trim(), ca.trim()],
+            "trusted roots of {}",
+            sb.id()
+        );
     }
     let st = pool.status();
     assert_eq!(st.claimed, 2, "{st:?}");
