@@ -237,10 +237,13 @@ pub fn trust_ca(pem: &str) -> Result<(), String> {
     }
     // The combined bundle: the first system bundle as the image had it, then the CA.
     let bundle = std::path::Path::new(BUNDLE_FILE);
-    let keep = match kept(bundle) {
-        Some(keep) => keep,
+    let (keep, written) = match kept(bundle) {
+        Some(keep) => (
+            keep,
+            write_in_place(bundle, keep, tail_for(keep, &pem).as_bytes()),
+        ),
         None => {
-            let text = match &system {
+            let mut text = match &system {
                 Some((path, len)) => {
                     let mut t = std::fs::read(path).unwrap_or_default();
                     t.truncate(*len as usize);
@@ -248,12 +251,12 @@ pub fn trust_ca(pem: &str) -> Result<(), String> {
                 }
                 None => Vec::new(),
             };
-            write_in_place(bundle, 0, &text).map_err(|e| format!("{BUNDLE_FILE}: {e}"))?;
-            text.len() as u64
+            let keep = text.len() as u64;
+            text.extend_from_slice(tail_for(keep, &pem).as_bytes());
+            (keep, write_in_place(bundle, 0, &text))
         }
     };
-    write_in_place(bundle, keep, tail_for(keep, &pem).as_bytes())
-        .map_err(|e| format!("{BUNDLE_FILE}: {e}"))?;
+    written.map_err(|e| format!("{BUNDLE_FILE}: {e}"))?;
     files.push((bundle.to_path_buf(), keep));
     *installed = Some(Installed { pem, files });
     extend_env(

@@ -78,11 +78,13 @@ pub struct ProxyContext {
 
 /// The upstream TLS client configurations (the host's roots plus `--upstream-ca`), made on
 /// the first upstream TLS connection: reading and parsing the host's roots takes milliseconds
-/// that a start would otherwise wait for, and many sandboxes never dial TLS. That thread (the
-/// netstack's) may read the system's roots under its confinement; roots named by
-/// `SSL_CERT_FILE` or `SSL_CERT_DIR` may lie elsewhere, so with those set they are read at once.
+/// that a start would otherwise wait for, and many sandboxes never dial TLS. The netstack's
+/// thread, where that connection runs, may read the system's roots under its confinement;
+/// roots named by `SSL_CERT_FILE` or `SSL_CERT_DIR` may lie elsewhere, so with those set they
+/// are read at once.
 struct Upstream {
-    extra: Vec<CertificateDer<'static>>,
+    /// The `--upstream-ca` roots, parsed (and refused if bad) at start.
+    extra: rustls::RootCertStore,
     ready: std::sync::OnceLock<Result<Clients, String>>,
 }
 
@@ -95,14 +97,11 @@ struct Clients {
 }
 
 impl Clients {
-    fn make(extra: &[CertificateDer<'static>]) -> Result<Clients, String> {
-        let mut roots = rustls::RootCertStore::empty();
+    fn make(extra: &rustls::RootCertStore) -> Result<Clients, String> {
+        let mut roots = extra.clone();
         for c in rustls_native_certs::load_native_certs().certs {
             // A host root rustls cannot parse is skipped, as browsers do.
             let _ = roots.add(c);
-        }
-        for c in extra {
-            let _ = roots.add(c.clone()); // checked in ProxyContext::new
         }
         let roots = Arc::new(roots);
         let client = |alpn: &[&[u8]]| -> Result<Arc<ClientConfig>, String> {
@@ -124,7 +123,7 @@ impl Clients {
 }
 
 impl Upstream {
-    fn load(extra: Vec<CertificateDer<'static>>) -> Upstream {
+    fn load(extra: rustls::RootCertStore) -> Upstream {
         let up = Upstream {
             extra,
             ready: std::sync::OnceLock::new(),
@@ -164,7 +163,7 @@ impl ProxyContext {
         let secrets = Secrets::new(secrets)?;
         let ca = Ca::generate()?;
         // The extra roots are read now, so a bad file is refused at start.
-        let mut extra = Vec::new();
+        let mut extra = rustls::RootCertStore::empty();
         for p in extra_roots {
             use rustls::pki_types::pem::PemObject;
             let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(p)
@@ -181,13 +180,11 @@ impl ProxyContext {
                     p.display()
                 )));
             }
-            let mut check = rustls::RootCertStore::empty();
-            for c in &certs {
-                check
-                    .add(c.clone())
+            for c in certs {
+                extra
+                    .add(c)
                     .map_err(|e| ProxyError(format!("upstream CA file {}: {e}", p.display())))?;
             }
-            extra.extend(certs);
         }
         Ok(ProxyContext {
             secrets,

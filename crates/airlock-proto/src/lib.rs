@@ -422,8 +422,8 @@ pub struct Init {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub machine_id: Option<String>,
     /// The writable disk's ext4 UUID is this VM's own already (a pooled VM's warm-up renewed
-    /// it from that VM's own seed; a cold boot's host gave its disk copy a new one): keep it.
-    /// Otherwise the agent renews it, as a VM restored from a shared template must.
+    /// it from that VM's own seed): keep it. Otherwise the agent renews it, as a VM booted or
+    /// restored from a shared disk template must.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub disk_uuid_own: bool,
 }

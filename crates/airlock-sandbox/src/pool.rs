@@ -2,9 +2,11 @@
 //! is a claim (resume, attach the claimer's network, `Init`) instead of a QEMU launch and a
 //! restore. Refilled in the background, one VM at a time.
 //!
-//! A pooled VM has not had `Init`: it holds no identity, no CA, no network policy, no
-//! secret. The claim gives it all of those exactly as a warm start does (new hostname,
-//! machine-id, RNG seed, clock, CA, ext4 UUID), so pool siblings are as distinct as warm ones.
+//! A pooled VM has had only a throw-away `Init` and its warm-up ([`warm_up`]): it holds no
+//! identity of a claimer, no CA whose key anyone has, no network policy, no secret. The claim
+//! gives it all of those as a warm start does (new hostname, machine-id, RNG seed, clock, CA;
+//! the ext4 UUID its warm-up renewed from the VM's own seed), so pool siblings are as
+//! distinct as warm ones.
 //! Every pooled QEMU dies with the process holding the pool (`PR_SET_PDEATHSIG`), and
 //! dropping the [`Pool`] kills them and removes their state directories.
 
@@ -147,10 +149,9 @@ impl Pool {
             }
         };
         self.lock().claimed += 1;
-        let mut sb = Sandbox::finish(l, spec, network, self.inner.backend.as_ref(), true).await?;
-        // A claim that fell back to a cold boot (the restored VM did not come up) is not pooled.
-        sb.pooled = sb.template.is_some();
-        Ok(sb)
+        // `finish` marks it pooled; a claim that fell back to a cold boot (the restored VM did
+        // not come up) is a new, unpooled sandbox.
+        Sandbox::finish(l, spec, network, self.inner.backend.as_ref(), true).await
     }
 
     /// Kills the ready VMs and stops refilling; claimed sandboxes are not touched.
@@ -394,8 +395,8 @@ async fn prepare(shape: &SandboxSpec, backend: &dyn Backend) -> Result<Launched,
 
 /// What a pooled VM runs before it is paused, in this order: the agent's own binary twice
 /// (it exits at once when it is not PID 1: the guest's spawn path), then the image's `true`
-/// twice and its shell (the dynamic loader, libc and the shell's start-up, which most commands go
-/// through), then `reap`. An image without one of those programs only warms up less.
+/// twice and its shell (the dynamic loader, libc and the shell's start-up, which most
+/// commands go through), then `reap`. An image without one of those programs only warms up less.
 fn warmup_execs() -> Vec<airlock_proto::ExecRequest> {
     let run = |argv: &[&str]| airlock_proto::ExecRequest {
         argv: argv.iter().map(|a| a.to_string()).collect(),
@@ -417,8 +418,9 @@ fn warmup_execs() -> Vec<airlock_proto::ExecRequest> {
 /// Runs the paths a claim will take once in this QEMU process, so the claim finds them
 /// translated (under TCG every new QEMU process translates the guest's code afresh): a
 /// throw-away `Init` (no network policy, secret or share, a CA whose key is dropped: the
-/// claim's `Init` replaces every field), a throw-away `Resume`, then [`warmup_execs`]. The image's own code runs here as it would in the
-/// claim, with nothing of any claimer in the VM, and `reap` ends whatever it left running.
+/// claim's `Init` replaces every field), a throw-away `Resume`, then [`warmup_execs`]. The
+/// image's own code runs here as it would in the claim, with nothing of any claimer in the
+/// VM, and `reap` ends whatever it left running.
 async fn warm_up(mut l: Launched, privileged: bool) -> Result<Launched, Error> {
     let nic = l.nic_host.is_some();
     let launch::Control::Raw(s) = l.control else {
