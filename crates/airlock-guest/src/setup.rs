@@ -111,8 +111,20 @@ pub fn mount_root() -> Result<(), String> {
             Some("mode=0755"),
         )?,
     }
+    // The host's scratch template comes with both made (a stat instead of the first ext4
+    // write); a rootless host's mkfs gives them its own uid, and the upper directory's owner
+    // is the owner of "/".
     for d in ["/mnt/scratch/upper", "/mnt/scratch/work"] {
-        fs::create_dir_all(d).map_err(|e| format!("mkdir {d}: {e}"))?;
+        use std::os::unix::fs::MetadataExt;
+        match fs::metadata(d) {
+            Ok(m) if m.is_dir() => {
+                if m.uid() != 0 || m.gid() != 0 {
+                    std::os::unix::fs::chown(d, Some(0), Some(0))
+                        .map_err(|e| format!("chown {d}: {e}"))?;
+                }
+            }
+            _ => fs::create_dir_all(d).map_err(|e| format!("mkdir {d}: {e}"))?,
+        }
     }
     // The writable disk is out of reach once the overlay is "/": keep a handle for
     // renew_scratch_uuid (close-on-exec, so no workload inherits it).
