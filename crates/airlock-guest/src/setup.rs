@@ -111,9 +111,9 @@ pub fn mount_root() -> Result<(), String> {
             Some("mode=0755"),
         )?,
     }
-    // The host's scratch template comes with both made (a stat instead of the first ext4
-    // write); a rootless host's mkfs gives them its own uid, and the upper directory's owner
-    // is the owner of "/".
+    // The host's scratch template comes with both made (a stat instead of two mkdirs); a
+    // rootless host's mkfs gives them its own uid, and the upper directory's owner is the
+    // owner of "/".
     for d in ["/mnt/scratch/upper", "/mnt/scratch/work"] {
         use std::os::unix::fs::MetadataExt;
         match fs::metadata(d) {
