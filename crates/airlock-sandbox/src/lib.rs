@@ -37,6 +37,7 @@ mod state;
 mod stats;
 pub mod template;
 mod warm;
+mod warmup;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -393,32 +393,10 @@ async fn prepare(shape: &SandboxSpec, backend: &dyn Backend) -> Result<Launched,
     Ok(l)
 }
 
-/// What a pooled VM runs before it is paused, in this order: the agent's own binary twice
-/// (it exits at once when it is not PID 1: the guest's spawn path), then the image's `true`
-/// twice and its shell (the dynamic loader, libc and the shell's start-up, which most
-/// commands go through), then `reap`. An image without one of those programs only warms up less.
-fn warmup_execs() -> Vec<airlock_proto::ExecRequest> {
-    let run = |argv: &[&str]| airlock_proto::ExecRequest {
-        argv: argv.iter().map(|a| a.to_string()).collect(),
-        ..Default::default()
-    };
-    vec![
-        run(&["/proc/self/exe"]),
-        run(&["/proc/self/exe"]),
-        run(&["true"]),
-        run(&["true"]),
-        run(&["sh", "-c", ":"]),
-        airlock_proto::ExecRequest {
-            builtin: Some("reap".into()),
-            ..Default::default()
-        },
-    ]
-}
-
 /// Runs the paths a claim will take once in this QEMU process, so the claim finds them
 /// translated (under TCG every new QEMU process translates the guest's code afresh): a
 /// throw-away `Init` (no network policy, secret or share, a CA whose key is dropped: the
-/// claim's `Init` replaces every field), a throw-away `Resume`, then [`warmup_execs`]. The
+/// claim's `Init` replaces every field), a throw-away `Resume`, then the execs of [`crate::warmup`]. The
 /// image's own code runs here as it would in the claim, with nothing of any claimer in the
 /// VM, and `reap` ends whatever it left running.
 async fn warm_up(mut l: Launched, privileged: bool) -> Result<Launched, Error> {
@@ -430,31 +408,8 @@ async fn warm_up(mut l: Launched, privileged: bool) -> Result<Launched, Error> {
     s.set_nonblocking(true)?;
     let (conn, mut ctl) = crate::conn::Conn::start(tokio::net::UnixStream::from_std(s)?);
     // The claim's Init repeats what this one does, then finds it translated and its files
-    // written (copied up) already: a throw-away machine-id; the NIC configured as every
-    // sandbox's is (the address and route are the same for all; no netstack is attached yet,
-    // so nothing can leave), which the claim's identical config then leaves as it is; a
-    // throw-away CA whose key is dropped here, which the claim's CA replaces in place (a
-    // networked claim always brings one: its netstack's).
-    let throwaway = || -> Result<airlock_proto::Init, Error> {
-        let ca = match nic {
-            true => Some(
-                airlock_net::ca::Ca::generate()
-                    .map_err(|e| Error::Setup(e.to_string()))?
-                    .pem()
-                    .to_string(),
-            ),
-            false => None,
-        };
-        Ok(airlock_proto::Init {
-            hostname: "airlock-pool".into(),
-            rng_seed: crate::random_bytes::<32>().to_vec(),
-            machine_id: Some(hex::encode(crate::random_bytes::<16>())),
-            net: nic.then(network::guest_config),
-            ca_pem: ca,
-            privileged,
-            ..Default::default()
-        })
-    };
+    // written already (see crate::warmup).
+    let throwaway = || crate::warmup::throwaway_init(nic, privileged);
     let kernel = crate::handshake(&conn, &mut ctl, &throwaway()?, crate::RESTORE_TIMEOUT).await?;
     // A claim from another process greets with `Resume`, whose paths (and the second-time
     // ones of every `Init` step) then run here once too.
@@ -478,46 +433,11 @@ async fn warm_up(mut l: Launched, privileged: bool) -> Result<Launched, Error> {
             )))
         }
     }
-    let execs = warmup_execs();
-    let last = execs.len() as u32;
-    for (id, req) in (1..).zip(execs) {
-        let reap = req.builtin.is_some();
-        let (mut events, _window) = conn.open_stream(id);
-        let sent = conn
-            .send(airlock_proto::Frame::json(
-                airlock_proto::Kind::Exec,
-                id,
-                &req,
-            ))
-            .await;
-        sent.map_err(|e| Error::Setup(format!("warm-up exec: {e}")))?;
-        let ended = tokio::time::timeout(crate::RESTORE_TIMEOUT, async {
-            while let Some(ev) = events.recv().await {
-                match ev {
-                    crate::ExecEvent::Exit(s) => return Some(s.code == Some(0)),
-                    crate::ExecEvent::Failed(_) => return Some(false),
-                    _ => {}
-                }
-            }
-            None
-        })
-        .await;
-        conn.close_stream(id);
-        match ended {
-            // The image may lack `true` or `sh`: that only warms up less. `reap` must work.
-            Ok(Some(ok)) if ok || !reap => {}
-            _ => {
-                return Err(Error::Setup(format!(
-                    "the pooled VM's warm-up ({:?}) did not end well",
-                    req.builtin.as_deref().unwrap_or(&req.argv.join(" "))
-                )))
-            }
-        }
-    }
+    let next_stream = crate::warmup::run_execs(&conn, 1).await?;
     l.control = launch::Control::Started {
         conn,
         ctl,
-        next_stream: last + 1,
+        next_stream,
         raw,
         kernel,
     };

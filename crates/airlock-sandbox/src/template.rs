@@ -1,6 +1,7 @@
-//! Warm-start templates: a guest paused right after its agent said `Hello` (before any
-//! per-sandbox data reached it), kept as a sparse RAM file, QEMU's device state and the
-//! writable disk as it was at that moment. Later sandboxes with the same inputs restore it
+//! Warm-start templates: a guest saved after its agent said `Hello` and ran a warm-up
+//! (`crate::warmup`: a throw-away `Init` and a few spawns; no per-sandbox data reached it),
+//! kept as a sparse RAM file, QEMU's device state and the writable disk as it was at that
+//! moment. Later sandboxes with the same inputs restore it
 //! instead of booting.
 //!
 //! `<cache>/templates/<key>/` holds `ram`, `state`, `scratch.ext4` and `manifest.json`; the key
@@ -18,7 +19,7 @@ use sha2::{Digest, Sha256};
 use crate::assets::cache_dir;
 
 /// Bumped whenever the template layout or the capture point changes.
-pub(crate) const FORMAT: u32 = 3;
+pub(crate) const FORMAT: u32 = 4;
 
 /// Identity of one input file: a change of any of these invalidates the template.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -78,6 +79,10 @@ pub struct Inputs {
     pub cmdline: String,
     /// Accelerator.
     pub accel: String,
+    /// Whether the warm-up's `Init` left the agent privileged (`--privileged`): an agent that
+    /// restricted itself stays restricted.
+    #[serde(default)]
+    pub privileged: bool,
 }
 
 impl Inputs {

@@ -1,11 +1,10 @@
 //! Warm starts: whether a sandbox may restore a template, and building the template (a VM
-//! booted to its agent's Hello, then saved) when there is none yet.
+//! booted and warmed up, then saved) when there is none yet.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use airlock_backend::{Accel, Backend, NicConfig, VmConfig};
-use airlock_proto::{Kind, VERSION};
 
 use crate::{qmp, rootfs, template, SandboxSpec};
 
@@ -67,6 +66,7 @@ pub(crate) fn warm_inputs(
         nic,
         cmdline: template::key_cmdline(cmdline),
         accel: accel.to_string(),
+        privileged: spec.privileged,
     })
 }
 
@@ -124,10 +124,9 @@ pub(crate) async fn template_for(
     }
 }
 
-/// Boots a VM for the template, waits for its agent's Hello, then saves it (RAM stays in the
-/// file it was written to) and ends it.
+/// Boots a VM for the template, warms it up ([`crate::warmup`]: a throw-away `Init`, a few
+/// spawns, `reap`), then saves it (RAM stays in the file it was written to) and ends it.
 async fn build_template(b: &template::Builder, ctx: &BuildCtx<'_>) -> Result<(), String> {
-    use tokio::io::AsyncReadExt;
     let (scratch, mib) = (b.scratch(), ctx.spec.disk_mib);
     tokio::task::spawn_blocking(move || rootfs::create_scratch(&scratch, mib))
         .await
@@ -165,39 +164,18 @@ async fn build_template(b: &template::Builder, ctx: &BuildCtx<'_>) -> Result<(),
     };
     let vm = ctx.backend.launch(cfg).map_err(|e| e.to_string())?;
     host_end.set_nonblocking(true).map_err(io)?;
-    let mut host = tokio::net::UnixStream::from_std(host_end).map_err(io)?;
-    let wait_hello = async {
-        let mut dec = airlock_proto::Decoder::new();
-        let mut buf = vec![0u8; 4096];
-        loop {
-            let n = host.read(&mut buf).await.map_err(io)?;
-            if n == 0 {
-                return Err("the VM ended before its agent was up".to_string());
-            }
-            dec.push(&buf[..n]);
-            if let Some(f) = dec.next_frame().map_err(|e| e.to_string())? {
-                if f.kind != Kind::Hello {
-                    return Err(format!("expected Hello, got {:?}", f.kind));
-                }
-                let h: airlock_proto::Hello = f.parse().map_err(|e| e.to_string())?;
-                if h.version != VERSION {
-                    return Err(format!("agent speaks protocol {}", h.version));
-                }
-                if dec.buffered() > 0 {
-                    return Err("agent sent more than Hello".into());
-                }
-                return Ok(());
-            }
-            if dec.buffered() > 64 * 1024 {
-                return Err("oversized Hello".into());
-            }
-        }
+    let host = tokio::net::UnixStream::from_std(host_end).map_err(io)?;
+    let (conn, mut ctl) = crate::conn::Conn::start(host);
+    let init =
+        crate::warmup::throwaway_init(ctx.nic, ctx.spec.privileged).map_err(|e| e.to_string())?;
+    let warm_up = async {
+        crate::handshake(&conn, &mut ctl, &init, ctx.spec.ready_timeout).await?;
+        crate::warmup::run_execs(&conn, 1).await
     };
     let mut exit = vm.exit_watch();
     tokio::select! {
-        r = wait_hello => r?,
-        _ = exit.wait_for(|e| e.is_some()) => return Err("the VM ended before its agent was up".into()),
-        _ = tokio::time::sleep(ctx.spec.ready_timeout) => return Err("its agent was not up in time".into()),
+        r = warm_up => { r.map_err(|e| format!("its warm-up failed: {e}"))?; }
+        _ = exit.wait_for(|e| e.is_some()) => return Err("the VM ended during its warm-up".into()),
     }
     let state = b.state();
     tokio::task::spawn_blocking(move || {
@@ -214,6 +192,6 @@ async fn build_template(b: &template::Builder, ctx: &BuildCtx<'_>) -> Result<(),
     vm.kill();
     let _ = tokio::time::timeout(Duration::from_secs(10), exit.wait_for(|e| e.is_some())).await;
     drop(nic_pair);
-    drop(host);
+    drop(conn);
     Ok(())
 }
