@@ -24,6 +24,7 @@ mod api;
 
 #[path = "../../airlock-image/tests/common/mod.rs"]
 mod common;
+mod floor;
 mod fsbench;
 mod net;
 mod snap;

@@ -126,7 +126,7 @@ async fn first_output(rootfs: &Path, cold: bool) -> Result<Duration> {
 }
 
 /// `(VmRSS, Pss)` of a process, KiB.
-fn rss_pss(pid: u32) -> Result<(u64, u64)> {
+pub(crate) fn rss_pss(pid: u32) -> Result<(u64, u64)> {
     let field = |text: &str, name: &str| -> Option<u64> {
         text.lines()
             .find(|l| l.starts_with(name))?
@@ -262,6 +262,14 @@ pub async fn section(iterations: usize, rootfs: &Path) -> Result<String> {
     let (wr, wp) = idle_memory(rootfs, false, IDLE_SANDBOXES).await?;
     let (cr, cp) = idle_memory(rootfs, true, IDLE_SANDBOXES).await?;
 
+    eprintln!("bare restores (the floor)");
+    let floor = crate::floor::measure(rootfs, iterations, IDLE_SANDBOXES).await?;
+    eprintln!(
+        "bare restore ms: {}; idle PSS {} MiB",
+        list(&floor.restores),
+        floor.idle_pss_kib / 1024
+    );
+
     eprintln!("api starts (cold, warm, pool)");
     let (acold, awarm, apool) = api_starts(rootfs, iterations).await?;
     eprintln!(
@@ -310,6 +318,21 @@ pub async fn section(iterations: usize, rootfs: &Path) -> Result<String> {
         cp / 1024,
         wr / 1024,
         wp / 1024
+    );
+    let f50 = pct(&floor.restores, 0.5);
+    t += &format!(
+        "\nThe floor under any warm start with this VMM and accelerator: bare QEMU restoring the \
+         same template (same command line, RAM file, device state and disks; spawn until QMP \
+         `cont` returns; no netstack, `Init` or command), {iterations} runs, and {IDLE_SANDBOXES} \
+         such restores held at once, idle:\n\n\
+         | | p50 | ÷ cold p50 | idle PSS |\n|---|---|---|---|\n\
+         | bare restore | {:.0} ms | {:.3} | {} MiB |\n\
+         | warm `run -- true` | {:.0} ms | {ratio:.3} | {} MiB |\n",
+        ms(f50),
+        f50.as_secs_f64() / c50.as_secs_f64(),
+        floor.idle_pss_kib / 1024,
+        ms(w50),
+        wp / 1024,
     );
     let p50 = pct(&pooled, 0.5);
     let run_pool_ratio = p50.as_secs_f64() / c50.as_secs_f64();
