@@ -452,25 +452,27 @@ async fn bench_exec(o: &Opts, rootfs: &Path) -> Result<Execs> {
         for _ in 0..5 {
             sb.output(ExecSpec::new(["true"])).await?;
         }
-        let mut sandbox = Vec::with_capacity(o.execs);
-        for _ in 0..o.execs {
-            let t = Instant::now();
-            let out = sb.output(ExecSpec::new(["true"])).await?;
-            sandbox.push(t.elapsed());
-            if out.status.code != Some(0) {
-                bail!("`true` in the sandbox exited with {:?}", out.status);
-            }
-        }
-        let mut guest_shell = Vec::new();
-        for _ in 0..5 {
-            guest_shell.push(guest_spawn_cost(&sb).await?);
-        }
         let prog = upload_spawnloop(&sb).await?;
-        let (mut guest, mut guest_vfork) = (Vec::new(), Vec::new());
-        // Alternated, so drift hits both alike; each run's first spawn is uncounted.
-        for _ in 0..5 {
+        let mut sandbox = Vec::with_capacity(o.execs);
+        let (mut guest_shell, mut guest, mut guest_vfork) = (Vec::new(), Vec::new(), Vec::new());
+        // Five rounds, each a fifth of the sandbox's execs and then one run of every guest
+        // baseline: the machine's drift (other load, its own clock) hits all of them alike,
+        // which measuring one after the other did not (the guest baseline's p50 moved by up to
+        // 1.6x between runs on 2026-12-07). Each baseline run's first spawn is uncounted.
+        const ROUNDS: usize = 5;
+        for round in 0..ROUNDS {
+            let n = o.execs / ROUNDS + usize::from(round < o.execs % ROUNDS);
+            for _ in 0..n {
+                let t = Instant::now();
+                let out = sb.output(ExecSpec::new(["true"])).await?;
+                sandbox.push(t.elapsed());
+                if out.status.code != Some(0) {
+                    bail!("`true` in the sandbox exited with {:?}", out.status);
+                }
+            }
             guest.extend(spawnloop(&sb, &prog, "fork").await?);
             guest_vfork.extend(spawnloop(&sb, &prog, "spawn").await?);
+            guest_shell.push(guest_spawn_cost(&sb).await?);
         }
         Ok((sandbox, guest_shell, guest, guest_vfork))
     }
@@ -840,12 +842,13 @@ fn docs(
          the demo rootfs is the one `scripts/mkrootfs-busybox` builds. One uncounted warm-up run of \
          each first (it fills airlock's caches and checks the bare guest really reached /init); \
          then the two alternate, so host drift hits both alike.\n\
-         - Exec: one sandbox started through the Rust API, 5 uncounted runs, then `true` run \
-         sequentially, each timed from request to exit status. Host baseline: `/bin/true` spawned \
+         - Exec: one sandbox started through the Rust API, 5 uncounted runs, then five rounds, each \
+         a fifth of the `true` runs (sequential, each timed from request to exit status) followed \
+         by one run of each guest baseline below, so drift hits both sides alike. Host baseline: `/bin/true` spawned \
          and waited for with `std::process::Command`. Guest baseline (the goal's): in the same sandbox, a small \
          static C program (`crates/airlock-bench/src/spawnloop.c`, built with the host's `cc -static` \
          and copied in) doing fork + execve + waitpid of `/bin/true` 100 times, each timed by the \
-         guest's monotonic clock, five runs (first spawn of each uncounted); shown too: the same \
+         guest's monotonic clock, one run per round (first spawn of each uncounted); shown too: the same \
          with posix_spawn, and a busybox shell loop running `/bin/true` 100 times against the same \
          loop running `:` (the earlier baseline: it adds the shell's own per-command work, so it \
          flattered the ratio).\n\
