@@ -15,6 +15,7 @@
 //! per-sandbox writable disk on top and serves execs over one control channel.
 
 pub mod assets;
+pub mod bare;
 mod boot;
 mod clock;
 mod conn;
@@ -594,7 +595,7 @@ pub fn paths() -> Vec<(&'static str, PathBuf)> {
 }
 
 /// How long a restored guest may take to answer `Init` before the template is presumed bad.
-const RESTORE_TIMEOUT: Duration = Duration::from_secs(20);
+pub(crate) const RESTORE_TIMEOUT: Duration = Duration::from_secs(20);
 
 fn random_bytes<const N: usize>() -> [u8; N] {
     let mut b = [0u8; N];

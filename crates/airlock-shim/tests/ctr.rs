@@ -285,7 +285,9 @@ fn terminal() {
     assert_eq!(out.status.code(), Some(3), "{s}");
     assert_clean(&c, "t1");
 
-    // An exec with a terminal, resized: ResizePty reaches the guest pty.
+    // An exec with a terminal, resized: ResizePty reaches the guest pty. ctr sends it only
+    // after Start returns (containerd 1.6 puts no ConsoleSize in the exec spec), so the
+    // process may run before it lands: it waits up to 10 s for the size, then prints it.
     let out = c.ctr(&[
         "run",
         "-d",
@@ -298,7 +300,7 @@ fn terminal() {
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let ctr = format!(
-        "stty cols 91 rows 33; ctr --address {} --namespace {} task exec -t --exec-id x t2 stty size",
+        "stty cols 91 rows 33; ctr --address {} --namespace {} task exec -t --exec-id x t2 sh -c 'i=0; while [ \"$(stty size)\" != \"33 91\" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done; stty size'",
         c.socket.display(),
         c.ns
     );
