@@ -101,6 +101,7 @@ enum Cmd {
     /// Run a command in a running sandbox (started with `run -d`).
     Exec(ExecArgs),
     /// List sandboxes started with `run -d`.
+    #[command(visible_alias = "ps")]
     Ls {
         /// JSON output.
         #[arg(long)]
@@ -165,6 +166,23 @@ enum Cmd {
         /// Sandbox ids or names.
         #[arg(required = true)]
         ids: Vec<String>,
+    },
+    /// Restart sandboxes: stop (as `stop`) if running, then start (as `start`) on the same
+    /// writable layer, name and settings.
+    Restart {
+        /// Seconds between SIGTERM and SIGKILL.
+        #[arg(short = 't', long = "time", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=600))]
+        time: u64,
+        /// Sandbox ids or names.
+        #[arg(required = true)]
+        ids: Vec<String>,
+    },
+    /// Rename a sandbox, running or not: `airlock rename ID NEW_NAME`.
+    Rename {
+        /// Sandbox id or name.
+        id: String,
+        /// The new name (unique, as `run --name`).
+        new_name: String,
     },
     /// Remove stopped sandboxes.
     Rm {
@@ -625,6 +643,10 @@ fn main() {
             done(runtime().block_on(detach::stop(&ids, std::time::Duration::from_secs(time))))
         }
         Cmd::Start { ids } => done(detach::start(&ids)),
+        Cmd::Restart { time, ids } => {
+            done(runtime().block_on(detach::restart(&ids, std::time::Duration::from_secs(time))))
+        }
+        Cmd::Rename { id, new_name } => done(detach::rename(&id, &new_name)),
         Cmd::Stats {
             no_stream,
             json,

@@ -1140,3 +1140,83 @@ fn start_takes_secrets_from_the_environment() {
     );
     env.ok(&["rm", "-f", &id]);
 }
+
+/// `ps` lists as `ls` does; `rename` gives a running sandbox a new name that commands accept
+/// at once and `restart` keeps; `restart` is stop then start on the same writable layer (and
+/// only a start for a stopped sandbox); bad names and taken names are refused.
+#[test]
+fn ps_rename_and_restart() {
+    let env = Env::new();
+    let id = env.start(&[
+        "--name",
+        "first",
+        "--",
+        "sh",
+        "-c",
+        "echo started; while :; do sleep 1; done",
+    ]);
+    let other = env.start(&["--name", "taken"]);
+    assert!(
+        env.ok(&["ps"]).lines().any(|l| l.starts_with(&id)),
+        "ps lists the sandbox"
+    );
+    env.ok(&[
+        "exec",
+        "first",
+        "--",
+        "sh",
+        "-c",
+        "echo layer > /root/kept 2>/dev/null || echo layer > /tmp/kept",
+    ]);
+
+    assert_eq!(env.ok(&["rename", "first", "second"]), "");
+    assert_eq!(env.ok(&["exec", "second", "--", "echo", "hi"]), "hi\n");
+    assert!(!env.run(&["exec", "first", "--", "true"]).status.success());
+    for (new, want) in [
+        ("taken", "already in use"),
+        ("bad name", "not a valid name"),
+        ("second", "already named"),
+    ] {
+        let o = env.run(&["rename", "second", new]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(want), "{new}: {err}");
+    }
+    assert!(!env.run(&["rename", "nosuch", "x"]).status.success());
+
+    assert_eq!(env.ok(&["restart", "-t", "1", "second"]), "second\n");
+    assert_eq!(env.status(&id).as_deref(), Some("running"));
+    let insp: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", &id])).unwrap();
+    assert_eq!(insp["name"], "second", "restart keeps the new name");
+    let out = env.ok(&[
+        "exec",
+        "second",
+        "--",
+        "sh",
+        "-c",
+        "cat /root/kept 2>/dev/null || cat /tmp/kept",
+    ]);
+    assert_eq!(out, "layer\n", "the writable layer survived the restart");
+    let mut logs = String::new();
+    for _ in 0..100 {
+        logs = env.ok(&["logs", "second"]);
+        if logs.matches("started").count() == 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        logs.matches("started").count(),
+        2,
+        "the command ran again: {logs}"
+    );
+
+    // A stopped sandbox is only started; the name it was renamed to while stopped stays too.
+    env.ok(&["stop", "-t", "0", "second"]);
+    env.ok(&["rename", "second", "third"]);
+    assert_eq!(env.ok(&["restart", "third"]), "third\n");
+    assert_eq!(env.status(&id).as_deref(), Some("running"));
+    assert_eq!(env.ok(&["exec", "third", "--", "echo", "ok"]), "ok\n");
+    let o = env.run(&["restart", "nosuch"]);
+    assert!(!o.status.success());
+    env.ok(&["rm", "-f", "third", &other]);
+}

@@ -319,7 +319,7 @@ fn shell_completions() {
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         String::from_utf8(o.stdout).unwrap()
     };
-    assert_eq!(complete("airlock r").trim(), "run rm rpc");
+    assert_eq!(complete("airlock r").trim(), "run restart rename rm rpc");
     assert!(complete("airlock run --sec").contains("--secret-allow-http"));
     for sh in ["zsh", "fish"] {
         let o = Command::new(bin).args(["completion", sh]).output().unwrap();

@@ -1,5 +1,5 @@
-//! The other verbs on detached sandboxes: ls, wait, inspect, logs, kill, stop, start, rm,
-//! prune, port-forward, allow-list, diff and cp.
+//! The other verbs on detached sandboxes: ls, wait, inspect, logs, kill, stop, start,
+//! restart, rename, rm, prune, port-forward, allow-list, diff and cp.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -199,22 +199,38 @@ pub async fn kill(id: &str) -> Result<(), String> {
 /// the VM powers off with its disks synced; the record and its writable layer stay for
 /// `start`. A sandbox that is not running is no error (docker's rule).
 pub async fn stop(ids: &[String], grace: Duration) -> Result<(), String> {
-    let mut errs = Vec::new();
+    let mut done = Done::default();
     for id in ids {
-        let r = match find(id) {
-            Ok(dir) if status(&dir) != Status::Running => Ok(()),
-            Ok(_) => halt(id, Some(grace)).await,
-            Err(e) => Err(e),
-        };
+        done.say(id, stop_one(id, grace).await);
+    }
+    done.result()
+}
+
+async fn stop_one(id: &str, grace: Duration) -> Result<(), String> {
+    match status(&find(id)?) {
+        Status::Running => halt(id, Some(grace)).await,
+        _ => Ok(()),
+    }
+}
+
+/// What a verb over many ids did: each id it handled is printed as it goes (docker's way);
+/// the errors, one a line, are its result.
+#[derive(Default)]
+struct Done(Vec<String>);
+
+impl Done {
+    fn say(&mut self, id: &str, r: Result<(), String>) {
         match r {
             Ok(()) => println!("{id}"),
-            Err(e) => errs.push(e),
+            Err(e) => self.0.push(e),
         }
     }
-    if errs.is_empty() {
-        Ok(())
-    } else {
-        Err(errs.join("\n"))
+
+    fn result(self) -> Result<(), String> {
+        match self.0.is_empty() {
+            true => Ok(()),
+            false => Err(self.0.join("\n")),
+        }
     }
 }
 
@@ -222,18 +238,51 @@ pub async fn stop(ids: &[String], grace: Duration) -> Result<(), String> {
 /// settings it was started with (its command runs again; `-p` forwards are set up again).
 /// Secret values were never stored: each is taken from this environment's `$NAME`.
 pub fn start(ids: &[String]) -> Result<(), String> {
-    let mut errs = Vec::new();
+    let mut done = Done::default();
     for id in ids {
-        match start_one(id) {
-            Ok(()) => println!("{id}"),
-            Err(e) => errs.push(e),
-        }
+        done.say(id, start_one(id));
     }
-    if errs.is_empty() {
-        Ok(())
-    } else {
-        Err(errs.join("\n"))
+    done.result()
+}
+
+/// `airlock restart [-t SECS] ID...`: `stop` then `start`, one sandbox after the other; a
+/// stopped one is only started (docker's rule). Its writable layer, name and settings stay.
+pub async fn restart(ids: &[String], grace: Duration) -> Result<(), String> {
+    let mut done = Done::default();
+    for id in ids {
+        let r = match stop_one(id, grace).await {
+            Ok(()) => start_one(id),
+            Err(e) => Err(e),
+        };
+        done.say(id, r);
     }
+    done.result()
+}
+
+/// `airlock rename ID NEW`: gives a sandbox, running or not, a new name, which `start` keeps.
+pub fn rename(id: &str, new: &str) -> Result<(), String> {
+    let new = check_name(new)?;
+    let dir = find(id)?;
+    let _names = names_lock()?;
+    let mut meta = read_meta(&dir)?;
+    if meta.name.as_deref() == Some(new.as_str()) {
+        return Err(format!("sandbox {id} is already named {new:?}"));
+    }
+    name_free(&new)?;
+    // Both under the names lock, which a supervisor holds while it reads the name and writes
+    // its own copies: `start` keeps the new name.
+    let req = dir.join("request.json");
+    if let Ok(b) = std::fs::read(&req) {
+        let mut v: Value =
+            serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", req.display()))?;
+        v["name"] = json!(new);
+        write_private(&req, v.to_string().as_bytes())?;
+    }
+    meta.name = Some(new);
+    write_private(
+        &dir.join("meta.json"),
+        &serde_json::to_vec_pretty(&meta).map_err(|e| e.to_string())?,
+    )
 }
 
 pub(crate) fn start_one(id: &str) -> Result<(), String> {

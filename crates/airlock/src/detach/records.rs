@@ -169,6 +169,16 @@ pub(crate) fn named(name: &str) -> Option<(PathBuf, Meta)> {
         .map(|(d, m, _)| (d, m))
 }
 
+/// Held while a name is checked and written (`run -d --name`, `start`, `rename`), so two of
+/// them cannot take one name; released when the file drops.
+pub(crate) fn names_lock() -> Result<File, String> {
+    let path = records_dir().join(".names.lock");
+    let f = airlock_sandbox::private_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    // SAFETY: flock on a valid fd; released when `f` closes.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+    Ok(f)
+}
+
 /// Error unless `name` is free (a record keeps its name until `rm` or `prune`, as in docker).
 pub(crate) fn name_free(name: &str) -> Result<(), String> {
     match named(name) {

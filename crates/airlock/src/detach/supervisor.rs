@@ -232,22 +232,21 @@ pub async fn supervise() -> i32 {
         Err(e) => return fail(e.to_string()),
     };
     let setup = || -> Result<tokio::net::UnixListener, String> {
+        // Names are claimed one at a time, from the check to meta.json (`rename` too).
+        let names = names_lock()?;
         let old = if restart { read_meta(&dir).ok() } else { None };
-        // Names are claimed one supervisor at a time, from the check to meta.json.
-        let names = match &req.name {
-            Some(n) if !restart => {
-                let f =
-                    private_file(&records_dir().join(".names.lock")).map_err(|e| e.to_string())?;
-                // SAFETY: flock on a valid fd; released when `f` drops at the end of setup.
-                unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-                name_free(n)?;
-                Some(f)
-            }
-            _ => None,
+        // A restart keeps the name the record has now: it may have been renamed since
+        // `start` read the saved request.
+        let name = match &old {
+            Some(m) => m.name.clone(),
+            None => req.name.clone(),
         };
+        if let (Some(n), false) = (&name, restart) {
+            name_free(n)?;
+        }
         let meta = Meta {
             id: id.clone(),
-            name: req.name.clone(),
+            name: name.clone(),
             labels: req.labels.iter().cloned().collect(),
             source: req.source.clone(),
             command: req.cmd.clone(),
@@ -274,11 +273,11 @@ pub async fn supervise() -> i32 {
             &dir.join("meta.json"),
             &serde_json::to_vec_pretty(&meta).map_err(|e| e.to_string())?,
         )?;
-        drop(names);
         // What `start` needs to boot it again, secret values blanked: they never reach a disk,
         // `start` takes them from its caller's environment.
         let mut saved = SuperviseRequest {
             restart: None,
+            name,
             ..req.clone()
         };
         for s in &mut saved.launch.net.secrets {
@@ -288,6 +287,7 @@ pub async fn supervise() -> i32 {
             &dir.join("request.json"),
             &serde_json::to_vec(&saved).map_err(|e| e.to_string())?,
         )?;
+        drop(names);
         for stale in ["exit.json", "main-exit"] {
             let _ = std::fs::remove_file(dir.join(stale));
         }
@@ -417,12 +417,20 @@ pub(crate) fn claim_record(dir: &Path, restart: bool) -> Result<File, String> {
     Ok(lock)
 }
 
-/// Replaces `path` with `data`, private to this user.
+/// Replaces `path` with `data`, private to this user. Readers see the old file or the new
+/// one, never a missing or half-written one (`ls` and `prune` read records any time).
 pub(crate) fn write_private(path: &Path, data: &[u8]) -> Result<(), String> {
-    let _ = std::fs::remove_file(path);
-    private_file(path)
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let r = private_file(&tmp)
         .and_then(|mut f| f.write_all(data))
-        .map_err(|e| format!("{}: {e}", path.display()))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r.map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// Runs the detached command, appending its output to `log`.
