@@ -232,8 +232,12 @@ pub async fn supervise() -> i32 {
         Err(e) => return fail(e.to_string()),
     };
     let setup = || -> Result<tokio::net::UnixListener, String> {
-        // Names are claimed one at a time, from the check to meta.json (`rename` too).
-        let names = names_lock()?;
+        // Names are claimed one at a time, from the check to meta.json (`rename` too). A
+        // restart takes the lock too: the record may have been renamed since.
+        let names = match req.name.is_some() || restart {
+            true => Some(names_lock()?),
+            false => None,
+        };
         let old = if restart { read_meta(&dir).ok() } else { None };
         // A restart keeps the name the record has now: it may have been renamed since
         // `start` read the saved request.
