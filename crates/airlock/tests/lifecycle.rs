@@ -1218,5 +1218,32 @@ fn ps_rename_and_restart() {
     assert_eq!(env.ok(&["exec", "third", "--", "echo", "ok"]), "ok\n");
     let o = env.run(&["restart", "nosuch"]);
     assert!(!o.status.success());
+
+    // A --rm sandbox would be gone once stopped: restart refuses and leaves it running.
+    let doomed = env.start(&["--rm"]);
+    let o = env.run(&["restart", &doomed]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("--rm"), "{err}");
+    assert_eq!(env.status(&doomed).as_deref(), Some("running"));
+    env.ok(&["kill", &doomed]);
+
+    // A damaged saved request is an error, not a crash, and the name stays.
+    env.ok(&["stop", "-t", "0", "third"]);
+    let req = env
+        .rt
+        .path()
+        .join("sandboxes")
+        .join(&id)
+        .join("request.json");
+    std::fs::write(&req, "[]").unwrap();
+    let o = env.run(&["rename", "third", "fourth"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("not a JSON object"),
+        "{err}"
+    );
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    let insp: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", &id])).unwrap();
+    assert_eq!(insp["name"], "third");
     env.ok(&["rm", "-f", "third", &other]);
 }

@@ -201,16 +201,14 @@ pub async fn kill(id: &str) -> Result<(), String> {
 pub async fn stop(ids: &[String], grace: Duration) -> Result<(), String> {
     let mut done = Done::default();
     for id in ids {
-        done.say(id, stop_one(id, grace).await);
+        let r = match find(id).map(|dir| status(&dir)) {
+            Ok(Status::Running) => halt(id, Some(grace)).await,
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        };
+        done.say(id, r);
     }
     done.result()
-}
-
-async fn stop_one(id: &str, grace: Duration) -> Result<(), String> {
-    match status(&find(id)?) {
-        Status::Running => halt(id, Some(grace)).await,
-        _ => Ok(()),
-    }
 }
 
 /// What a verb over many ids did: each id it handled is printed as it goes (docker's way);
@@ -250,13 +248,25 @@ pub fn start(ids: &[String]) -> Result<(), String> {
 pub async fn restart(ids: &[String], grace: Duration) -> Result<(), String> {
     let mut done = Done::default();
     for id in ids {
-        let r = match stop_one(id, grace).await {
-            Ok(()) => start_one(id),
-            Err(e) => Err(e),
-        };
-        done.say(id, r);
+        done.say(id, restart_one(id, grace).await);
     }
     done.result()
+}
+
+async fn restart_one(id: &str, grace: Duration) -> Result<(), String> {
+    let dir = find(id)?;
+    // Checked first: a sandbox that could not start again is left running.
+    let req = startable(id, &dir)?;
+    if status(&dir) == Status::Running {
+        if req.rm {
+            return Err(format!(
+                "sandbox {id} was run with --rm: stopping it removes it, so it cannot restart \
+                 (airlock stop it, then run -d anew)"
+            ));
+        }
+        halt(id, Some(grace)).await?;
+    }
+    launch(&req).map(|_| ())
 }
 
 /// `airlock rename ID NEW`: gives a sandbox, running or not, a new name, which `start` keeps.
@@ -273,9 +283,11 @@ pub fn rename(id: &str, new: &str) -> Result<(), String> {
     // its own copies: `start` keeps the new name.
     let req = dir.join("request.json");
     if let Ok(b) = std::fs::read(&req) {
-        let mut v: Value =
-            serde_json::from_slice(&b).map_err(|e| format!("{}: {e}", req.display()))?;
-        v["name"] = json!(new);
+        let bad = |e: String| format!("{}: {e}", req.display());
+        let mut v: Value = serde_json::from_slice(&b).map_err(|e| bad(e.to_string()))?;
+        v.as_object_mut()
+            .ok_or_else(|| bad("not a JSON object".into()))?
+            .insert("name".into(), json!(new));
         write_private(&req, v.to_string().as_bytes())?;
     }
     meta.name = Some(new);
@@ -290,7 +302,13 @@ pub(crate) fn start_one(id: &str) -> Result<(), String> {
     if status(&dir) == Status::Running {
         return Ok(());
     }
-    let meta = read_meta(&dir)?;
+    launch(&startable(id, &dir)?).map(|_| ())
+}
+
+/// What `start` boots `id` (record `dir`) with: its saved request, secrets filled from this
+/// environment; an error says why it cannot start again, before anything is stopped.
+fn startable(id: &str, dir: &std::path::Path) -> Result<SuperviseRequest, String> {
+    let meta = read_meta(dir)?;
     let saved = std::fs::read(dir.join("request.json")).map_err(|_| {
         format!(
             "sandbox {id} cannot be started again: it has no saved settings (a fork, or made by an \
@@ -318,7 +336,7 @@ pub(crate) fn start_one(id: &str) -> Result<(), String> {
         }
     }
     req.restart = Some(meta.id.clone());
-    launch(&req).map(|_| ())
+    Ok(req)
 }
 
 /// Stops a running sandbox: `grace` None powers it off at once (`kill`), Some gives its
