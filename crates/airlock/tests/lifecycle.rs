@@ -31,6 +31,33 @@ impl Env {
         id
     }
 
+    /// `name` runs again on the writable layer it had (the `kept` file its first run's exec
+    /// wrote), and its command ran a second time with the log kept ("started" twice).
+    fn assert_started_again(&self, name: &str) {
+        let out = self.ok(&[
+            "exec",
+            name,
+            "--",
+            "sh",
+            "-c",
+            "cat /root/kept 2>/dev/null || cat /tmp/kept",
+        ]);
+        assert_eq!(out, "layer\n", "the writable layer survived");
+        let mut logs = String::new();
+        for _ in 0..100 {
+            logs = self.ok(&["logs", name]);
+            if logs.matches("started").count() == 2 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert_eq!(
+            logs.matches("started").count(),
+            2,
+            "the command ran again: {logs}"
+        );
+    }
+
     fn ls(&self) -> serde_json::Value {
         serde_json::from_str(&self.ok(&["ls", "-a", "--json"])).unwrap()
     }
@@ -1059,25 +1086,7 @@ fn stop_start_keep_the_writable_layer_and_stats_show_use() {
 
     assert_eq!(env.ok(&["start", "keep"]), "keep\n");
     assert_eq!(env.status(&id).as_deref(), Some("running"));
-    let out = env.ok(&[
-        "exec",
-        "keep",
-        "--",
-        "sh",
-        "-c",
-        "cat /root/kept 2>/dev/null || cat /tmp/kept",
-    ]);
-    assert_eq!(out, "layer\n", "the writable layer survived stop/start");
-    // The command ran again; the log kept the first run's lines.
-    let mut logs = String::new();
-    for _ in 0..100 {
-        logs = env.ok(&["logs", "keep"]);
-        if logs.matches("started").count() == 2 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(logs.matches("started").count(), 2, "{logs}");
+    env.assert_started_again("keep");
     let o = env.run(&["start", "nosuch"]);
     assert!(!o.status.success());
     env.ok(&["kill", "keep"]);
@@ -1187,28 +1196,7 @@ fn ps_rename_and_restart() {
     assert_eq!(env.status(&id).as_deref(), Some("running"));
     let insp: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", &id])).unwrap();
     assert_eq!(insp["name"], "second", "restart keeps the new name");
-    let out = env.ok(&[
-        "exec",
-        "second",
-        "--",
-        "sh",
-        "-c",
-        "cat /root/kept 2>/dev/null || cat /tmp/kept",
-    ]);
-    assert_eq!(out, "layer\n", "the writable layer survived the restart");
-    let mut logs = String::new();
-    for _ in 0..100 {
-        logs = env.ok(&["logs", "second"]);
-        if logs.matches("started").count() == 2 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    assert_eq!(
-        logs.matches("started").count(),
-        2,
-        "the command ran again: {logs}"
-    );
+    env.assert_started_again("second");
 
     // A stopped sandbox is only started; the name it was renamed to while stopped stays too.
     env.ok(&["stop", "-t", "0", "second"]);
