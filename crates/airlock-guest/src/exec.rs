@@ -170,6 +170,12 @@ impl Registry {
                 self.builtin_output(stream, crate::setup::root_diff);
                 Ok(())
             }
+            Some("ps") => {
+                self.builtin_output(stream, |out| {
+                    airlock_guest::procs::write_processes(std::path::Path::new("/proc"), out)
+                });
+                Ok(())
+            }
             Some("reap") => {
                 self.builtin_output(stream, |_| crate::setup::kill_all_processes());
                 Ok(())

@@ -483,6 +483,28 @@ pub struct ShareChange {
     pub path: String,
 }
 
+/// One process in the guest (output of the agent's `ps` builtin, one JSON object per line).
+/// Comes from the guest: the host bounds how much it reads and shows it as text only.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct GuestProcess {
+    /// Pid in the guest.
+    pub pid: i32,
+    /// Parent's pid (1 for what the agent started or adopted).
+    pub ppid: i32,
+    /// Real uid.
+    pub uid: u32,
+    /// State letter, as `ps` shows it (`R`, `S`, `D`, `Z`, ...).
+    pub state: String,
+    /// Resident memory, KiB.
+    pub rss_kib: u64,
+    /// User plus system CPU time, ms.
+    pub cpu_ms: u64,
+    /// Since the guest booted, ms.
+    pub started_ms: u64,
+    /// Its command line, arguments joined by spaces (`[name]` when it has none).
+    pub command: String,
+}
+
 /// One volume (an ext4 virtio-blk disk found by its serial) to mount.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct VolumeMount {

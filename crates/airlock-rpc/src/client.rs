@@ -276,6 +276,11 @@ impl Client {
         self.call("share_diff", &json!({})).await
     }
 
+    /// `top`: the guest's processes.
+    pub async fn top(&mut self) -> Result<wire::TopResult, ClientError> {
+        self.call("top", &json!({})).await
+    }
+
     /// `copy_in`.
     pub async fn copy_in(
         &mut self,

@@ -537,6 +537,12 @@ impl Conn {
                 let bytes = sb.copy_in(src, &p.dest).await.map_err(file_error)?;
                 result(wire::CopyInResult { bytes })
             }
+            "top" => {
+                // Airlock extension: what runs in the guest.
+                let sb = self.shared.need_sandbox()?;
+                let processes = sb.processes().await.map_err(|e| sb_error(EXEC_FAILED, e))?;
+                result(wire::TopResult { processes })
+            }
             "stats" => {
                 // Airlock extension: one sample; a client makes rates from two.
                 let sb = self.shared.need_sandbox()?;

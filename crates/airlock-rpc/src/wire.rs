@@ -559,6 +559,14 @@ pub struct ShareDiffResult {
     pub changes: Vec<airlock_sandbox::ShareChange>,
 }
 
+/// Result of `top` (an Airlock extension).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct TopResult {
+    /// The guest's processes by pid, but the agent and kernel threads.
+    #[serde(default)]
+    pub processes: Vec<airlock_sandbox::GuestProcess>,
+}
+
 /// Result of `copy_out`.
 #[derive(Debug, Clone, Copy, Default, Deserialize, Serialize)]
 pub struct CopyOutResult {
@@ -630,6 +638,7 @@ pub const METHODS: &[&str] = &[
     "allow_list_add",
     "allow_list_delete",
     "share_diff",
+    "top",
     "snapshot",
     "copy_out",
     "copy_in",
@@ -666,7 +675,7 @@ pub fn validate(req: &Request) -> Result<(), RpcError> {
         "copy_in" => params::<CopyInParams>(p).map(drop),
         "snapshot" => params::<SnapshotParams>(p).map(drop),
         "shutdown" => params::<ShutdownParams>(p).map(drop),
-        "info" | "stats" | "share_diff" => Ok(()),
+        "info" | "stats" | "share_diff" | "top" => Ok(()),
         _ => Err(RpcError::new(
             METHOD_NOT_FOUND,
             format!("Method not found: {}", req.method),

@@ -28,6 +28,7 @@ mod launch;
 pub mod network;
 mod pool;
 mod ports;
+mod procs;
 mod qmp;
 mod rootdiff;
 pub mod rootfs;
@@ -57,6 +58,7 @@ pub use handoff::claim as claim_from_pool;
 pub use network::{NetworkSpec, SecretSpec};
 pub use pool::{Pool, PoolStatus, Shape, MAX_POOL};
 pub use ports::{GuestStream, PortForward, MAX_FORWARD_CONNECTIONS};
+pub use procs::GuestProcess;
 pub use rootfs::RootfsSource;
 pub use shares::{
     process_umask, FsEvent, FsRule, Mount, Share, ShareChange, ShareMode, VolumeMount,

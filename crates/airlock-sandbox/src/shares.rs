@@ -331,29 +331,8 @@ impl crate::Sandbox {
     /// paths; directories that existed are not listed, their changed children are). Runs in
     /// the guest agent; the host tree is never touched.
     pub async fn share_diff(&self) -> Result<Vec<ShareChange>, Error> {
-        let mut spec = crate::ExecSpec::new(Vec::<String>::new());
-        spec.builtin = Some("share-diff".into());
-        let mut buf = Vec::new();
-        let stderr = self
-            .builtin_stream(spec, |chunk| {
-                buf.extend_from_slice(chunk);
-                if buf.len() > MAX_DIFF_BYTES {
-                    return Err(Error::Protocol("share diff larger than 64 MiB".into()));
-                }
-                Ok(())
-            })
-            .await?;
-        if let Some(e) = stderr {
-            return Err(Error::Setup(format!("share diff: {e}")));
-        }
-        buf.split(|b| *b == b'\n')
-            .filter(|l| !l.is_empty())
-            .map(|l| {
-                serde_json::from_slice::<ShareChange>(l).map_err(|e| {
-                    Error::Protocol(format!("bad share diff line from the guest: {e}"))
-                })
-            })
-            .collect()
+        self.builtin_json_lines("share-diff", MAX_DIFF_BYTES, "share diff")
+            .await
     }
 
     /// Copies `guest_path` (a file or a directory tree) out of the sandbox to `host_dest`,
@@ -486,7 +465,43 @@ impl crate::Sandbox {
     }
 
     /// Runs a builtin, feeding stdout to `sink`; returns its stderr if it failed.
-    async fn builtin_stream(
+    /// Runs agent builtin `name` and parses its output, one JSON `T` a line; `what` names it in
+    /// errors. The output comes from the guest: more than `max` bytes, or a bad line, is an
+    /// error.
+    pub(crate) async fn builtin_json_lines<T: serde::de::DeserializeOwned>(
+        &self,
+        name: &str,
+        max: usize,
+        what: &str,
+    ) -> Result<Vec<T>, Error> {
+        let mut spec = crate::ExecSpec::new(Vec::<String>::new());
+        spec.builtin = Some(name.into());
+        let mut buf = Vec::new();
+        let stderr = self
+            .builtin_stream(spec, |chunk| {
+                buf.extend_from_slice(chunk);
+                if buf.len() > max {
+                    return Err(Error::Protocol(format!(
+                        "{what} larger than {} MiB",
+                        max >> 20
+                    )));
+                }
+                Ok(())
+            })
+            .await?;
+        if let Some(e) = stderr {
+            return Err(Error::Setup(format!("{what}: {e}")));
+        }
+        buf.split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                serde_json::from_slice::<T>(l)
+                    .map_err(|e| Error::Protocol(format!("bad {what} line from the guest: {e}")))
+            })
+            .collect()
+    }
+
+    pub(crate) async fn builtin_stream(
         &self,
         spec: crate::ExecSpec,
         mut sink: impl FnMut(&[u8]) -> Result<(), Error>,

@@ -215,6 +215,14 @@ enum Cmd {
         /// Sandbox id (or a unique prefix).
         id: String,
     },
+    /// Show the processes running in a sandbox (all but the guest agent and kernel threads).
+    Top {
+        /// JSON output (`[{pid, ppid, uid, state, rss_kib, cpu_ms, started_ms, command}]`).
+        #[arg(long)]
+        json: bool,
+        /// Sandbox id or name.
+        id: String,
+    },
     /// Copy a file or tree out of a running sandbox to a new host path (never overwrites; at
     /// most 1 GiB; only regular files and directories are written), or into it from the host.
     Cp {
@@ -675,6 +683,7 @@ fn main() {
             done(runtime().block_on(detach::allow_list(&id, false, &hosts)))
         }
         Cmd::Diff { json, id } => done(runtime().block_on(detach::diff(&id, json))),
+        Cmd::Top { json, id } => done(runtime().block_on(detach::top(&id, json))),
         Cmd::Cp { src, dest }
             if detach::parse_cp_source(&src).is_err() && detach::parse_cp_source(&dest).is_ok() =>
         {

@@ -1235,3 +1235,60 @@ fn ps_rename_and_restart() {
     assert_eq!(insp["name"], "third");
     env.ok(&["rm", "-f", "third", &other]);
 }
+
+/// `top` lists the guest's processes with their parents, as a table and as JSON; the agent
+/// (pid 1) and kernel threads are not among them; a stopped sandbox has none to show.
+#[test]
+fn top_lists_the_guests_processes() {
+    let env = Env::new();
+    // `; echo`: the shell cannot exec its last command in its own place.
+    let id = env.start(&["--", "sh", "-c", "sleep 1000 & sleep 2000; echo done"]);
+    let mut procs = Vec::new();
+    for _ in 0..100 {
+        let v: serde_json::Value = serde_json::from_str(&env.ok(&["top", "--json", &id])).unwrap();
+        procs = v.as_array().unwrap().clone();
+        if procs.iter().any(|p| p["command"] == "sleep 2000") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let find = |cmd: &str| {
+        procs
+            .iter()
+            .find(|p| p["command"] == cmd)
+            .unwrap_or_else(|| panic!("{cmd} not listed: {procs:?}"))
+            .clone()
+    };
+    let (sh, one, two) = (
+        find("sh -c sleep 1000 & sleep 2000; echo done"),
+        find("sleep 1000"),
+        find("sleep 2000"),
+    );
+    assert_eq!(one["ppid"], sh["pid"], "{procs:?}");
+    assert_eq!(two["ppid"], sh["pid"], "{procs:?}");
+    assert_eq!(two["uid"], 0);
+    assert_eq!(two["state"], "S");
+    // The guest kernel syncs a task's RSS counters lazily: a number, maybe a small one.
+    assert!(two["rss_kib"].is_u64() && two["cpu_ms"].is_u64(), "{two}");
+    for p in &procs {
+        assert!(
+            p["pid"].as_i64().unwrap() > 2,
+            "agent or kthreadd listed: {p}"
+        );
+        assert!(
+            !p["command"].as_str().unwrap().starts_with("[k"),
+            "kernel thread listed: {p}"
+        );
+    }
+    let table = env.ok(&["top", &id]);
+    let mut lines = table.lines();
+    assert!(
+        lines.next().unwrap().contains("PID") && table.contains("PPID"),
+        "{table}"
+    );
+    assert!(lines.any(|l| l.ends_with(" sleep 1000")), "{table}");
+    env.ok(&["stop", "-t", "0", &id]);
+    let o = env.run(&["top", &id]);
+    assert!(!o.status.success(), "top of a stopped sandbox");
+    env.ok(&["rm", &id]);
+}

@@ -1,5 +1,5 @@
 //! The other verbs on detached sandboxes: ls, wait, inspect, logs, kill, stop, start,
-//! restart, rename, rm, prune, port-forward, allow-list, diff and cp.
+//! restart, rename, rm, prune, port-forward, allow-list, diff, top and cp.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -533,6 +533,45 @@ pub async fn diff(id: &str, json_out: bool) -> Result<(), String> {
             _ => '?',
         };
         writeln!(out, "{letter} {}", printable(path)).map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// `airlock top`: the sandbox's processes as a table (`docker top`'s job), or `--json`. The
+/// list comes from the guest: every field is shown as text, control characters escaped.
+pub async fn top(id: &str, json_out: bool) -> Result<(), String> {
+    let (mut c, _) = connect(id).await?;
+    let procs = c.top().await?.processes;
+    if json_out {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&procs).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    let w = |e: std::io::Error| e.to_string();
+    writeln!(
+        out,
+        "{:>7} {:>7} {:>6} {:<4} {:>9} {:>8} COMMAND",
+        "PID", "PPID", "UID", "STAT", "RSS(KiB)", "TIME"
+    )
+    .map_err(w)?;
+    for p in &procs {
+        let secs = p.cpu_ms / 1000;
+        writeln!(
+            out,
+            "{:>7} {:>7} {:>6} {:<4} {:>9} {:>5}:{:02} {}",
+            p.pid,
+            p.ppid,
+            p.uid,
+            printable(&p.state),
+            p.rss_kib,
+            secs / 60,
+            secs % 60,
+            printable(&p.command)
+        )
+        .map_err(w)?;
     }
     Ok(())
 }
