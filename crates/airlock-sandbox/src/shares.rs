@@ -464,7 +464,6 @@ impl crate::Sandbox {
         Ok(sent)
     }
 
-    /// Runs a builtin, feeding stdout to `sink`; returns its stderr if it failed.
     /// Runs agent builtin `name` and parses its output, one JSON `T` a line; `what` names it in
     /// errors. The output comes from the guest: more than `max` bytes, or a bad line, is an
     /// error.
@@ -501,6 +500,7 @@ impl crate::Sandbox {
             .collect()
     }
 
+    /// Runs a builtin, feeding stdout to `sink`; returns its stderr if it failed.
     pub(crate) async fn builtin_stream(
         &self,
         spec: crate::ExecSpec,
